@@ -1,0 +1,68 @@
+"""Default hyperparameters: every knob `experiments.train` reads, with its meaning.
+
+The other configs in this folder start from `get_config()` here and change
+what their setting needs. Override any field on the command line:
+``--config.sparsity=0.9 --config.optimizer=sgd``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The defaults: small BN ResNet, Fashion-MNIST, RigL at 95%, SparseOpt."""
+  config = ml_collections.ConfigDict()
+
+  # Model and data.
+  config.model = "fmnist_resnet"  # A key of experiments.models.MODELS.
+  config.dataset = "fashion_mnist"  # A key of input_pipeline.DATASETS.
+  config.data_dir = ""  # "" = Debian's idx files / the default tfds data_dir.
+  config.image_size = 0  # Variable-size datasets only (ImageNet); 0 = default.
+  config.augment = "none"  # "crop_flip" (on device) or "none".
+  config.dtype = "float32"  # Computation dtype; "bfloat16" on TPU/GPU.
+  config.num_data_threads = 2
+
+  # Sparsity. method: dense | static | set | rigl.
+  config.method = "rigl"
+  config.sparsity = 0.95
+  config.distribution = "erk"  # "erk" or "uniform".
+  # Regexes of kernel paths kept dense (e.g. ("conv_init",) for the stem).
+  config.dense_paths = ()
+  config.update_every = 100  # Delta T: steps between mask updates.
+  config.drop_fraction = 0.3  # Initial fraction of weights dropped per update.
+  config.drop_schedule = "cosine"  # "cosine" or "constant".
+  config.end_fraction = 0.75  # Mask updates stop at this fraction of training.
+  config.grow_with = "raw"  # RigL grows by |raw| or |corrected| gradient.
+
+  # Optimizer. sgd | sparseopt | adam | sparseopt+adam ("adam" is AdamW:
+  # decoupled weight decay, optax.adamw).
+  config.optimizer = "sparseopt"
+  # Layers the SparseOpt correction applies to: "all" masked kernels, or
+  # "bn_only" = all but the classifier `head`, which no BatchNorm follows.
+  config.correct_filter = "all"
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.nesterov = False
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
+  config.weight_decay = 5e-4
+  config.label_smoothing = 0.0
+  config.schedule = "cosine"  # "cosine", "step" or "constant", after warmup.
+  config.warmup_epochs = 0.0
+  config.step_boundaries = (0.5, 0.75)  # "step": fractions of training ...
+  config.step_decay = 0.1  # ... at which the rate is multiplied by this.
+
+  # Budget.
+  config.batch_size = 128  # Global, over all devices and hosts.
+  config.eval_batch_size = 1000
+  config.num_epochs = 3.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  config.seed = 0
+
+  # Bookkeeping.
+  config.log_every = 50  # Steps between fetching metrics to the host.
+  config.eval_every = 200  # Steps between test evaluations (and at the end).
+  config.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
+  config.keep_checkpoints = 3
+  config.progress_bar = True
+  return config

@@ -1,0 +1,425 @@
+"""Dynamic sparse training (RigL, SET, static) as an optax wrapper.
+
+The wrapper owns the masks: they live in its state, next to a step counter,
+a PRNG key, the ITOP union mask and the inner optimizer's state, so a whole
+sparse step is one ``tx.update`` plus ``optax.apply_updates`` under one
+``jax.jit``. Topology changes run under ``lax.cond`` on the counter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparseopt_jax._src import transform
+from sparseopt_jax._src import tree as tree_lib
+from sparseopt_jax._src.tree import PyTree
+
+METHODS = ("rigl", "set", "static")
+DROP_SCHEDULES = ("cosine", "constant")
+GROW_WITH = ("raw", "corrected")
+
+DropSchedule = Union[str, Callable[[jax.Array], jax.Array]]
+
+
+class DynamicSparseState(NamedTuple):
+  """State of :func:`dynamic_sparse`.
+
+  Attributes:
+    count: int32 number of updates taken.
+    key: PRNG key, split at each mask update (SET's random growth).
+    masks: the live mask tree (``bool`` arrays, ``None`` for dense leaves).
+    ever_active: union of every mask so far, for the ITOP rate.
+    num_changed: int32 scalar per sparse leaf: connections regrown (equal to
+      connections dropped) at the last mask update.
+    inner_state: the wrapped optimizer's state.
+  """
+  count: jax.Array
+  key: jax.Array
+  masks: PyTree
+  ever_active: PyTree
+  num_changed: PyTree
+  inner_state: optax.OptState
+
+
+def drop_fraction_schedule(drop_fraction: float, end_step: int,
+                           schedule: DropSchedule = "cosine"
+                           ) -> Callable[[jax.Array], jax.Array]:
+  r"""The fraction of a layer's active weights replaced at step ``t``.
+
+  ``"cosine"``: :math:`\frac{f}{2}\left(1 + \cos\frac{\pi t}{T_{end}}\right)`
+  (RigL's default); ``"constant"``: :math:`f`. A callable ``t -> fraction``
+  is returned as it is.
+
+  Args:
+    drop_fraction: the initial fraction :math:`f` in ``[0, 1]``.
+    end_step: :math:`T_{end}`, the step after which masks stop changing.
+    schedule: ``"cosine"``, ``"constant"`` or a callable.
+
+  Returns:
+    A function of the int32 step returning a float32 fraction.
+  """
+  if callable(schedule):
+    return schedule
+  if schedule not in DROP_SCHEDULES:
+    raise ValueError(f"Unknown drop_schedule {schedule!r}; expected one of "
+                     f"{DROP_SCHEDULES} or a callable.")
+  if schedule == "constant":
+    return lambda t: jnp.float32(drop_fraction)
+
+  def cosine(t):
+    progress = jnp.minimum(t.astype(jnp.float32) / max(end_step, 1), 1.0)
+    return 0.5 * drop_fraction * (1.0 + jnp.cos(jnp.pi * progress))
+
+  return cosine
+
+
+def _mark_first(order: jax.Array, k: jax.Array) -> jax.Array:
+  """Boolean vector that is True at ``order[:k]`` (``k`` may be traced)."""
+  n = order.shape[0]
+  return jnp.zeros((n,), bool).at[order].set(jnp.arange(n) < k)
+
+
+def _finite_magnitude(x: jax.Array) -> jax.Array:
+  # NaN scores as 0 and inf as the largest float, so a non-finite value can
+  # never push an active entry into the inactive ranks or vice versa.
+  x = jnp.abs(x.astype(jnp.float32))
+  return jnp.nan_to_num(x, nan=0.0, posinf=jnp.finfo(jnp.float32).max)
+
+
+def _update_layer(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
+                  fraction: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Drops the k smallest |w| among active entries, grows the k best inactive.
+
+  ``k = floor(fraction * active)``, capped by the number of inactive entries
+  so every layer keeps exactly its active count. Entries dropped now are not
+  candidates for growth. Ties go to the lower flat index in both rankings.
+
+  Returns:
+    The new mask and the int32 number of connections regrown.
+  """
+  n = mask.size
+  m = mask.reshape(-1)
+  active = jnp.sum(m, dtype=jnp.int32)
+  k = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
+  k = jnp.clip(k, 0, n - active)
+
+  drop_score = jnp.where(m, _finite_magnitude(weight.reshape(-1)), jnp.inf)
+  dropped = _mark_first(jnp.argsort(drop_score, stable=True), k)
+
+  # A stable ascending sort of the negated score is a descending sort with
+  # ties kept in index order (the sort treats -0.0 and 0.0 as equal).
+  neg_grow = jnp.where(m, jnp.inf, -grow_score.reshape(-1))
+  grown = _mark_first(jnp.argsort(neg_grow, stable=True), k)
+
+  new = (m & ~dropped) | grown
+  return new.reshape(mask.shape), k
+
+
+def _params_like(params: PyTree) -> Callable[[Any], bool]:
+  """Predicate: is a subtree shaped exactly like ``params``?"""
+  treedef = jax.tree.structure(params)
+  shapes = [np.shape(p) for p in jax.tree.leaves(params)]
+
+  def pred(x: Any) -> bool:
+    if jax.tree.structure(x) != treedef:
+      return False
+    return [np.shape(v) for v in jax.tree.leaves(x)] == shapes
+
+  return pred
+
+
+def reset_changed_moments(inner_state: optax.OptState, params: PyTree,
+                          changed: PyTree) -> optax.OptState:
+  """Zeroes every params-shaped subtree of an optimizer state where changed.
+
+  Works for any optax optimizer without knowing its state classes: momentum
+  (``sgd``), ``mu``/``nu`` (``adam``, ``adamw``, ``lion``...), accumulators of
+  ``MultiSteps`` and friends are all subtrees with the params' structure and
+  leaf shapes. Scalars such as counts are left alone.
+
+  Args:
+    inner_state: the optimizer state.
+    params: the params (only structure and shapes are read).
+    changed: a mask tree: ``True`` where a connection was dropped or grown,
+      ``None`` for dense leaves.
+
+  Returns:
+    The state with changed positions of every moment set to zero.
+  """
+  is_params_like = _params_like(params)
+  flat_changed = jax.tree.leaves(changed, is_leaf=tree_lib.is_none)
+  treedef = jax.tree.structure(params)
+
+  def reset(x):
+    if not is_params_like(x):
+      return x
+    leaves = [v if c is None else jnp.where(c, jnp.zeros_like(v), v)
+              for v, c in zip(jax.tree.leaves(x), flat_changed)]
+    return jax.tree.unflatten(treedef, leaves)
+
+  return jax.tree.map(reset, inner_state, is_leaf=is_params_like)
+
+
+def _check_key(key: Any) -> jax.Array:
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype,
+                                                   jax.dtypes.prng_key):
+    return key
+  if (isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32
+      and key.shape == (2,)):
+    return jnp.asarray(key)
+  raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got "
+                  f"{key!r}.")
+
+
+def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
+                   method: str = "rigl",
+                   update_every: int = 100,
+                   end_step: int,
+                   drop_fraction: float = 0.3,
+                   drop_schedule: DropSchedule = "cosine",
+                   grow_with: str = "raw",
+                   key: jax.Array,
+                   neuron_axis: int = -1,
+                   correction_filter: tree_lib.LeafFilter | None = None,
+                   ) -> optax.GradientTransformationExtraArgs:
+  r"""Dynamic sparse training around any optax optimizer: RigL, SET or static.
+
+  Every step, gradients at inactive positions are zeroed, ``inner`` is
+  updated with ``masks=<live masks>`` (so a :func:`scale_by_sparseopt` inside
+  it sees the current topology), and the emitted updates keep every inactive
+  weight exactly zero. At steps :math:`t` with :math:`t \bmod \Delta T = 0`
+  and :math:`0 < t < T_{end}`, each sparse layer replaces
+  :math:`k = \lfloor f(t) \cdot n_{active} \rfloor` connections:
+
+  * drop the :math:`k` active weights of smallest :math:`|w|`;
+  * grow :math:`k` inactive connections not dropped in this update: RigL
+    takes the largest :math:`|g|` (the raw gradient, or the SparseOpt-
+    corrected one with ``grow_with="corrected"``), SET takes them uniformly
+    at random; ``"static"`` never changes the masks.
+
+  Ties go to the lower flat index, so per-layer active counts stay exactly
+  constant. The updates of a mask-update step set dropped weights to 0 and
+  leave grown weights at 0, and every params-shaped moment of the inner state
+  (momentum, Adam's ``mu``/``nu``...) is zeroed at changed positions. The
+  choice runs under ``lax.cond`` on the counter: no host sync, no retrace.
+
+  Args:
+    inner: any optax transformation, e.g.
+      ``optax.chain(scale_by_sparseopt(), add_decayed_weights(wd), sgd(...))``.
+    masks: the initial mask tree (see :func:`init_masks`). Params must be
+      masked to match (:func:`apply_masks`); otherwise the first update zeroes
+      them.
+    method: ``"rigl"``, ``"set"`` or ``"static"``.
+    update_every: :math:`\Delta T`, steps between mask updates (RigL: 100).
+    end_step: :math:`T_{end}`, no mask update from this step on (RigL: 75% of
+      training).
+    drop_fraction: initial fraction of active weights replaced (RigL: 0.3).
+    drop_schedule: ``"cosine"`` (RigL), ``"constant"``, or ``t -> fraction``.
+    grow_with: RigL's growth score: ``"raw"`` gradient (default; the paper
+      finds it explores better) or ``"corrected"`` (SparseOpt-scaled).
+    key: PRNG key for SET's random growth.
+    neuron_axis: output-unit axis, for ``grow_with="corrected"``.
+    correction_filter: which masked leaves the ``"corrected"`` score scales
+      (as ``filter_fn`` of :func:`scale_by_sparseopt`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
+    ``params``; its state is a :class:`DynamicSparseState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import sparseopt_jax as sparseopt
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
+    >>> masks = sparseopt.init_masks(jax.random.key(1), params, 0.9, "uniform")
+    >>> params = sparseopt.apply_masks(params, masks)
+    >>> tx = sparseopt.dynamic_sparse(
+    ...     optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
+    ...     masks, method="rigl", update_every=10, end_step=75,
+    ...     key=jax.random.key(2))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> int(sparseopt.get_masks(state)["w"].sum())
+    13
+
+  References:
+    Evci et al. Rigging the Lottery: Making All Tickets Winners. ICML 2020.
+    https://arxiv.org/abs/1911.11134
+
+    Mocanu et al. Scalable training of artificial neural networks with
+    adaptive sparse connectivity inspired by network science (SET). Nature
+    Communications 2018. https://arxiv.org/abs/1707.04780
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+  if grow_with not in GROW_WITH:
+    raise ValueError(f"Unknown grow_with {grow_with!r}; expected one of "
+                     f"{GROW_WITH}.")
+  for name, value in (("update_every", update_every), ("end_step", end_step)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+      raise TypeError(f"{name} must be an int, got {value!r}.")
+  if update_every < 1:
+    raise ValueError(f"update_every must be >= 1, got {update_every}.")
+  if end_step < 0:
+    raise ValueError(f"end_step must be >= 0, got {end_step}.")
+  if not callable(drop_schedule) and not (
+      0.0 <= drop_fraction <= 1.0 and not math.isnan(drop_fraction)):
+    raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}.")
+  key = _check_key(key)
+  for path, m in tree_lib.mask_leaves_with_path(masks):
+    dtype = getattr(m, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) != jnp.bool_:
+      raise TypeError(f"masks[{tree_lib.path_str(path)!r}] must be a boolean "
+                      f"array, got dtype {dtype}.")
+  masks = jax.tree.map(jnp.asarray, masks)
+  inner = optax.with_extra_args_support(inner)
+  fraction_at = drop_fraction_schedule(drop_fraction, end_step, drop_schedule)
+
+  def init_fn(params):
+    tree_lib.validate_masks(params, masks)
+    return DynamicSparseState(
+        count=jnp.zeros([], jnp.int32),
+        key=key,
+        masks=masks,
+        ever_active=masks,
+        num_changed=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), masks),
+        inner_state=inner.init(params))
+
+  def grow_scores(grads, old_masks, params, step_key):
+    if method == "set":
+      leaves = tree_lib.mask_leaves_with_path(old_masks)
+      index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
+      return tree_lib.map_masked(
+          lambda path, m, g: None if m is None else jax.random.uniform(
+              jax.random.fold_in(step_key, index[tree_lib.path_str(path)]),
+              m.shape),
+          old_masks, grads, with_path=True)
+    if grow_with == "corrected":
+      flags = transform.correction_flags(correction_filter, old_masks, params)
+      scales = transform.scales_from_flags(old_masks, flags, None,
+                                           neuron_axis, "fan_in")
+      grads = transform.apply_scales(grads, scales, neuron_axis=neuron_axis)
+    return tree_lib.map_masked(
+        lambda m, g: None if m is None else _finite_magnitude(g),
+        old_masks, grads)
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("dynamic_sparse needs params in update(grads, state, "
+                       "params): mask updates rank weights by magnitude and "
+                       "the emitted updates zero pruned weights.")
+    extra_args.pop("masks", None)  # The live masks are ours to forward.
+    old = state.masks
+    tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
+    masked_grads = tree_lib.zero_masked(old, grads)
+    inner_updates, inner_state = inner.update(
+        masked_grads, state.inner_state, params, masks=old, **extra_args)
+
+    new, num_changed, key = old, state.num_changed, state.key
+    if method != "static":
+      count = state.count
+      is_update = ((count > 0) & (count % update_every == 0)
+                   & (count < end_step))
+
+      def change_topology(operand):
+        inner_state, key = operand
+        key, step_key = jax.random.split(key)
+        fraction = fraction_at(count)
+        scores = grow_scores(grads, old, params, step_key)
+        pairs = tree_lib.map_masked(
+            lambda m, w, s: None if m is None else _update_layer(
+                m, w, s, fraction), old, params, scores)
+        new = tree_lib.map_masked(lambda m, p: None if m is None else p[0],
+                                  old, pairs)
+        num = tree_lib.map_masked(lambda m, p: None if m is None else p[1],
+                                  old, pairs)
+        changed = tree_lib.map_masked(
+            lambda o, n: None if o is None else o ^ n, old, new)
+        inner_state = reset_changed_moments(inner_state, params, changed)
+        return new, num, inner_state, key
+
+      def keep(operand):
+        inner_state, key = operand
+        return old, state.num_changed, inner_state, key
+
+      new, num_changed, inner_state, key = jax.lax.cond(
+          is_update, change_topology, keep, (inner_state, state.key))
+
+    # Kept connections take the inner update; every other position is set
+    # to exactly zero (p + (-p) == 0), which drops pruned weights and leaves
+    # grown ones at zero.
+    updates = tree_lib.map_masked(
+        lambda o, n, u, p: u if o is None else jnp.where(o & n, u, -p),
+        old, new, inner_updates, params)
+    ever_active = tree_lib.map_masked(
+        lambda e, n: None if e is None else e | n, state.ever_active, new)
+    return updates, DynamicSparseState(
+        count=optax.safe_int32_increment(state.count),
+        key=key,
+        masks=new,
+        ever_active=ever_active,
+        num_changed=num_changed,
+        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def find_state(state: optax.OptState) -> DynamicSparseState:
+  """The (single) :class:`DynamicSparseState` inside an optimizer state."""
+  found = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, DynamicSparseState))
+           if isinstance(s, DynamicSparseState)]
+  if len(found) != 1:
+    raise ValueError(f"Expected exactly one DynamicSparseState in the "
+                     f"optimizer state, found {len(found)}. Is the optimizer "
+                     f"built with sparseopt.dynamic_sparse?")
+  return found[0]
+
+
+def get_masks(state: optax.OptState) -> PyTree:
+  """The live mask tree held by a :func:`dynamic_sparse` optimizer state.
+
+  Args:
+    state: a :class:`DynamicSparseState`, or any optimizer state containing
+      exactly one (e.g. when the wrapper sits inside ``optax.chain``).
+
+  Returns:
+    The mask tree (works on concrete states and inside ``jax.jit``).
+  """
+  return find_state(state).masks
+
+
+def itop_rate(state: optax.OptState) -> jax.Array:
+  r"""In-time over-parameterization rate: fraction of sparse weights ever active.
+
+  .. math:: R = \frac{\sum_l \lVert \bigcup_t M_l^{(t)} \rVert_0}
+                     {\sum_l |M_l|}
+
+  over the sparse leaves (dense leaves are not counted). It starts at
+  ``1 - sparsity`` and never decreases.
+
+  Args:
+    state: a :class:`DynamicSparseState` or a state containing one.
+
+  Returns:
+    A float32 scalar.
+
+  References:
+    Liu et al. Do We Actually Need Dense Over-Parameterization? In-Time
+    Over-Parameterization in Sparse Training. ICML 2021.
+    https://arxiv.org/abs/2102.02887
+  """
+  leaves = [m for _, m in
+            tree_lib.mask_leaves_with_path(find_state(state).ever_active)]
+  total = sum(int(m.size) for m in leaves)
+  if total == 0:
+    return jnp.float32(0.0)
+  ever = sum(jnp.sum(m, dtype=jnp.int32) for m in leaves)
+  return ever.astype(jnp.float32) / total

@@ -1,0 +1,276 @@
+"""Sparsity masks: creation (random, magnitude), distributions, measurement.
+
+Masks are data: a pytree shaped like ``params`` with ``bool`` arrays for
+sparse leaves and ``None`` for dense leaves. Creation happens once, outside
+the training step; every count is a Python int derived from static shapes,
+so each layer keeps *exactly* its number of active weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparseopt_jax._src import tree as tree_lib
+from sparseopt_jax._src.tree import PyTree
+
+DISTRIBUTIONS = ("erk", "uniform")
+
+
+def _check_sparsity(value: Any, name: str) -> float:
+  try:
+    s = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a number in [0, 1), got {value!r}.") from None
+  if not 0.0 <= s < 1.0 or math.isnan(s):
+    raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+  return s
+
+
+def _erk_raw_density(shape: tuple[int, ...]) -> float:
+  # Erdős–Rényi-Kernel: density ∝ (sum of kernel dims) / (product of dims).
+  return sum(shape) / math.prod(shape)
+
+
+def layer_densities(params: PyTree, sparsity: float,
+                    distribution: str = "erk", *,
+                    filter_fn: tree_lib.LeafFilter | None = None,
+                    overrides: Mapping[str, float] | None = None,
+                    erk_power_scale: float = 1.0) -> dict[str, float]:
+  """Per-layer densities (``1 - sparsity``) of a sparsity distribution.
+
+  ``uniform`` gives every sparse leaf density ``1 - sparsity``. ``erk``
+  (Evci et al. 2020) gives leaf ``l`` density
+  ``eps * (sum(shape_l) / prod(shape_l)) ** erk_power_scale``, with ``eps``
+  chosen so that the sparse leaves together keep ``(1 - sparsity)`` of their
+  weights; a leaf whose density would exceed 1 is made dense and the budget
+  is redistributed over the rest. Leaves matched by ``overrides`` get their
+  given sparsity and are left out of the budget: the other sparse leaves
+  together hit ``sparsity``.
+
+  Args:
+    params: the parameter pytree (only shapes are read).
+    sparsity: target sparsity in ``[0, 1)``.
+    distribution: ``"erk"`` or ``"uniform"``.
+    filter_fn: which leaves are sparse: a ``filter_fn(path, leaf) -> bool`` or
+      a pytree of bools; defaults to :func:`is_kernel` (``ndim >= 2``).
+    overrides: ``{path_regex: sparsity}``; the first regex that
+      :func:`re.search`-matches a sparse leaf's path string wins.
+    erk_power_scale: exponent on the ERK raw density (1.0 in RigL).
+
+  Returns:
+    ``{path_string: density}`` for every sparse leaf, in tree order.
+
+  References:
+    Evci et al., Rigging the Lottery: Making All Tickets Winners, 2020.
+    https://arxiv.org/abs/1911.11134
+  """
+  sparsity = _check_sparsity(sparsity, "sparsity")
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(f"Unknown distribution {distribution!r}; expected one of "
+                     f"{DISTRIBUTIONS}.")
+  flags = tree_lib.resolve_filter(filter_fn, params)
+  shapes: dict[str, tuple[int, ...]] = {}
+  for (path, leaf), flag in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(flags)):
+    if flag:
+      shapes[tree_lib.path_str(path)] = tuple(int(d) for d in np.shape(leaf))
+
+  fixed: dict[str, float] = {}
+  for pattern, value in (overrides or {}).items():
+    value = _check_sparsity(value, f"overrides[{pattern!r}]")
+    regex = re.compile(pattern)
+    matched = [n for n in shapes if regex.search(n) and n not in fixed]
+    if not any(regex.search(n) for n in shapes):
+      raise ValueError(f"overrides[{pattern!r}] matches no sparse leaf; "
+                       f"sparse leaves are {list(shapes)}.")
+    for n in matched:
+      fixed[n] = 1.0 - value
+  free = [n for n in shapes if n not in fixed]
+
+  densities = dict(fixed)
+  if distribution == "uniform":
+    densities.update({n: 1.0 - sparsity for n in free})
+  else:
+    size = {n: math.prod(shapes[n]) for n in free}
+    budget = (1.0 - sparsity) * sum(size.values())
+    raw = {n: _erk_raw_density(shapes[n]) ** erk_power_scale for n in free}
+    dense: set[str] = set()
+    while True:
+      remaining = budget - sum(size[n] for n in dense)
+      weighted = sum(raw[n] * size[n] for n in free if n not in dense)
+      eps = remaining / weighted if weighted > 0 else 0.0
+      over = [n for n in free if n not in dense and eps * raw[n] > 1.0]
+      if not over:
+        break
+      # Densest first, one at a time, as in the RigL reference code.
+      dense.add(max(over, key=lambda n: raw[n]))
+    for n in free:
+      densities[n] = 1.0 if n in dense else eps * raw[n]
+  return {n: densities[n] for n in shapes}
+
+
+def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
+  """Boolean mask of the ``k`` largest scores; ties go to the lower index."""
+  flat = scores.reshape(-1)
+  order = jnp.argsort(-flat, stable=True)
+  keep = jnp.zeros(flat.shape, bool).at[order[:k]].set(True)
+  return keep.reshape(scores.shape)
+
+
+def _build_masks(params, sparsity, distribution, filter_fn, overrides,
+                 erk_power_scale, score_fn) -> PyTree:
+  densities = layer_densities(params, sparsity, distribution,
+                              filter_fn=filter_fn, overrides=overrides,
+                              erk_power_scale=erk_power_scale)
+  index = {name: i for i, name in enumerate(densities)}
+
+  def make(path, leaf):
+    name = tree_lib.path_str(path)
+    if name not in densities:
+      return None
+    size = int(np.size(leaf))
+    k = int(math.floor(densities[name] * size + 0.5))
+    return _topk_mask(score_fn(index[name], leaf), k)
+
+  return jax.tree_util.tree_map_with_path(make, params)
+
+
+def init_masks(key: jax.Array, params: PyTree, sparsity: float,
+               distribution: str = "erk", *,
+               filter_fn: tree_lib.LeafFilter | None = None,
+               overrides: Mapping[str, float] | None = None,
+               erk_power_scale: float = 1.0) -> PyTree:
+  """Random sparsity masks for ``params``.
+
+  Each sparse leaf keeps exactly ``round(density * size)`` entries, chosen as
+  the top-k of uniform random scores drawn from ``key`` (ties broken by
+  index), with per-leaf densities from :func:`layer_densities`.
+
+  Args:
+    key: a PRNG key.
+    params: the parameter pytree.
+    sparsity: target fraction of pruned weights over the sparse leaves, in
+      ``[0, 1)``.
+    distribution: ``"erk"`` (Erdős–Rényi-Kernel, the RigL default) or
+      ``"uniform"``.
+    filter_fn: which leaves are sparse: ``filter_fn(path, leaf) -> bool`` or
+      a pytree of bools; default :func:`is_kernel` (``ndim >= 2``), so
+      biases and norm parameters stay dense. See :func:`exclude_paths`.
+    overrides: ``{path_regex: sparsity}`` for per-layer sparsities.
+    erk_power_scale: exponent on the ERK raw density.
+
+  Returns:
+    A mask tree: ``bool`` arrays for sparse leaves, ``None`` for dense ones.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import sparseopt_jax as sparseopt
+    >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+    >>> masks = sparseopt.init_masks(jax.random.key(0), params, 0.75,
+    ...                              "uniform")
+    >>> int(masks["w"].sum()), masks["b"]
+    (8, None)
+
+  References:
+    Evci et al., Rigging the Lottery: Making All Tickets Winners, 2020.
+    https://arxiv.org/abs/1911.11134
+  """
+  def score(i, leaf):
+    return jax.random.uniform(jax.random.fold_in(key, i), np.shape(leaf))
+
+  return _build_masks(params, sparsity, distribution, filter_fn, overrides,
+                      erk_power_scale, score)
+
+
+def magnitude_masks(params: PyTree, sparsity: float,
+                    distribution: str = "erk", *,
+                    filter_fn: tree_lib.LeafFilter | None = None,
+                    overrides: Mapping[str, float] | None = None,
+                    erk_power_scale: float = 1.0) -> PyTree:
+  """Masks keeping the largest-magnitude weights of each sparse leaf.
+
+  Same densities and exact counts as :func:`init_masks`, with ``|w|`` as the
+  score (ties broken by index): one-shot magnitude pruning, or pruning at
+  initialization.
+
+  Args:
+    params: the parameter pytree whose magnitudes are ranked.
+    sparsity: target sparsity in ``[0, 1)``.
+    distribution: ``"erk"`` or ``"uniform"``.
+    filter_fn: which leaves are sparse (see :func:`init_masks`).
+    overrides: ``{path_regex: sparsity}`` for per-layer sparsities.
+    erk_power_scale: exponent on the ERK raw density.
+
+  Returns:
+    A mask tree.
+  """
+  return _build_masks(params, sparsity, distribution, filter_fn, overrides,
+                      erk_power_scale, lambda _, leaf: jnp.abs(leaf))
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes the masked-out entries of ``params``; dense leaves unchanged.
+
+  Args:
+    params: a params-shaped pytree (params, gradients or updates).
+    masks: a mask tree for it.
+
+  Returns:
+    ``params`` with ``0`` wherever the mask is ``False``.
+  """
+  tree_lib.validate_masks(params, masks)
+  return tree_lib.zero_masked(masks, params)
+
+
+def neuron_density(mask: jax.Array, neuron_axis: int = -1, *,
+                   name: str = "mask") -> jax.Array:
+  """Fraction of active incoming weights per neuron, ``1 - s_i`` (float32)."""
+  ndim = np.ndim(mask)
+  if ndim < 1:
+    raise ValueError(f"{name!r}: a mask must have at least one axis.")
+  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
+  fan_in = math.prod(d for a, d in enumerate(np.shape(mask)) if a != axis)
+  count = jnp.sum(mask, axis=tree_lib.reduce_axes(ndim, axis), dtype=jnp.int32)
+  return count.astype(jnp.float32) / max(fan_in, 1)
+
+
+def neuron_sparsity(mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
+  """Per-neuron sparsity ``s_i = 1 - nnz(M[..., i]) / fan_in``.
+
+  Args:
+    mask: a boolean mask, e.g. Dense ``(in, out)`` or Conv
+      ``(H, W, Cin, Cout)``.
+    neuron_axis: the output-unit axis (Flax layout: ``-1``).
+
+  Returns:
+    A float32 vector with one entry per neuron.
+  """
+  return 1.0 - neuron_density(mask, neuron_axis)
+
+
+def sparsity(masks: PyTree) -> jax.Array:
+  """Overall sparsity of a mask tree: pruned / total over the sparse leaves.
+
+  Dense (``None``) leaves are not counted. Returns ``0.0`` when there are no
+  sparse leaves.
+  """
+  leaves = [m for _, m in tree_lib.mask_leaves_with_path(masks)]
+  total = sum(int(np.size(m)) for m in leaves)
+  if total == 0:
+    return jnp.float32(0.0)
+  active = sum(jnp.sum(m, dtype=jnp.int32) for m in leaves)
+  return 1.0 - active.astype(jnp.float32) / total
+
+
+def layer_sparsity(masks: PyTree) -> dict[str, jax.Array]:
+  """``{path_string: sparsity}`` for each sparse leaf of a mask tree."""
+  return {tree_lib.path_str(p):
+              1.0 - jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) / m.size
+          for p, m in tree_lib.mask_leaves_with_path(masks)}

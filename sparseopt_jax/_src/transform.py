@@ -1,0 +1,318 @@
+"""SparseOpt gradient scaling and mask application as optax transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparseopt_jax._src import masks as masks_lib
+from sparseopt_jax._src import tree as tree_lib
+from sparseopt_jax._src.tree import PyTree
+
+# Masks given to a transform's constructor: a mask tree, or a callable that
+# builds one from params (like ``optax.masked``'s mask argument).
+MaskSource = Union[PyTree, Callable[[PyTree], PyTree]]
+
+CORRECTIONS = ("fan_in", "norm")
+
+
+def masks_from_params(params: PyTree) -> PyTree:
+  """The mask tree implied by params: ``params != 0`` for leaves with ndim >= 2.
+
+  Used when no masks are given: a pruned weight is a zero weight. Leaves with
+  ``ndim < 2`` (biases, norm parameters) are dense (``None``).
+  """
+  return jax.tree.map(lambda p: p != 0 if np.ndim(p) >= 2 else None, params)
+
+
+def resolve_masks(updates: PyTree, params: PyTree | None,
+                  extra_masks: PyTree | None, ctor_masks: MaskSource | None,
+                  *, who: str) -> PyTree:
+  """Picks the masks for one update: extra arg, then constructor, then params."""
+  if extra_masks is not None:
+    masks, argname = extra_masks, "masks= (update keyword)"
+  elif ctor_masks is not None and not callable(ctor_masks):
+    masks, argname = ctor_masks, f"{who}(masks=...)"
+  else:
+    if params is None:
+      raise ValueError(
+          f"{who}: no masks were given (neither `masks=` to update nor to the "
+          f"constructor as a tree), so they are derived from params, but "
+          f"update was called with params=None. Pass params or masks.")
+    if ctor_masks is not None:
+      masks, argname = ctor_masks(params), f"{who}(masks=callable)"
+    else:
+      masks, argname = masks_from_params(params), "masks derived from params"
+  tree_lib.validate_masks(updates, masks, argname=argname)
+  return masks
+
+
+def fan_in_scale(mask: jax.Array, neuron_axis: int = -1, *,
+                 name: str = "mask") -> jax.Array:
+  """SparseOpt's per-neuron factor ``sqrt(1 - s_i) / sqrt(1 - s_avg)``.
+
+  ``s_i`` is neuron ``i``'s fraction of pruned incoming weights (every axis
+  but ``neuron_axis``), ``s_avg`` its mean over the layer's neurons. A dense
+  mask gives exactly 1; a fully pruned neuron 0; a fully pruned layer all 0.
+
+  Args:
+    mask: boolean mask of one layer.
+    neuron_axis: the output-unit axis.
+    name: the parameter path, for error messages.
+
+  Returns:
+    A float32 vector, one factor per neuron.
+  """
+  density = masks_lib.neuron_density(mask, neuron_axis, name=name)
+  mean_density = jnp.mean(density)
+  safe = jnp.where(mean_density > 0, mean_density, 1.0)
+  return jnp.where(mean_density > 0, jnp.sqrt(density / safe), 0.0)
+
+
+def norm_scale(mask: jax.Array, param: jax.Array, neuron_axis: int = -1, *,
+               name: str = "mask") -> jax.Array:
+  """Measured per-neuron factor ``||w_i|| / rms_j ||w_j||`` (float32).
+
+  Norms are of the masked incoming weights. The root-mean-square runs over
+  the layer's live neurons (``||w_j|| > 0``). A neuron with no active weight
+  gets 0 (it receives no gradient anyway); an active neuron whose weights are
+  all zero (e.g. every connection just regrown) gets 1, so it can still
+  learn; a layer with no live neuron gets 1 on its active neurons.
+  """
+  ndim = np.ndim(param)
+  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
+  axes = tree_lib.reduce_axes(ndim, axis)
+  w = jnp.where(mask, param, 0).astype(jnp.float32)
+  sq = jnp.sum(w * w, axis=axes)
+  active = jnp.any(mask, axis=axes)
+  live = sq > 0
+  n_live = jnp.sum(live)
+  mean_sq = jnp.sum(jnp.where(live, sq, 0.0)) / jnp.maximum(n_live, 1)
+  ratio = jnp.sqrt(sq / jnp.where(mean_sq > 0, mean_sq, 1.0))
+  return jnp.where(live, ratio, jnp.where(active, 1.0, 0.0))
+
+
+def correction_flags(filter_fn: tree_lib.LeafFilter | None, masks: PyTree,
+                     reference: PyTree) -> PyTree:
+  """Which masked leaves get the correction, aligned with ``masks``.
+
+  ``filter_fn`` is evaluated on ``reference`` (params, gradients or the masks
+  themselves); the result has ``None`` for dense leaves.
+  """
+  if filter_fn is None:
+    return tree_lib.map_masked(lambda m, _: m is not None, masks, reference)
+  if callable(filter_fn):
+    return tree_lib.map_masked(
+        lambda path, m, r: m is not None and bool(filter_fn(path, r)),
+        masks, reference, with_path=True)
+  flags = filter_fn
+  if (jax.tree.structure(flags)
+      != jax.tree.structure(masks, is_leaf=tree_lib.is_none)):
+    raise ValueError("filter_fn: a pytree filter must have the structure of "
+                     "the params (one Python bool per leaf).")
+  return tree_lib.map_masked(lambda m, f: m is not None and bool(f),
+                             masks, flags)
+
+
+def scales_from_flags(masks: PyTree, flags: PyTree, params: PyTree | None,
+                      neuron_axis: int, correction: str) -> PyTree:
+  """Per-neuron factors for the leaves ``flags`` selects (internal)."""
+  def scale(path, mask, flag, param):
+    if mask is None or not flag or np.ndim(mask) < 2:
+      return None
+    name = tree_lib.path_str(path)
+    if correction == "norm":
+      return norm_scale(mask, param, neuron_axis, name=name)
+    return fan_in_scale(mask, neuron_axis, name=name)
+
+  reference = masks if params is None else params
+  return tree_lib.map_masked(scale, masks, flags, reference, with_path=True)
+
+
+def _check_correction(correction: str) -> None:
+  if correction not in CORRECTIONS:
+    raise ValueError(f"Unknown correction {correction!r}; expected one of "
+                     f"{CORRECTIONS}.")
+
+
+def sparseopt_scales(masks: PyTree, params: PyTree | None = None, *,
+                     neuron_axis: int = -1,
+                     filter_fn: tree_lib.LeafFilter | None = None,
+                     correction: str = "fan_in") -> PyTree:
+  """Per-neuron SparseOpt factors for every corrected leaf of a mask tree.
+
+  Args:
+    masks: a mask tree.
+    params: the current params; needed for ``correction="norm"``.
+    neuron_axis: the output-unit axis of every corrected leaf.
+    filter_fn: which masked leaves are corrected (default: every masked leaf
+      with ``ndim >= 2``); evaluated on ``params`` when given, else on the
+      masks.
+    correction: ``"fan_in"`` (the paper's) or ``"norm"`` (measured).
+
+  Returns:
+    A tree like ``masks`` with a float32 vector (one factor per neuron) for
+    corrected leaves and ``None`` elsewhere.
+  """
+  _check_correction(correction)
+  if correction == "norm" and params is None:
+    raise ValueError("correction='norm' needs params (the current weights).")
+  if params is not None:
+    tree_lib.validate_masks(params, masks)
+  flags = correction_flags(filter_fn, masks,
+                           masks if params is None else params)
+  return scales_from_flags(masks, flags, params, neuron_axis, correction)
+
+
+def apply_scales(updates: PyTree, scales: PyTree, *,
+                 neuron_axis: int = -1) -> PyTree:
+  """Multiplies each leaf's neuron slices by its factor; keeps dtypes."""
+  def apply(scale, u):
+    if scale is None:
+      return u
+    axis = neuron_axis % u.ndim
+    s = tree_lib.broadcast_neuron(scale, u.ndim, axis)
+    # Multiply in float32 so bf16 gradients lose nothing to the factor.
+    return (u.astype(jnp.float32) * s).astype(u.dtype)
+
+  return tree_lib.map_masked(apply, scales, updates)
+
+
+class ScaleBySparseOptState(NamedTuple):
+  """State of :func:`scale_by_sparseopt` (stateless: scales follow the masks)."""
+
+
+def scale_by_sparseopt(masks: MaskSource | None = None, *,
+                       neuron_axis: int = -1,
+                       filter_fn: tree_lib.LeafFilter | None = None,
+                       correction: str = "fan_in"
+                       ) -> optax.GradientTransformationExtraArgs:
+  r"""SparseOpt: undo BatchNorm's gradient skew across a sparse layer's neurons.
+
+  BatchNorm after a sparse layer divides neuron :math:`i`'s backward signal by
+  a batch std that scales like :math:`\sqrt{1 - s_i}`, where :math:`s_i` is
+  the neuron's fraction of pruned incoming weights, so its gradient is
+  amplified by :math:`(1 - s_i)^{-1/2}`. SparseOpt multiplies every incoming
+  gradient of neuron :math:`i` by
+
+  .. math::
+    c_i = \frac{\sqrt{1 - s_i}}{\sqrt{1 - \bar s}}, \qquad
+    \bar s = \operatorname{mean}_i s_i,
+
+  which cancels the skew while keeping the layer's gradient norm roughly
+  unchanged. A dense layer gets :math:`c_i = 1` exactly; a fully pruned
+  neuron 0; a fully pruned layer all zeros (never NaN).
+
+  With ``correction="norm"`` the factor is measured instead:
+  :math:`c_i = \lVert w_i \rVert / \operatorname{rms}_j \lVert w_j \rVert`
+  over the layer's live neurons (masked norms of the current params). Under
+  BatchNorm a neuron's weights are scale invariant and its gradient scales
+  like :math:`1/\lVert w_i \rVert`, so this targets the actual amplification
+  whatever the initialization or training state (see ``docs``).
+
+  Place it first, on the loss gradient, and add weight decay after it:
+  ``chain(scale_by_sparseopt(), add_decayed_weights(wd), sgd(lr, momentum))``.
+  Optimizers that normalize per coordinate (Adam, AdamW, Lion's sign) cancel a
+  per-neuron constant factor up to epsilon, so SparseOpt changes little in
+  front of them.
+
+  Masks come, in this order, from the ``masks=`` keyword of ``update``
+  (``optax.chain`` and :func:`dynamic_sparse` forward it), from ``masks``
+  given here (a mask tree or a callable of params), or from ``params != 0``.
+
+  Args:
+    masks: a mask tree (``bool`` arrays, ``None`` for dense leaves) or a
+      callable ``params -> mask tree``; ``None`` to rely on the ``masks=``
+      update keyword or on ``params != 0``.
+    neuron_axis: the output-unit axis of corrected leaves; ``-1`` for Flax
+      Dense ``(in, out)`` and Conv ``(H, W, Cin, Cout)`` kernels.
+    filter_fn: which masked leaves to correct, as a ``filter_fn(path, leaf)``
+      or a pytree of bools; default all masked leaves with ``ndim >= 2``.
+      A layer with no normalization after it (a final classifier) is not
+      skewed: ``filter_fn=sparseopt.exclude_paths("head")``.
+    correction: ``"fan_in"`` (the paper's factor) or ``"norm"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import sparseopt_jax as sparseopt
+    >>> params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+    >>> masks = {"w": jnp.array([[1, 1], [1, 0], [1, 0], [1, 0]], bool),
+    ...          "b": None}
+    >>> tx = optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params, masks=masks)
+    >>> updates["w"][0]  # scales sqrt(1)/sqrt(5/8) and sqrt(1/4)/sqrt(5/8)
+    Array([-0.12649111, -0.06324556], dtype=float32)
+
+  References:
+    Adnan, Jain, Jacobs, Sharma, Krishnan, Burkholz, Ioannou. SparseOpt:
+    Addressing Normalization-induced Gradient Skew in Sparse Training. ICML
+    2026. https://arxiv.org/abs/2605.27541
+  """
+  _check_correction(correction)
+  if not isinstance(neuron_axis, (int, np.integer)) or isinstance(
+      neuron_axis, bool):
+    raise TypeError(f"neuron_axis must be an int, got {neuron_axis!r}.")
+  ctor_masks = masks
+
+  def init_fn(params):
+    del params
+    return ScaleBySparseOptState()
+
+  def update_fn(updates, state, params=None, *, masks=None, **extra_args):
+    del extra_args
+    live = resolve_masks(updates, params, masks, ctor_masks,
+                         who="scale_by_sparseopt")
+    if correction == "norm":
+      if params is None:
+        raise ValueError("scale_by_sparseopt(correction='norm') needs params "
+                         "in update (the current weights).")
+      tree_lib.validate_masks(params, live)
+    flags = correction_flags(filter_fn, live, updates)
+    scales = scales_from_flags(live, flags, params, neuron_axis, correction)
+    return apply_scales(updates, scales, neuron_axis=neuron_axis), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ZeroMaskedUpdatesState(NamedTuple):
+  """State of :func:`zero_masked_updates` (stateless)."""
+
+
+def zero_masked_updates(masks: MaskSource | None = None
+                        ) -> optax.GradientTransformationExtraArgs:
+  """Zeroes updates at masked-out positions, so pruned weights stay put.
+
+  Put it last in a chain: ``chain(..., sgd(lr), zero_masked_updates())``.
+  With params whose pruned entries are zero (see :func:`apply_masks`), they
+  stay exactly zero. Masks come from the ``masks=`` update keyword, then the
+  constructor, then ``params != 0``, as in :func:`scale_by_sparseopt`.
+
+  Args:
+    masks: a mask tree, a callable ``params -> mask tree``, or ``None``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  ctor_masks = masks
+
+  def init_fn(params):
+    del params
+    return ZeroMaskedUpdatesState()
+
+  def update_fn(updates, state, params=None, *, masks=None, **extra_args):
+    del extra_args
+    live = resolve_masks(updates, params, masks, ctor_masks,
+                         who="zero_masked_updates")
+    return tree_lib.zero_masked(live, updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
