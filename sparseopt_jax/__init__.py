@@ -9,7 +9,10 @@ Use as ``import sparseopt_jax as sparseopt``.
 
 from sparseopt_jax._src.alias import sparseopt
 from sparseopt_jax._src.diagnostics import dst_diagnostics
+from sparseopt_jax._src.diagnostics import mask_update_jump
+from sparseopt_jax._src.diagnostics import neuron_turning
 from sparseopt_jax._src.diagnostics import skew_diagnostics
+from sparseopt_jax._src.diagnostics import turning_diagnostics
 from sparseopt_jax._src.dst import drop_fraction_schedule
 from sparseopt_jax._src.dst import dynamic_sparse
 from sparseopt_jax._src.dst import DynamicSparseState
@@ -54,6 +57,8 @@ __all__ = (
     "layer_densities",
     "layer_sparsity",
     "magnitude_masks",
+    "mask_update_jump",
+    "neuron_turning",
     "neuron_sparsity",
     "norm_scale",
     "path_str",
@@ -63,6 +68,7 @@ __all__ = (
     "sparseopt",
     "sparseopt_scales",
     "sparsity",
+    "turning_diagnostics",
     "validate_masks",
     "zero_masked_updates",
 )

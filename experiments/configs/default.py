@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Layers the SparseOpt correction applies to: "all" masked kernels, or
   # "bn_only" = all but the classifier `head`, which no BatchNorm follows.
   config.correct_filter = "all"
+  # SparseOpt's factor: "fan_in" (the paper's sqrt(1-s_i)/sqrt(1-s_avg)) or
+  # "norm" (measured from the live weight norms).
+  config.correction = "fan_in"
   config.learning_rate = 0.1
   config.momentum = 0.9
   config.nesterov = False

@@ -13,6 +13,7 @@ import optax
 
 from sparseopt_jax._src import dst
 from sparseopt_jax._src import masks as masks_lib
+from sparseopt_jax._src import transform
 from sparseopt_jax._src import tree as tree_lib
 from sparseopt_jax._src.tree import PyTree
 
@@ -84,4 +85,168 @@ def dst_diagnostics(state: optax.OptState, *, neuron_axis: int = -1
   out["changed"] = total
   out["sparsity"] = masks_lib.sparsity(ds.masks)
   out["itop"] = dst.itop_rate(ds)
+  return out
+
+
+def neuron_turning(before: jax.Array, after: jax.Array, mask: jax.Array,
+                   neuron_axis: int = -1, *, name: str = "param"
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""Angle each neuron's incoming weight vector turned, and its norm.
+
+  With :math:`a_i, b_i` the masked incoming weights of neuron :math:`i`
+  before and after a step, the angle is computed in the well-conditioned
+  form :math:`2\,\mathrm{atan2}(\lVert \hat a - \hat b\rVert,
+  \lVert \hat a + \hat b\rVert)` (exact for tiny angles, unlike ``acos``).
+
+  Args:
+    before: a kernel before the step.
+    after: the same kernel after the step.
+    mask: its boolean mask (``after``'s topology).
+    neuron_axis: the output-unit axis.
+    name: the parameter path, for error messages.
+
+  Returns:
+    ``(angle, norm, live)``: float32 angles in radians, float32 masked norms
+    of ``after``, and a bool vector of neurons with nonzero weights before and
+    after (angles of other neurons are 0 and must be ignored).
+  """
+  ndim = before.ndim
+  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
+  axes = tree_lib.reduce_axes(ndim, axis)
+  a = jnp.where(mask, before, 0).astype(jnp.float32)
+  b = jnp.where(mask, after, 0).astype(jnp.float32)
+  na = jnp.sqrt(jnp.sum(a * a, axis=axes))
+  nb = jnp.sqrt(jnp.sum(b * b, axis=axes))
+  live = (na > 0) & (nb > 0)
+  ua = a / tree_lib.broadcast_neuron(jnp.where(live, na, 1.0), ndim, axis)
+  ub = b / tree_lib.broadcast_neuron(jnp.where(live, nb, 1.0), ndim, axis)
+  diff = jnp.sqrt(jnp.sum((ua - ub) ** 2, axis=axes))
+  summ = jnp.sqrt(jnp.sum((ua + ub) ** 2, axis=axes))
+  angle = jnp.where(live, 2.0 * jnp.arctan2(diff, summ), 0.0)
+  return angle, nb, live
+
+
+def _slope(x: jax.Array, y: jax.Array, valid: jax.Array) -> jax.Array:
+  """Least-squares slope of y on x over valid points; 0 if x has no spread."""
+  w = valid.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  xm = jnp.sum(w * x) / n
+  ym = jnp.sum(w * y) / n
+  sxx = jnp.sum(w * (x - xm) ** 2)
+  sxy = jnp.sum(w * (x - xm) * (y - ym))
+  # A relative floor on sxx: when every valid neuron has the same density the
+  # slope is undefined, and we report 0 (balanced) rather than noise or NaN.
+  ok = sxx > 1e-12 * jnp.maximum(jnp.sum(w * x * x), 1e-30)
+  return jnp.where(ok, sxy / jnp.where(ok, sxx, 1.0), 0.0)
+
+
+def turning_diagnostics(params_before: PyTree, params_after: PyTree,
+                        masks: PyTree, *, neuron_axis: int = -1
+                        ) -> dict[str, jax.Array]:
+  r"""How fast each sparse layer's neurons turn, and how unevenly.
+
+  Under BatchNorm a neuron's incoming weights are scale invariant, so what a
+  step changes is their direction. For every sparse leaf ``L`` (ndim >= 2):
+
+  * ``L/angle_mean``: mean angle turned (radians) over live neurons;
+  * ``L/imbalance``: the least-squares slope of :math:`\log \theta_i` on
+    :math:`\log(1 - s_i)` over live neurons with :math:`\theta_i > 0`.
+    :math:`-1/2` is the paper's skew (sparse neurons turn faster by
+    :math:`(1-s_i)^{-1/2}`), 0 is balanced; 0 also when all live neurons
+    have the same density;
+  * ``L/norm_mean``: mean masked norm of the live neurons after the step.
+
+  Neurons with no active weight are excluded; nothing is NaN.
+
+  Args:
+    params_before: params before a step.
+    params_after: params after it.
+    masks: the mask tree (of ``params_after``).
+    neuron_axis: the output-unit axis.
+
+  Returns:
+    A flat dict of float32 scalars.
+
+  References:
+    van Laarhoven. L2 Regularization versus Batch and Weight Normalization.
+    2017. https://arxiv.org/abs/1706.05350
+  """
+  tree_lib.validate_masks(params_after, masks)
+  out: dict[str, jax.Array] = {}
+
+  def visit(path, mask, before, after):
+    if mask is None or mask.ndim < 2:
+      return
+    name = tree_lib.path_str(path)
+    angle, norm, live = neuron_turning(before, after, mask, neuron_axis,
+                                       name=name)
+    density = masks_lib.neuron_density(mask, neuron_axis, name=name)
+    n_live = jnp.maximum(jnp.sum(live), 1)
+    valid = live & (angle > 0)
+    x = jnp.log(jnp.where(valid, density, 1.0))
+    y = jnp.log(jnp.where(valid, angle, 1.0))
+    out[f"{name}/angle_mean"] = jnp.sum(jnp.where(live, angle, 0.0)) / n_live
+    out[f"{name}/imbalance"] = _slope(x, y, valid)
+    out[f"{name}/norm_mean"] = jnp.sum(jnp.where(live, norm, 0.0)) / n_live
+
+  tree_lib.map_masked(visit, masks, params_before, params_after,
+                      with_path=True)
+  return out
+
+
+def mask_update_jump(params_before: PyTree, params_after: PyTree,
+                     masks_before: PyTree, masks_after: PyTree, *,
+                     neuron_axis: int = -1) -> dict[str, jax.Array]:
+  r"""Across a mask update: how much neuron norms jump vs the SparseOpt factor.
+
+  For every sparse leaf ``L``:
+
+  * ``L/norm_jump``: mean :math:`|\log(\lVert w_i^+\rVert /
+    \lVert w_i^-\rVert)|` over neurons with nonzero norm before and after;
+  * ``L/factor_jump``: mean :math:`|\log(c_i^+ / c_i^-)|` of the fan-in
+    factor :math:`c_i = \sqrt{1-s_i}/\sqrt{1-\bar s}` over neurons with
+    nonzero factor before and after.
+
+  BatchNorm's amplification follows the norm; if the factor jumps much more
+  than the norm, the paper's correction over-reacts to mask updates.
+
+  Args:
+    params_before: params before the mask-update step.
+    params_after: params after it.
+    masks_before: masks before.
+    masks_after: masks after.
+    neuron_axis: the output-unit axis.
+
+  Returns:
+    A flat dict of float32 scalars.
+  """
+  tree_lib.validate_masks(params_before, masks_before)
+  tree_lib.validate_masks(params_after, masks_after)
+  out: dict[str, jax.Array] = {}
+
+  def log_jump(before, after):
+    ok = (before > 0) & (after > 0)
+    safe_b = jnp.where(ok, before, 1.0)
+    safe_a = jnp.where(ok, after, 1.0)
+    return jnp.sum(jnp.where(ok, jnp.abs(jnp.log(safe_a / safe_b)), 0.0)) / (
+        jnp.maximum(jnp.sum(ok), 1))
+
+  def visit(path, mb, ma, pb, pa):
+    if mb is None or mb.ndim < 2:
+      return
+    name = tree_lib.path_str(path)
+    axis = tree_lib.normalize_axis(neuron_axis, pb.ndim, name)
+    axes = tree_lib.reduce_axes(pb.ndim, axis)
+
+    def norm(p, m):
+      w = jnp.where(m, p, 0).astype(jnp.float32)
+      return jnp.sqrt(jnp.sum(w * w, axis=axes))
+
+    out[f"{name}/norm_jump"] = log_jump(norm(pb, mb), norm(pa, ma))
+    out[f"{name}/factor_jump"] = log_jump(
+        transform.fan_in_scale(mb, neuron_axis, name=name),
+        transform.fan_in_scale(ma, neuron_axis, name=name))
+
+  tree_lib.map_masked(visit, masks_before, masks_after, params_before,
+                      params_after, with_path=True)
   return out

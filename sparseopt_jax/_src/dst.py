@@ -80,12 +80,6 @@ def drop_fraction_schedule(drop_fraction: float, end_step: int,
   return cosine
 
 
-def _mark_first(order: jax.Array, k: jax.Array) -> jax.Array:
-  """Boolean vector that is True at ``order[:k]`` (``k`` may be traced)."""
-  n = order.shape[0]
-  return jnp.zeros((n,), bool).at[order].set(jnp.arange(n) < k)
-
-
 def _finite_magnitude(x: jax.Array) -> jax.Array:
   # NaN scores as 0 and inf as the largest float, so a non-finite value can
   # never push an active entry into the inactive ranks or vice versa.
@@ -93,33 +87,57 @@ def _finite_magnitude(x: jax.Array) -> jax.Array:
   return jnp.nan_to_num(x, nan=0.0, posinf=jnp.finfo(jnp.float32).max)
 
 
+def _first_k_of_top(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
+  """Bool vector marking the ``k`` largest scores (``k <= k_max`` traced).
+
+  ``lax.top_k`` returns equal scores lower index first, so ties go to the
+  lower flat index; its cost grows with the static ``k_max``, not with a
+  full sort of the layer.
+  """
+  _, idx = jax.lax.top_k(scores, k_max)
+  return jnp.zeros(scores.shape, bool).at[idx].set(jnp.arange(k_max) < k)
+
+
 def _update_layer(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
-                  fraction: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  fraction: jax.Array, k_max: int
+                  ) -> tuple[jax.Array, jax.Array]:
   """Drops the k smallest |w| among active entries, grows the k best inactive.
 
   ``k = floor(fraction * active)``, capped by the number of inactive entries
-  so every layer keeps exactly its active count. Entries dropped now are not
-  candidates for growth. Ties go to the lower flat index in both rankings.
+  (and by ``k_max``, the static bound of the schedule) so every layer keeps
+  exactly its active count. Entries dropped now are not candidates for
+  growth. Ties go to the lower flat index in both rankings.
 
   Returns:
     The new mask and the int32 number of connections regrown.
   """
+  if k_max == 0:
+    return mask, jnp.zeros([], jnp.int32)
   n = mask.size
   m = mask.reshape(-1)
   active = jnp.sum(m, dtype=jnp.int32)
   k = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
-  k = jnp.clip(k, 0, n - active)
+  k = jnp.clip(k, 0, jnp.minimum(n - active, k_max))
 
-  drop_score = jnp.where(m, _finite_magnitude(weight.reshape(-1)), jnp.inf)
-  dropped = _mark_first(jnp.argsort(drop_score, stable=True), k)
-
-  # A stable ascending sort of the negated score is a descending sort with
-  # ties kept in index order (the sort treats -0.0 and 0.0 as equal).
-  neg_grow = jnp.where(m, jnp.inf, -grow_score.reshape(-1))
-  grown = _mark_first(jnp.argsort(neg_grow, stable=True), k)
-
+  # Smallest magnitudes first; + 0.0 turns -0.0 into 0.0 so zeros tie.
+  keep_score = jnp.where(m, -_finite_magnitude(weight.reshape(-1)) + 0.0,
+                         -jnp.inf)
+  dropped = _first_k_of_top(keep_score, k_max, k)
+  # Scoring by the old mask excludes what was just dropped from growth.
+  grown = _first_k_of_top(jnp.where(m, -jnp.inf, grow_score.reshape(-1)),
+                          k_max, k)
   new = (m & ~dropped) | grown
   return new.reshape(mask.shape), k
+
+
+def _max_changes(mask: Any, max_fraction: float) -> int:
+  """Static bound on connections one update can replace in a layer."""
+  n = int(np.size(mask))
+  try:
+    active = int(np.sum(np.asarray(mask)))
+  except jax.errors.ConcretizationTypeError:
+    return n  # Masks given as tracers: fall back to the loosest bound.
+  return max(0, min(int(math.floor(max_fraction * active)), n - active))
 
 
 def _params_like(params: PyTree) -> Callable[[Any], bool]:
@@ -278,6 +296,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
     if dtype is None or jnp.dtype(dtype) != jnp.bool_:
       raise TypeError(f"masks[{tree_lib.path_str(path)!r}] must be a boolean "
                       f"array, got dtype {dtype}.")
+  # The schedules we build never exceed drop_fraction; a callable might.
+  max_fraction = 1.0 if callable(drop_schedule) else drop_fraction
+  k_max = jax.tree.map(lambda m: _max_changes(m, max_fraction), masks)
   masks = jax.tree.map(jnp.asarray, masks)
   inner = optax.with_extra_args_support(inner)
   fraction_at = drop_fraction_schedule(drop_fraction, end_step, drop_schedule)
@@ -334,8 +355,8 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         fraction = fraction_at(count)
         scores = grow_scores(grads, old, params, step_key)
         pairs = tree_lib.map_masked(
-            lambda m, w, s: None if m is None else _update_layer(
-                m, w, s, fraction), old, params, scores)
+            lambda m, w, s, kmax: None if m is None else _update_layer(
+                m, w, s, fraction, kmax), old, params, scores, k_max)
         new = tree_lib.map_masked(lambda m, p: None if m is None else p[0],
                                   old, pairs)
         num = tree_lib.map_masked(lambda m, p: None if m is None else p[1],

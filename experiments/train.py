@@ -1,0 +1,465 @@
+"""Training and evaluation of sparse BN networks with SparseOpt.
+
+`train_and_evaluate(config, workdir)` runs one configuration (see
+``configs/default.py`` for every knob) data-parallel over all devices:
+a `jax.sharding.Mesh` with one ``"data"`` axis, the batch sharded over it,
+parameters and optimizer state replicated. The same code runs on one CPU,
+on simulated CPU devices, on a GPU, or on a multi-host TPU slice (each
+process feeds its share of the global batch).
+
+One step is a single jitted `train_step`: augmentation, forward and backward
+with BatchNorm statistics, then ``tx.update`` of the optimizer, which for
+sparse methods is ``sparseopt.dynamic_sparse`` owning the masks (mask
+updates happen inside it under ``lax.cond``). Metrics stay on device and come
+to the host every ``log_every`` steps.
+
+The workdir holds ``config.json``, ``metrics.jsonl`` (one JSON object per
+logged step), orbax checkpoints under ``checkpoints/`` and, once finished,
+``summary.json``. Starting again on the same workdir resumes from the latest
+checkpoint; because the data order and every random key are functions of
+``(seed, step)``, a resumed run is bit-identical on CPU to an uninterrupted one.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import sparseopt_jax as sparseopt
+import tqdm
+
+from experiments import input_pipeline
+from experiments import models
+
+METHODS = ("dense", "static", "set", "rigl")
+OPTIMIZERS = ("sgd", "sparseopt", "adam", "sparseopt+adam")
+CORRECT_FILTERS = ("all", "bn_only")
+SCHEDULES = ("cosine", "step", "constant")
+
+# Fields that may change when a run resumes: they do not change the numbers.
+RESUMABLE_FIELDS = frozenset({
+    "data_dir", "num_data_threads", "log_every", "eval_every",
+    "checkpoint_every", "keep_checkpoints", "progress_bar"})
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training; checkpointed as one pytree.
+
+  Attributes:
+    step: number of steps taken (int32 scalar).
+    params: model parameters; pruned entries are exactly zero.
+    batch_stats: BatchNorm running statistics.
+    opt_state: optimizer state; for sparse methods it holds the masks.
+    key: base PRNG key (raw uint32); step ``t`` uses ``fold_in(key, t)``.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  key: jax.Array
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid field of ``config``."""
+  def check(ok, message):
+    if not ok:
+      raise ValueError(f"Invalid config: {message}")
+  check(config.method in METHODS,
+        f"method={config.method!r}, expected one of {METHODS}.")
+  check(config.optimizer in OPTIMIZERS,
+        f"optimizer={config.optimizer!r}, expected one of {OPTIMIZERS}.")
+  check(config.correct_filter in CORRECT_FILTERS,
+        f"correct_filter={config.correct_filter!r}, expected one of "
+        f"{CORRECT_FILTERS}.")
+  check(config.schedule in SCHEDULES,
+        f"schedule={config.schedule!r}, expected one of {SCHEDULES}.")
+  check(config.correction in ("fan_in", "norm"),
+        f"correction={config.correction!r}, expected 'fan_in' or 'norm'.")
+  check(config.distribution in ("erk", "uniform"),
+        f"distribution={config.distribution!r}, expected 'erk' or 'uniform'.")
+  check(0.0 <= config.sparsity < 1.0,
+        f"sparsity={config.sparsity} must be in [0, 1).")
+  check(0.0 <= config.end_fraction <= 1.0,
+        f"end_fraction={config.end_fraction} must be in [0, 1].")
+  check(0.0 <= config.drop_fraction <= 1.0,
+        f"drop_fraction={config.drop_fraction} must be in [0, 1].")
+  check(config.update_every > 0, f"update_every={config.update_every} <= 0.")
+  check(config.learning_rate > 0, f"learning_rate={config.learning_rate} <= 0.")
+  check(config.batch_size > 0, f"batch_size={config.batch_size} <= 0.")
+  check(config.num_train_steps > 0 or config.num_epochs > 0,
+        "set num_epochs > 0 or num_train_steps > 0.")
+  for field in ("log_every", "eval_every", "checkpoint_every"):
+    check(config[field] > 0, f"{field}={config[field]} must be positive.")
+  num_devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    check(config[field] % num_devices == 0,
+          f"{field}={config[field]} does not divide over {num_devices} "
+          "devices.")
+
+
+def num_train_steps(config, num_train_examples: int) -> int:
+  """Total steps: ``num_train_steps``, or ``num_epochs`` worth of batches."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return max(1, int(config.num_epochs * num_train_examples / config.batch_size))
+
+
+def create_learning_rate_schedule(config, steps_per_epoch: float,
+                                  total_steps: int) -> optax.Schedule:
+  """Linear warmup over ``warmup_epochs``, then cosine, step or constant."""
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  base = config.learning_rate
+  rest = max(1, total_steps - warmup)
+  if config.schedule == "cosine":
+    main = optax.cosine_decay_schedule(base, rest)
+  elif config.schedule == "step":
+    main = optax.piecewise_constant_schedule(
+        base, {int(b * total_steps) - warmup: config.step_decay
+               for b in config.step_boundaries})
+  else:
+    main = optax.constant_schedule(base)
+  if warmup == 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def _sparse_filter(config):
+  if config.dense_paths:
+    return sparseopt.exclude_paths(*config.dense_paths)
+  return sparseopt.is_kernel
+
+
+def _correction_filter(config):
+  # The classifier feeds no BatchNorm, so "bn_only" leaves it uncorrected.
+  if config.correct_filter == "bn_only":
+    return sparseopt.exclude_paths("head")
+  return None
+
+
+def create_optimizer(config, schedule: optax.Schedule, masks, total_steps: int,
+                     key: jax.Array) -> optax.GradientTransformation:
+  """The optimizer named by ``config.optimizer``, wrapped for DST if sparse.
+
+  SparseOpt's correction comes first in the chain so that it scales only the
+  loss gradient: weight decay is added after it (SGD), or decoupled (AdamW).
+  """
+  correct = []
+  if config.optimizer.startswith("sparseopt"):
+    correct = [sparseopt.scale_by_sparseopt(
+        filter_fn=_correction_filter(config), correction=config.correction)]
+  if config.optimizer.endswith("adam"):
+    base = [optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
+                        eps=config.adam_eps, weight_decay=config.weight_decay)]
+  else:
+    base = [optax.add_decayed_weights(config.weight_decay),
+            optax.sgd(schedule, momentum=config.momentum,
+                      nesterov=config.nesterov)]
+  inner = optax.chain(*correct, *base)
+  if config.method == "dense":
+    return inner
+  return sparseopt.dynamic_sparse(
+      inner, masks, method=config.method, update_every=config.update_every,
+      end_step=int(config.end_fraction * total_steps),
+      drop_fraction=config.drop_fraction, drop_schedule=config.drop_schedule,
+      grow_with=config.grow_with, key=key,
+      correction_filter=_correction_filter(config))
+
+
+def create_model(config, spec: input_pipeline.DatasetSpec):
+  return models.create_model(config.model, num_classes=spec.num_classes,
+                             dtype=jnp.dtype(config.dtype))
+
+
+def input_shape(config, spec: input_pipeline.DatasetSpec) -> tuple[int, ...]:
+  if spec.variable_size and config.image_size:
+    return (config.image_size, config.image_size, spec.image_shape[-1])
+  return spec.image_shape
+
+
+def create_train_state(config, model, spec, total_steps: int,
+                       steps_per_epoch: float):
+  """Initial `TrainState`, optimizer and schedule, all from ``config.seed``."""
+  k_params, k_masks, k_dst, k_train = jax.random.split(
+      jax.random.PRNGKey(config.seed), 4)
+  dummy = jnp.zeros((1, *input_shape(config, spec)), jnp.dtype(config.dtype))
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      k_params, dummy)
+  params = variables["params"]
+  masks = None
+  if config.method != "dense":
+    masks = sparseopt.init_masks(k_masks, params, config.sparsity,
+                                 distribution=config.distribution,
+                                 filter_fn=_sparse_filter(config))
+    params = sparseopt.apply_masks(params, masks)
+  schedule = create_learning_rate_schedule(config, steps_per_epoch,
+                                           total_steps)
+  tx = create_optimizer(config, schedule, masks, total_steps, k_dst)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables["batch_stats"],
+                     opt_state=tx.init(params), key=k_train)
+  return state, tx, schedule
+
+
+def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
+  one_hot = jax.nn.one_hot(labels, num_classes)
+  if smoothing:
+    one_hot = optax.smooth_labels(one_hot, smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
+
+
+def train_step(state: TrainState, batch, *, model, tx, config, spec):
+  """One optimizer step on ``batch``; returns the new state and metrics."""
+  key = jax.random.fold_in(state.key, state.step)
+  images = input_pipeline.augment(batch["image"], key, config.augment)
+  images = input_pipeline.normalize(images, spec, jnp.dtype(config.dtype))
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    loss = cross_entropy(logits, batch["label"], spec.num_classes,
+                         config.label_smoothing).mean()
+    return loss, (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"train_loss": loss,
+             "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  return state.replace(step=state.step + 1, params=params,
+                       batch_stats=batch_stats, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch, *, model, config, spec):
+  """Sums of loss, correct predictions and examples over ``batch["mask"]``."""
+  images = input_pipeline.normalize(batch["image"], spec,
+                                    jnp.dtype(config.dtype))
+  logits = model.apply({"params": state.params,
+                        "batch_stats": state.batch_stats}, images, train=False)
+  loss = cross_entropy(logits, batch["label"], spec.num_classes)
+  correct = jnp.argmax(logits, -1) == batch["label"]
+  mask = batch["mask"]
+  return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+
+
+def diagnostics(state: TrainState, *, config) -> dict[str, jax.Array]:
+  """ITOP, regrown connections, per-layer skew and largest SparseOpt factor.
+
+  Sparse methods only; computed at log steps, not in the train step.
+  """
+  if config.method == "dense":
+    return {}
+  masks = sparseopt.get_masks(state.opt_state)
+  scales = sparseopt.sparseopt_scales(masks, state.params,
+                                      filter_fn=_correction_filter(config),
+                                      correction=config.correction)
+  max_scales = {f"{sparseopt.path_str(path)}/max_scale": jnp.max(scale)
+                for path, scale in jax.tree.leaves_with_path(scales)}
+  return {**sparseopt.dst_diagnostics(state.opt_state), **max_scales}
+
+
+def _json_config(config) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def check_or_save_config(config, workdir: str) -> None:
+  """Saves ``config.json`` or, when one exists, refuses an incompatible config.
+
+  Raises:
+    ValueError: the workdir holds a run whose config differs from ``config``
+      in a field that changes the numbers (anything but `RESUMABLE_FIELDS`).
+  """
+  path = os.path.join(workdir, "config.json")
+  current = _json_config(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
+    if differ:
+      changes = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+                          for k in differ)
+      raise ValueError(
+          f"Workdir {workdir} holds a run with a different config ({changes}). "
+          "Resume with the same config, or use a new --workdir.")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+    if self.enabled and os.path.exists(self.path):
+      # Drop what a killed run logged after its last checkpoint: those steps
+      # are about to be recomputed.
+      with open(self.path) as f:
+        kept = [l for l in f if json.loads(l)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of ``workdir/metrics.jsonl``, in step order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _to_float(tree) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+
+  Returns:
+    The summary also written to ``workdir/summary.json``.
+  """
+  validate_config(config)
+  dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None)
+  spec = dataset.spec
+  check_or_save_config(config, workdir)
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  total_steps = num_train_steps(config, len(dataset.train))
+  model = create_model(config, spec)
+  state, tx, schedule = create_train_state(
+      config, model, spec, total_steps, len(dataset.train) / config.batch_size)
+  # may_alias=False: the train step donates the state, and donation needs
+  # every leaf in its own buffer (an optimizer's init may reuse one array,
+  # e.g. the initial masks, in two places of its state).
+  state = jax.device_put(state, replicated, may_alias=False)
+
+  checkpoints = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, create=True))
+  start_step = checkpoints.latest_step() or 0
+  if start_step:
+    state = checkpoints.restore(start_step,
+                                args=ocp.args.StandardRestore(state))
+    logging.info("Resumed %s from step %d.", workdir, start_step)
+  metrics_writer = MetricsWriter(workdir, start_step)
+
+  p_train_step = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        spec=spec),
+      out_shardings=replicated, donate_argnums=0)
+  p_eval_step = jax.jit(functools.partial(eval_step, model=model,
+                                          config=config, spec=spec),
+                        out_shardings=replicated)
+  p_diagnostics = jax.jit(functools.partial(diagnostics, config=config),
+                          out_shardings=replicated)
+
+  def global_batch(local):
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+        local)
+
+  def evaluate(state):
+    sums = None
+    for batch in input_pipeline.eval_batches(
+        dataset, global_batch_size=config.eval_batch_size,
+        image_size=config.image_size or None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count()):
+      out = p_eval_step(state, global_batch(batch))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = _to_float(sums)
+    return {"test_loss": sums["loss"] / sums["count"],
+            "test_accuracy": sums["correct"] / sums["count"]}
+
+  batches = input_pipeline.train_batches(
+      dataset, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step, image_size=config.image_size or None,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.num_data_threads)
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                       disable=not config.progress_bar or jax.process_index())
+  pending, step_times, last_eval = [], [], {}
+  window_start, window_steps, compile_time = time.perf_counter(), 0, None
+  session_start = time.perf_counter()
+  with mesh:
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = p_train_step(state, global_batch(next(batches)))
+      if compile_time is None:
+        jax.block_until_ready(metrics)
+        compile_time = time.perf_counter() - window_start
+        window_start, window_steps = time.perf_counter(), 0
+      else:
+        window_steps += 1
+      pending.append(metrics)
+      progress.update(1)
+      record = {}
+      if step % config.log_every == 0 or step == total_steps:
+        fetched = jax.device_get(pending)
+        record.update({k: float(np.mean([m[k] for m in fetched]))
+                       for k in fetched[0]})
+        pending = []
+        record.update(_to_float(p_diagnostics(state)))
+        if window_steps:
+          record["step_time"] = (time.perf_counter() - window_start) / window_steps
+          step_times.append(record["step_time"])
+        record["lr"] = float(schedule(step - 1))
+        progress.set_postfix(loss=f"{record['train_loss']:.3f}",
+                             acc=f"{record['train_accuracy']:.3f}")
+      if step % config.eval_every == 0 or step == total_steps:
+        last_eval = evaluate(state)
+        record.update(last_eval)
+      if record:
+        metrics_writer.write({"step": step, **record})
+      if step % config.checkpoint_every == 0 or step == total_steps:
+        checkpoints.save(step, args=ocp.args.StandardSave(state))
+      if record or step % config.checkpoint_every == 0:
+        # Evaluation and checkpointing are not training time.
+        window_start, window_steps = time.perf_counter(), 0
+  progress.close()
+  checkpoints.wait_until_finished()
+  checkpoints.close()
+
+  if not last_eval:  # Already finished before this call: evaluate the result.
+    last_eval = evaluate(state)
+  summary = {
+      "step": total_steps,
+      "final_test_accuracy": last_eval["test_accuracy"],
+      "final_test_loss": last_eval["test_loss"],
+      "median_step_time": float(np.median(step_times)) if step_times else None,
+      "compile_time": compile_time,
+      "session_time": time.perf_counter() - session_start,
+      "resumed_from": start_step,
+      "devices": jax.device_count(),
+      "platform": jax.devices()[0].platform,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+  print(f"{workdir}: {config.method} {config.optimizer} s={config.sparsity} "
+        f"seed={config.seed}: test accuracy "
+        f"{summary['final_test_accuracy']:.4f} after {total_steps} steps, "
+        f"{summary['session_time']:.0f}s")
+  return summary

@@ -1,0 +1,160 @@
+"""Independent NumPy references for the numerical tests.
+
+Written from the method's description (DESIGN.md, the RigL and SparseOpt
+papers), never from the library's code, and nothing here imports
+``sparseopt_jax``: a test that compares the library with these functions
+checks the library against a second, simple implementation.
+Everything works on NumPy arrays in float64 and plain Python loops, because
+clarity matters more than speed here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _move_neuron_last(a: np.ndarray, neuron_axis: int) -> np.ndarray:
+  return np.moveaxis(np.asarray(a), neuron_axis, -1)
+
+
+def neuron_sparsity(mask: np.ndarray, neuron_axis: int = -1) -> np.ndarray:
+  """s_i = 1 - nnz(M[..., i]) / fan_in_i, one loop per neuron."""
+  m = _move_neuron_last(mask, neuron_axis).astype(bool)
+  n_out = m.shape[-1]
+  flat = m.reshape(-1, n_out)
+  fan_in = flat.shape[0]
+  return np.array([1.0 - flat[:, i].sum() / fan_in for i in range(n_out)])
+
+
+def sparseopt_factor(mask: np.ndarray, neuron_axis: int = -1) -> np.ndarray:
+  """c_i = sqrt(1 - s_i) / sqrt(1 - s_avg); 0 for a dead neuron or layer."""
+  s = neuron_sparsity(mask, neuron_axis)
+  s_avg = s.mean()
+  if 1.0 - s_avg <= 0:
+    return np.zeros_like(s)
+  return np.sqrt(1.0 - s) / math.sqrt(1.0 - s_avg)
+
+
+def norm_factor(mask: np.ndarray, param: np.ndarray,
+                neuron_axis: int = -1) -> np.ndarray:
+  """c_i = ||w_i|| / rms_j ||w_j|| over live neurons (norm_scale's docstring).
+
+  Live neuron: nonzero masked incoming norm. Dead (no active weight): 0.
+  Active but all-zero weights: 1. No live neuron in the layer: 1 on active
+  neurons, 0 on dead ones.
+  """
+  m = _move_neuron_last(mask, neuron_axis).astype(bool)
+  w = _move_neuron_last(param, neuron_axis).astype(np.float64)
+  n_out = m.shape[-1]
+  m = m.reshape(-1, n_out)
+  w = np.where(m, w.reshape(-1, n_out), 0.0)
+  norms = np.sqrt((w ** 2).sum(axis=0))
+  active = m.any(axis=0)
+  live = norms > 0
+  out = np.zeros(n_out)
+  if live.any():
+    rms = math.sqrt(np.mean(norms[live] ** 2))
+    for i in range(n_out):
+      if live[i]:
+        out[i] = norms[i] / rms
+      elif active[i]:
+        out[i] = 1.0
+  else:
+    out[active] = 1.0
+  return out
+
+
+def scale_grad(grad: np.ndarray, factor: np.ndarray,
+               neuron_axis: int = -1) -> np.ndarray:
+  """Multiplies neuron i's incoming gradient slice by factor[i]."""
+  g = np.moveaxis(np.asarray(grad, np.float64), neuron_axis, -1) * factor
+  return np.moveaxis(g, -1, neuron_axis)
+
+
+def erk_densities(shapes: dict[str, tuple[int, ...]], sparsity: float,
+                  power: float = 1.0) -> dict[str, float]:
+  """Erdős–Rényi-Kernel densities (Evci et al. 2020, arXiv:1911.11134).
+
+  Density of layer l is eps * ((sum of dims) / (prod of dims)) ** power, eps
+  such that sum_l density_l * size_l = (1 - sparsity) * sum_l size_l. A layer
+  whose density would exceed 1 is made dense and eps is solved again for the
+  remaining layers. Making *every* overflowing layer dense at once is the same
+  as doing it one at a time: a dense layer consumes less budget than its
+  overflowing density did, so eps only grows and overflowing layers keep
+  overflowing.
+  """
+  size = {n: float(np.prod(s)) for n, s in shapes.items()}
+  raw = {n: (sum(s) / np.prod(s)) ** power for n, s in shapes.items()}
+  target = (1.0 - sparsity) * sum(size.values())
+  dense: set[str] = set()
+  while True:
+    rest = [n for n in shapes if n not in dense]
+    if not rest:
+      break
+    eps = (target - sum(size[n] for n in dense)) / sum(
+        raw[n] * size[n] for n in rest)
+    over = {n for n in rest if eps * raw[n] > 1.0}
+    if not over:
+      break
+    dense |= over
+  return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+
+
+def exact_count(density: float, size: int) -> int:
+  """round(density * size), halves rounded up (the library's convention)."""
+  return int(math.floor(density * size + 0.5))
+
+
+def topk_flat(scores: np.ndarray, k: int) -> np.ndarray:
+  """Flat indices of the k largest scores, ties to the lower index."""
+  flat = np.asarray(scores, np.float64).reshape(-1)
+  order = sorted(range(flat.size), key=lambda i: (-flat[i], i))
+  return np.array(order[:k], dtype=int)
+
+
+def cosine_fraction(f: float, t: int, end_step: int) -> float:
+  """RigL's drop fraction f/2 (1 + cos(pi t / T_end))."""
+  return f / 2.0 * (1.0 + math.cos(math.pi * min(t / end_step, 1.0)))
+
+
+def drop_grow(mask: np.ndarray, weight: np.ndarray, grow_score: np.ndarray,
+              fraction: float) -> tuple[np.ndarray, int]:
+  """One RigL/SET update of one layer.
+
+  k = floor(fraction * active), capped at the inactive count. Drop the k
+  active entries of smallest |w|; grow the k inactive entries (inactive
+  before this update, so nothing dropped now is regrown) of largest score.
+  Ties go to the lower flat index in both rankings.
+
+  Returns:
+    The new mask and k.
+  """
+  m = np.asarray(mask, bool).reshape(-1)
+  w = np.abs(np.asarray(weight, np.float64)).reshape(-1)
+  g = np.asarray(grow_score, np.float64).reshape(-1)
+  active = [i for i in range(m.size) if m[i]]
+  inactive = [i for i in range(m.size) if not m[i]]
+  k = min(int(math.floor(fraction * len(active))), len(inactive))
+  drop = sorted(active, key=lambda i: (w[i], i))[:k]
+  grow = sorted(inactive, key=lambda i: (-g[i], i))[:k]
+  new = m.copy()
+  new[drop] = False
+  new[grow] = True
+  return new.reshape(np.shape(mask)), k
+
+
+def skew_stats(mask: np.ndarray, neuron_axis: int = -1) -> dict[str, float]:
+  """min/mean/max/std of s_i, amplification spread and dead-neuron count."""
+  s = neuron_sparsity(mask, neuron_axis)
+  d = 1.0 - s
+  live = d > 0
+  if live.any():
+    amp = d[live] ** -0.5
+    spread = amp.max() / amp.min()
+  else:
+    spread = 1.0
+  return {"s_min": s.min(), "s_mean": s.mean(), "s_max": s.max(),
+          "s_std": s.std(), "amp_spread": spread,
+          "dead": float((~live).sum())}
