@@ -1,0 +1,109 @@
+"""Shared benchmark plumbing: synthetic parameter trees and interleaved timing.
+
+Timings are medians over interleaved rounds (every candidate runs once per
+round, in turn) after compilation and warm-up, so slow drifts of the machine
+hit every candidate alike and ratios are measured side by side.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def resnet20_shapes() -> list[tuple[int, ...]]:
+  """Kernel shapes of a CIFAR ResNet-20 (0.27M parameters)."""
+  shapes = [(3, 3, 3, 16)]
+  cin = 16
+  for cout in (16, 32, 64):
+    for block in range(3):
+      shapes.append((3, 3, cin, cout))
+      shapes.append((3, 3, cout, cout))
+      if cin != cout and block == 0:
+        shapes.append((1, 1, cin, cout))
+      cin = cout
+  shapes.append((64, 100))
+  return shapes
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+  """Kernel shapes of an ImageNet ResNet-50 (25.5M parameters)."""
+  shapes = [(7, 7, 3, 64)]
+  cin = 64
+  for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+    for b in range(blocks):
+      shapes += [(1, 1, cin, width), (3, 3, width, width),
+                 (1, 1, width, 4 * width)]
+      if b == 0:
+        shapes.append((1, 1, cin, 4 * width))
+      cin = 4 * width
+  shapes.append((2048, 1000))
+  return shapes
+
+
+def wide_shapes(total: int = 100_000_000) -> list[tuple[int, ...]]:
+  """About ``total`` parameters as 3x3 convolutions with 512 channels."""
+  per = 3 * 3 * 512 * 512
+  return [(3, 3, 512, 512)] * max(1, total // per)
+
+
+TREES = {
+    "resnet20": resnet20_shapes,
+    "resnet50": resnet50_shapes,
+    "100M": wide_shapes,
+}
+
+
+def make_tree(shapes: Sequence[tuple[int, ...]], seed: int = 0,
+              with_bn: bool = True) -> dict:
+  """A Flax-like params dict: one kernel per shape, plus BN scale/bias."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for i, shape in enumerate(shapes):
+    layer = {"kernel": jnp.asarray(
+        rng.standard_normal(shape, dtype=np.float32))}
+    if with_bn:
+      layer["scale"] = jnp.ones(shape[-1], jnp.float32)
+      layer["bias"] = jnp.zeros(shape[-1], jnp.float32)
+    params[f"layer_{i:03d}"] = layer
+  return params
+
+
+def num_params(tree) -> int:
+  return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def timed(fn: Callable, *args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def interleaved(candidates: dict[str, tuple[Callable, tuple]],
+                rounds: int = 9, warmup: int = 2) -> dict[str, float]:
+  """Median seconds per call of each candidate, measured in interleaved rounds."""
+  for fn, args in candidates.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times: dict[str, list[float]] = {name: [] for name in candidates}
+  for _ in range(rounds):
+    for name, (fn, args) in candidates.items():
+      times[name].append(timed(fn, *args))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def header() -> str:
+  """One line naming the date, machine and versions, for result tables."""
+  dev = jax.devices()[0]
+  return (f"Measured {datetime.date.today().isoformat()} on "
+          f"{jax.device_count()} x {dev.platform.upper()} "
+          f"({getattr(dev, 'device_kind', '?')}; host {platform.machine()}, "
+          f"{os.cpu_count()} cores), jax {jax.__version__}.")

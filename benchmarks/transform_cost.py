@@ -1,0 +1,100 @@
+"""Cost of the sparse transforms per step, against plain SGD and the memory floor.
+
+    python -m benchmarks.transform_cost [--trees resnet20,resnet50,100M]
+
+For each parameter tree (90% sparse masks, ERK), times one jitted update of:
+
+* ``floor``: ``jax.tree.map`` reading grads + masks and writing one output,
+  the memory-bound floor of any mask-aware transform (9 bytes/param);
+* ``scale_by_sparseopt`` (masks as an update keyword);
+* ``zero_masked_updates`` (the apply-masks transform);
+* ``sgd_momentum``: plain ``optax.sgd(0.1, momentum=0.9)``;
+* ``dst_step``: ``dynamic_sparse(chain(scale_by_sparseopt(), sgd))`` on a
+  step that is not a mask update;
+* ``rigl_update`` / ``set_update``: the same wrapper on a mask-update step.
+
+Prints a markdown table: median time, GB/s at the floor's 9 bytes/param, ns
+per parameter, and ratios to the floor and to SGD.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparseopt_jax as sparseopt
+from benchmarks import common
+
+FLOOR_BYTES_PER_PARAM = 9  # f32 grad read + bool mask read + f32 write.
+
+
+def candidates(params, masks, grads):
+  """The jitted functions to time, with their arguments."""
+  floor = jax.jit(lambda g, m: sparseopt.apply_masks(g, m))
+
+  scale = sparseopt.scale_by_sparseopt()
+  scale_state = scale.init(params)
+  scale_fn = jax.jit(lambda g, s, p, m: scale.update(g, s, p, masks=m)[0])
+
+  zero = sparseopt.zero_masked_updates()
+  zero_state = zero.init(params)
+  zero_fn = jax.jit(lambda g, s, p, m: zero.update(g, s, p, masks=m)[0])
+
+  sgd = optax.sgd(0.1, momentum=0.9)
+  sgd_state = sgd.init(params)
+  sgd_fn = jax.jit(sgd.update)
+
+  def dst(method, count):
+    tx = sparseopt.dynamic_sparse(
+        optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
+        masks, method=method, update_every=100, end_step=10_000,
+        key=jax.random.key(0))
+    state = tx.init(params)._replace(count=jnp.int32(count))
+    return jax.jit(tx.update), (grads, state, params)
+
+  out = {
+      "floor": (floor, (grads, masks)),
+      "scale_by_sparseopt": (scale_fn, (grads, scale_state, params, masks)),
+      "zero_masked_updates": (zero_fn, (grads, zero_state, params, masks)),
+      "sgd_momentum": (sgd_fn, (grads, sgd_state, params)),
+      "dst_step": dst("rigl", 1),
+      "rigl_update": dst("rigl", 100),
+      "set_update": dst("set", 100),
+  }
+  return out
+
+
+def run(tree_names, rounds):
+  print(common.header())
+  print()
+  print("| tree | params | transform | median ms | GB/s @9B/param | ns/param "
+        "| x floor | x sgd |")
+  print("|---|---:|---|---:|---:|---:|---:|---:|")
+  for name in tree_names:
+    params = common.make_tree(common.TREES[name]())
+    masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
+    params = sparseopt.apply_masks(params, masks)
+    grads = jax.tree.map(lambda x: x * 0.01, params)
+    n = common.num_params(params)
+    times = common.interleaved(candidates(params, masks, grads), rounds)
+    for tname, t in times.items():
+      gbps = FLOOR_BYTES_PER_PARAM * n / t / 1e9
+      print(f"| {name} | {n / 1e6:.2f}M | {tname} | {t * 1e3:.3f} | "
+            f"{gbps:.1f} | {t / n * 1e9:.3f} | {t / times['floor']:.2f} | "
+            f"{t / times['sgd_momentum']:.2f} |", flush=True)
+    del params, masks, grads
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--trees", default="resnet20,resnet50,100M")
+  parser.add_argument("--rounds", type=int, default=9)
+  args = parser.parse_args()
+  run(args.trees.split(","), args.rounds)
+
+
+if __name__ == "__main__":
+  main()
