@@ -25,6 +25,7 @@ from sparseopt_jax._src.masks import layer_densities
 from sparseopt_jax._src.masks import layer_sparsity
 from sparseopt_jax._src.masks import magnitude_masks
 from sparseopt_jax._src.masks import neuron_sparsity
+from sparseopt_jax._src.masks import sparse_init
 from sparseopt_jax._src.masks import sparsity
 from sparseopt_jax._src.transform import fan_in_scale
 from sparseopt_jax._src.transform import norm_scale
@@ -66,6 +67,7 @@ __all__ = (
     "scale_by_sparseopt",
     "skew_diagnostics",
     "sparseopt",
+    "sparse_init",
     "sparseopt_scales",
     "sparsity",
     "turning_diagnostics",

@@ -274,3 +274,51 @@ def layer_sparsity(masks: PyTree) -> dict[str, jax.Array]:
   return {tree_lib.path_str(p):
               1.0 - jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) / m.size
           for p, m in tree_lib.mask_leaves_with_path(masks)}
+
+
+def sparse_init(key: jax.Array, params: PyTree, masks: PyTree, *,
+                scale: float = 2.0, neuron_axis: int = -1) -> PyTree:
+  r"""Fan-in-aware re-initialization of sparse leaves (Evci et al. 2022).
+
+  Every active weight of neuron :math:`i` is drawn from
+  :math:`\mathcal N(0, \text{scale} / \text{fan\_in}_i)`, where
+  :math:`\text{fan\_in}_i` is the neuron's number of *active* incoming
+  weights, instead of the dense fan-in. Each neuron's pre-activation then has
+  the same variance whatever its sparsity (He init for ``scale=2``), which
+  removes the :math:`\sqrt{1 - s_i}` factor that masking a dense
+  initialization puts on neuron norms. Pruned entries are 0; dense leaves,
+  1-D leaves and neurons with no active weight are left as they are.
+
+  Args:
+    key: a PRNG key.
+    params: the parameter pytree.
+    masks: its mask tree.
+    scale: variance numerator (2.0: He / ReLU).
+    neuron_axis: the output-unit axis.
+
+  Returns:
+    params with re-drawn sparse leaves.
+
+  References:
+    Evci, Ioannou, Keskin, Dauphin. Gradient Flow in Sparse Neural Networks
+    and How Lottery Tickets Win. AAAI 2022. https://arxiv.org/abs/2010.03533
+  """
+  tree_lib.validate_masks(params, masks)
+  if not scale > 0:
+    raise ValueError(f"scale must be > 0, got {scale}.")
+  leaves = tree_lib.mask_leaves_with_path(masks)
+  index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
+
+  def draw(path, mask, param):
+    if mask is None or mask.ndim < 2:
+      return param
+    name = tree_lib.path_str(path)
+    axis = tree_lib.normalize_axis(neuron_axis, mask.ndim, name)
+    fan_in = jnp.sum(mask, axis=tree_lib.reduce_axes(mask.ndim, axis),
+                     dtype=jnp.int32)
+    std = jnp.sqrt(scale / jnp.maximum(fan_in, 1).astype(jnp.float32))
+    z = jax.random.normal(jax.random.fold_in(key, index[name]), mask.shape)
+    w = z * tree_lib.broadcast_neuron(std, mask.ndim, axis)
+    return jnp.where(mask, w, 0).astype(param.dtype)
+
+  return tree_lib.map_masked(draw, masks, params, with_path=True)
