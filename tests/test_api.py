@@ -31,6 +31,7 @@ EXPECTED = {
     "reset_changed_moments",
     "scale_by_sparseopt",
     "skew_diagnostics",
+    "sparse_init",
     "sparseopt",
     "sparseopt_scales",
     "sparsity",

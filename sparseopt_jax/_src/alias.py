@@ -13,7 +13,7 @@ def sparseopt(learning_rate: optax.ScalarOrSchedule,
               nesterov: bool = False,
               weight_decay: float = 0.0, *,
               masks: transform.MaskSource | None = None,
-              neuron_axis: int = -1,
+              neuron_axis: int | None = None,
               filter_fn: tree_lib.LeafFilter | None = None,
               correction: str = "fan_in",
               ) -> optax.GradientTransformationExtraArgs:
@@ -42,7 +42,9 @@ def sparseopt(learning_rate: optax.ScalarOrSchedule,
     masks: mask tree or callable for :func:`scale_by_sparseopt`; usually left
       ``None`` and given to ``update(..., masks=...)`` or supplied by
       :func:`dynamic_sparse`.
-    neuron_axis: the output-unit axis of corrected leaves.
+    neuron_axis: the output-unit axis of corrected leaves; ``None`` means
+      ``-1`` (a non-numeric default, so ``optax.inject_hyperparams`` does not
+      trace it).
     filter_fn: which masked leaves get the correction.
     correction: ``"fan_in"`` or ``"norm"`` (see :func:`scale_by_sparseopt`).
 
@@ -65,13 +67,13 @@ def sparseopt(learning_rate: optax.ScalarOrSchedule,
     Adnan et al. SparseOpt: Addressing Normalization-induced Gradient Skew in
     Sparse Training. ICML 2026. https://arxiv.org/abs/2605.27541
   """
-  if weight_decay < 0:
+  # Under optax.inject_hyperparams the numbers arrive traced: check only
+  # Python numbers, and always chain the decay (adding 0 * w is exact).
+  if isinstance(weight_decay, (int, float)) and weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
-  parts = [transform.scale_by_sparseopt(masks, neuron_axis=neuron_axis,
-                                        filter_fn=filter_fn,
-                                        correction=correction)]
-  if weight_decay:
-    parts.append(optax.add_decayed_weights(weight_decay))
-  parts.append(optax.sgd(learning_rate, momentum=momentum or None,
-                         nesterov=nesterov))
-  return optax.chain(*parts)
+  return optax.chain(
+      transform.scale_by_sparseopt(
+          masks, neuron_axis=-1 if neuron_axis is None else neuron_axis,
+          filter_fn=filter_fn, correction=correction),
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))

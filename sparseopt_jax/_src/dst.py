@@ -135,7 +135,8 @@ def _max_changes(mask: Any, max_fraction: float) -> int:
   n = int(np.size(mask))
   try:
     active = int(np.sum(np.asarray(mask)))
-  except jax.errors.ConcretizationTypeError:
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
     return n  # Masks given as tracers: fall back to the loosest bound.
   return max(0, min(int(math.floor(max_fraction * active)), n - active))
 
@@ -249,7 +250,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
-    ``params``; its state is a :class:`DynamicSparseState`.
+    ``params``; its state is a :class:`DynamicSparseState`. Call ``update``
+    inside ``jax.jit`` (as part of the train step): un-jitted, the
+    ``lax.cond`` is traced again at every call.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -304,7 +307,11 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
   fraction_at = drop_fraction_schedule(drop_fraction, end_step, drop_schedule)
 
   def init_fn(params):
-    tree_lib.validate_masks(params, masks)
+    # optax.tree.map_params calls init with a placeholder instead of arrays;
+    # only real params can be checked against the masks.
+    leaves = jax.tree.leaves(params)
+    if leaves and all(hasattr(x, "shape") for x in leaves):
+      tree_lib.validate_masks(params, masks)
     return DynamicSparseState(
         count=jnp.zeros([], jnp.int32),
         key=key,

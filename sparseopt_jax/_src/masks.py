@@ -229,16 +229,28 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   return tree_lib.zero_masked(masks, params)
 
 
-def neuron_density(mask: jax.Array, neuron_axis: int = -1, *,
-                   name: str = "mask") -> jax.Array:
-  """Fraction of active incoming weights per neuron, ``1 - s_i`` (float32)."""
+def neuron_counts(mask: jax.Array, neuron_axis: int = -1, *,
+                  name: str = "mask") -> tuple[jax.Array, int]:
+  """Active incoming weights per neuron (int32) and the fan-in (static int)."""
   ndim = np.ndim(mask)
   if ndim < 1:
     raise ValueError(f"{name!r}: a mask must have at least one axis.")
   axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
   fan_in = math.prod(d for a, d in enumerate(np.shape(mask)) if a != axis)
   count = jnp.sum(mask, axis=tree_lib.reduce_axes(ndim, axis), dtype=jnp.int32)
-  return count.astype(jnp.float32) / max(fan_in, 1)
+  return count, fan_in
+
+
+def neuron_density(mask: jax.Array, neuron_axis: int = -1, *,
+                   name: str = "mask") -> jax.Array:
+  """Fraction of active incoming weights per neuron, ``1 - s_i`` (float32).
+
+  Exactly 1 for a full neuron, also under ``jit`` (where XLA turns division
+  by the constant fan-in into a multiplication by its rounded reciprocal).
+  """
+  count, fan_in = neuron_counts(mask, neuron_axis, name=name)
+  return jnp.where(count == fan_in, 1.0,
+                   count.astype(jnp.float32) / max(fan_in, 1))
 
 
 def neuron_sparsity(mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
@@ -250,9 +262,10 @@ def neuron_sparsity(mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
     neuron_axis: the output-unit axis (Flax layout: ``-1``).
 
   Returns:
-    A float32 vector with one entry per neuron.
+    A float32 vector with one entry per neuron; exactly 0 for full neurons.
   """
-  return 1.0 - neuron_density(mask, neuron_axis)
+  count, fan_in = neuron_counts(mask, neuron_axis)
+  return (fan_in - count).astype(jnp.float32) / max(fan_in, 1)
 
 
 def sparsity(masks: PyTree) -> jax.Array:

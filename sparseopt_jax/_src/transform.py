@@ -68,10 +68,13 @@ def fan_in_scale(mask: jax.Array, neuron_axis: int = -1, *,
   Returns:
     A float32 vector, one factor per neuron.
   """
-  density = masks_lib.neuron_density(mask, neuron_axis, name=name)
-  mean_density = jnp.mean(density)
-  safe = jnp.where(mean_density > 0, mean_density, 1.0)
-  return jnp.where(mean_density > 0, jnp.sqrt(density / safe), 0.0)
+  # scale_i^2 = density_i / mean_j density_j = count_i * n / sum_j count_j,
+  # computed from integer counts so that a dense layer gives exactly 1.
+  count, _ = masks_lib.neuron_counts(mask, neuron_axis, name=name)
+  total = jnp.sum(count)
+  numerator = (count * count.shape[0]).astype(jnp.float32)
+  denominator = jnp.where(total > 0, total, 1).astype(jnp.float32)
+  return jnp.where(total > 0, jnp.sqrt(numerator / denominator), 0.0)
 
 
 def norm_scale(mask: jax.Array, param: jax.Array, neuron_axis: int = -1, *,

@@ -1,0 +1,240 @@
+"""One shared suite that every public transform passes (as optax's
+``contrib/_common_test.py``): jit, finite outputs, shapes and dtypes kept
+(bf16 too), no recompile, and composition with ``chain``, ``MultiSteps``,
+``inject_hyperparams`` and ``lax.scan``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sparseopt_jax as sparseopt
+
+
+def problem(dtype=jnp.float32):
+  """Tiny masked params: a Conv, a Dense, a bias. Params respect the masks."""
+  k = jax.random.split(jax.random.key(0), 4)
+  params = {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4))},
+            "dense": {"kernel": jax.random.normal(k[1], (4, 6)),
+                      "bias": jnp.zeros(6)}}
+  masks = sparseopt.init_masks(k[2], params, 0.6, "uniform")
+  masks["conv"]["kernel"] = masks["conv"]["kernel"].at[..., 0].set(False)
+  params = sparseopt.apply_masks(params, masks)
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+
+  def grads_at(step):
+    keys = jax.random.split(jax.random.fold_in(k[3], step), 3)
+    return jax.tree.map(
+        lambda x, kk: jax.random.normal(kk, x.shape, dtype), params,
+        jax.tree.unflatten(jax.tree.structure(params), list(keys)))
+
+  return params, masks, grads_at
+
+
+# name -> (factory(masks) -> tx, whether update takes masks= from the caller)
+def _dst(method):
+  def make(masks, inner=None):
+    inner = inner or optax.chain(sparseopt.scale_by_sparseopt(),
+                                 optax.sgd(0.05, momentum=0.9))
+    return sparseopt.dynamic_sparse(inner, masks, method=method,
+                                    update_every=2, end_step=8,
+                                    drop_fraction=0.5, key=jax.random.key(7))
+  return make
+
+
+TRANSFORMS = {
+    "scale_by_sparseopt": (lambda m: sparseopt.scale_by_sparseopt(), True),
+    "scale_by_sparseopt_norm": (
+        lambda m: sparseopt.scale_by_sparseopt(correction="norm"), True),
+    "zero_masked_updates": (lambda m: sparseopt.zero_masked_updates(), True),
+    "sparseopt": (lambda m: sparseopt.sparseopt(0.05, weight_decay=1e-3),
+                  True),
+    "dst_rigl": (_dst("rigl"), False),
+    "dst_set": (_dst("set"), False),
+    "dst_static": (_dst("static"), False),
+}
+NAMES = list(TRANSFORMS)
+
+
+def make_tx(name, masks):
+  factory, takes_masks = TRANSFORMS[name]
+  return factory(masks), ({"masks": masks} if takes_masks else {})
+
+
+def check_tree(updates, params):
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.shape == p.shape
+    assert u.dtype == p.dtype, (u.dtype, p.dtype)
+    assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_finite_shapes_dtypes_no_recompile(name, dtype):
+  params, masks, grads_at = problem(dtype)
+  tx, kw = make_tx(name, masks)
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads, kw):
+    traces.append(1)  # runs only while tracing
+    updates, state = tx.update(grads, state, params, **kw)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(params)
+  # 5 steps cover DST mask updates at steps 2 and 4 (update_every=2).
+  for t in range(5):
+    new_params, state, updates = step(params, state, grads_at(t), kw)
+    check_tree(updates, params)
+    check_tree(new_params, params)
+    params = new_params
+  assert len(traces) == 1, "retraced on a later call"
+  if hasattr(step, "_cache_size"):  # private jax API, checked when present
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inside_chain_and_multisteps(name):
+  params, masks, grads_at = problem()
+  tx, kw = make_tx(name, masks)
+  # chain forwards masks= to the transform; a trailing scale(1) is a no-op.
+  chained = optax.chain(tx, optax.scale(1.0))
+  s1, s2 = tx.init(params), chained.init(params)
+  # Eager dynamic_sparse updates recompile their lax.cond on every call
+  # (~1 s each), so every reference computation here is jitted too.
+  direct = jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))
+  u1, _ = direct(grads_at(0), s1, params, kw)
+  u2, _ = jax.jit(lambda g, s, p, kw: chained.update(g, s, p, **kw))(
+      grads_at(0), s2, params, kw)
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  # MultiSteps: zero updates on the accumulating call, then the inner update
+  # of the mean gradient.
+  multi = optax.MultiSteps(tx, every_k_schedule=2)
+  ms = multi.init(params)
+  step = jax.jit(lambda g, s, p, kw: multi.update(g, s, p, **kw))
+  g0, g1 = grads_at(0), grads_at(1)
+  u, ms = step(g0, ms, params, kw)
+  for leaf in jax.tree.leaves(u):
+    np.testing.assert_array_equal(leaf, 0.0)
+  u, ms = step(g1, ms, params, kw)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
+  want, _ = direct(mean, tx.init(params), params, kw)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_under_lax_scan(name):
+  # A scanned training loop equals the same steps taken one by one.
+  params, masks, grads_at = problem()
+  tx, kw = make_tx(name, masks)
+  grads = [grads_at(t) for t in range(5)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
+
+  def body(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p, **kw)
+    return (optax.apply_updates(p, u), s), None
+
+  (p_scan, _), _ = jax.jit(lambda c, xs: jax.lax.scan(body, c, xs))(
+      (params, tx.init(params)), stacked)
+  p, s = params, tx.init(params)
+  jbody = jax.jit(body)
+  for g in grads:
+    (p, s), _ = jbody((p, s), g)
+  for a, b in zip(jax.tree.leaves(p_scan), jax.tree.leaves(p)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# inject_hyperparams applies the factory's defaults and turns every numeric
+# argument into a traced hyperparameter; the alias must work both ways.
+INJECT_STATIC = {
+    "plain": (),
+    "static": ("neuron_axis", "momentum", "weight_decay"),
+}
+
+
+@pytest.mark.parametrize("static", ["plain", "static"])
+def test_alias_under_inject_hyperparams(static):
+  params, masks, grads_at = problem()
+  tx = optax.inject_hyperparams(
+      sparseopt.sparseopt, static_args=INJECT_STATIC[static])(
+          learning_rate=0.1, momentum=None)
+  plain = sparseopt.sparseopt(0.1, momentum=None)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p, m: tx.update(g, s, p, masks=m))
+  u, state = step(grads_at(0), state, params, masks)
+  want, _ = plain.update(grads_at(0), plain.init(params), params, masks=masks)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  # Changing the injected learning rate rescales the (momentum-free) update.
+  state.hyperparams["learning_rate"] = jnp.asarray(0.025)
+  u2, _ = step(grads_at(0), state, params, masks)
+  for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, 0.25 * b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "static"])
+def test_dst_around_inject_hyperparams(method):
+  params, masks, grads_at = problem()
+  inner = optax.inject_hyperparams(
+      sparseopt.sparseopt, static_args=INJECT_STATIC["static"])(
+          learning_rate=0.1)
+  tx = _dst(method)(masks, inner)
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  for t in range(3):
+    u, state = step(grads_at(t), state, params)
+    params = optax.apply_updates(params, u)
+  check_tree(u, params)
+  assert "learning_rate" in state.inner_state.hyperparams
+
+
+@pytest.mark.parametrize("opt", [
+    functools.partial(optax.adam, 1e-2),
+    functools.partial(optax.adamw, 1e-2, weight_decay=1e-2),
+    functools.partial(optax.lion, 1e-3),
+])
+@pytest.mark.parametrize("method", [None, "rigl"])
+def test_in_front_of_adaptive_optimizers(opt, method):
+  params, masks, grads_at = problem()
+  inner = optax.chain(sparseopt.scale_by_sparseopt(), opt())
+  if method:
+    tx, kw = _dst(method)(masks, inner), {}
+  else:
+    tx, kw = inner, {"masks": masks}
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))
+  for t in range(5):
+    u, state = step(grads_at(t), state, params, kw)
+    check_tree(u, params)
+    params = optax.apply_updates(params, u)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tree_map_params(name):
+  # optax.tree.map_params reaches the params-shaped parts of a state without
+  # knowing its classes (e.g. to cast moments or shard them like params).
+  params, masks, grads_at = problem()
+  tx, kw = make_tx(name, masks)
+  state = tx.init(params)
+  cast = optax.tree.map_params(tx.init, lambda p: p.astype(jnp.bfloat16),
+                               state)
+  n_params_like = 0
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(cast)):
+    if a.dtype == jnp.float32 and a.ndim:
+      assert b.dtype == jnp.bfloat16
+      n_params_like += 1
+    else:
+      assert b.dtype == a.dtype
+  if name in ("sparseopt",) or name.startswith("dst"):
+    assert n_params_like > 0  # the momentum trace was reached
+  u, _ = tx.update(grads_at(0), cast, params, **kw)
+  check_tree(u, params)

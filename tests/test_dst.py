@@ -1,0 +1,629 @@
+"""Dynamic sparse training: RigL, SET, static; ITOP and skew diagnostics."""
+
+import functools
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sparseopt_jax as sparseopt
+import reference as ref
+
+IS_NONE = lambda x: x is None  # noqa: E731
+
+
+def flat(tree):
+  return {sparseopt.path_str(p): x for p, x in
+          jax.tree_util.tree_leaves_with_path(tree, is_leaf=IS_NONE)}
+
+
+def make_tx(masks, method="rigl", inner=None, **kw):
+  inner = optax.sgd(0.0) if inner is None else inner
+  kw.setdefault("update_every", 1)
+  kw.setdefault("end_step", 100)
+  kw.setdefault("drop_schedule", "constant")
+  kw.setdefault("key", jax.random.key(0))
+  return sparseopt.dynamic_sparse(inner, masks, method=method, **kw)
+
+
+def steps(tx, params, grads_list):
+  """Runs jitted steps; returns [(masks_before, params_before, grads,
+  updates, params_after, state_after)] per step."""
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  out = []
+  for g in grads_list:
+    before = sparseopt.get_masks(state)
+    updates, state = step(g, state, params)
+    new_params = optax.apply_updates(params, updates)
+    out.append((before, params, g, updates, new_params, state))
+    params = new_params
+  return out
+
+
+# ----------------------------------------------------------- hand-checked
+
+
+def test_rigl_hand_checked_drop_grow_and_ties():
+  # One layer (2, 4), flat indices 0..7; active {0, 1, 2, 3}.
+  # |w| on active = 0.1, 0.5, 0.1, 0.1: the three-way tie at 0.1 drops the
+  # two lowest indices, 0 and 2. Growth by |g| among the previously inactive
+  # {4..7} = 3, 1, 3, 3 picks 4 and 6 (ties to the lower index); index 0,
+  # just dropped, has the largest gradient but must not be regrown.
+  mask = jnp.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool)
+  w = jnp.array([[0.1, -0.5, -0.1, 0.1], [0., 0., 0., 0.]])
+  g = jnp.array([[100., 0., 0., 0.], [-3., 1., 3., -3.]])
+  tx = make_tx({"w": mask}, "rigl", drop_fraction=0.5)
+  hist = steps(tx, {"w": w}, [{"w": g}, {"w": g}])
+  # Step 0 never updates the topology (count 0).
+  np.testing.assert_array_equal(hist[0][5].masks["w"], mask)
+  new = np.asarray(sparseopt.get_masks(hist[1][5])["w"]).reshape(-1)
+  assert sorted(np.flatnonzero(new).tolist()) == [1, 3, 4, 6]
+  p = np.asarray(hist[1][4]["w"]).reshape(-1)
+  np.testing.assert_array_equal(p, np.float32([0, -0.5, 0, 0.1, 0, 0, 0, 0]))
+  want, k = ref.drop_grow(mask, w, np.abs(g), 0.5)
+  assert k == 2
+  np.testing.assert_array_equal(new, want.reshape(-1))
+  diag = sparseopt.dst_diagnostics(hist[1][5])
+  assert float(diag["changed"]) == 2.0 and float(diag["w/changed"]) == 2.0
+  # ITOP: 6 of 8 entries have been active.
+  assert float(sparseopt.itop_rate(hist[1][5])) == pytest.approx(6 / 8)
+
+
+def test_rigl_k_capped_by_inactive_and_floor():
+  # 7 of 8 active, fraction 0.5: floor(3.5) = 3 but only 1 inactive entry.
+  mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool)
+  w = jnp.arange(1.0, 9.0).reshape(2, 4) * mask
+  tx = make_tx({"w": mask}, "rigl", drop_fraction=0.5)
+  hist = steps(tx, {"w": w}, [{"w": jnp.ones((2, 4))}] * 2)
+  new = np.asarray(sparseopt.get_masks(hist[1][5])["w"]).reshape(-1)
+  # Drop the smallest (index 0), grow the only inactive one (index 7).
+  assert np.flatnonzero(~new).tolist() == [0]
+  assert int(hist[1][5].num_changed["w"]) == 1
+  # fraction * active < 1 means no change at all.
+  tx = make_tx({"w": mask}, "rigl", drop_fraction=0.1)
+  hist = steps(tx, {"w": w}, [{"w": jnp.ones((2, 4))}] * 2)
+  np.testing.assert_array_equal(sparseopt.get_masks(hist[1][5])["w"], mask)
+
+
+def test_set_hand_checked():
+  # SET drops like RigL (smallest |w|) and grows at random among the
+  # previously inactive entries, never the ones just dropped.
+  mask = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], bool)
+  params = {"w": jnp.array([[0.3, 0.1, 0.6, 0.2, 0.5, 0.4], [0.] * 6])}
+  grads = {"w": jnp.zeros((2, 6))}
+  tx = make_tx({"w": mask}, "set", drop_fraction=0.5)
+  step = jax.jit(tx.update)  # one compilation; the key lives in the state
+
+  def grown_after_update(seed):
+    state = tx.init(params)._replace(key=jax.random.key(seed))
+    for _ in range(2):  # count 0: no update; count 1: update
+      _, state = step(grads, state, params)
+    return np.asarray(sparseopt.get_masks(state)["w"])
+
+  grown_sets = set()
+  for seed in range(6):
+    new = grown_after_update(seed)
+    # k = 3: the three smallest |w| (0.1, 0.2, 0.3 at 1, 3, 0) are dropped.
+    assert new[0].tolist() == [False, False, True, False, True, True]
+    assert new.sum() == 6 and new[1].sum() == 3
+    grown_sets.add(tuple(np.flatnonzero(new[1])))
+  np.testing.assert_array_equal(grown_after_update(5), new)  # same key
+  assert len(grown_sets) > 1  # growth depends on the key
+
+
+def test_grow_with_corrected_prefers_denser_neurons():
+  # Neuron 0 keeps 3/4 inputs, neuron 1 keeps 1/4: factors
+  # sqrt(.75)/sqrt(.5) = 1.22 and sqrt(.25)/sqrt(.5) = 0.71 (old masks).
+  # The inactive candidates: (3, 0) with |g| 0.9, (1..3, 1) with |g| 1.0.
+  # Raw growth takes the larger raw gradient, (1, 1); corrected takes
+  # 0.9 * 1.22 = 1.10 > 1.0 * 0.71, i.e. (3, 0).
+  mask = jnp.array([[1, 1], [1, 0], [1, 0], [0, 0]], bool)
+  w = jnp.array([[0.05, 2.0], [1.0, 0.], [1.0, 0.], [0., 0.]])
+  g = jnp.array([[0., 0.], [0., 1.0], [0., 1.0], [0.9, 1.0]])
+  result = {}
+  for grow_with in ("raw", "corrected"):
+    tx = make_tx({"w": mask}, "rigl", drop_fraction=0.25, grow_with=grow_with)
+    hist = steps(tx, {"w": w}, [{"w": g}] * 2)
+    result[grow_with] = np.asarray(sparseopt.get_masks(hist[1][5])["w"])
+  for r in result.values():
+    # k = 1: both drop (0, 0), |w| = 0.05, and keep the other active ones.
+    assert not r[0, 0] and r[0, 1] and r[1, 0] and r[2, 0] and r.sum() == 4
+  assert result["raw"][1, 1] and not result["raw"][3, 0]
+  assert result["corrected"][3, 0] and not result["corrected"][1, 1]
+  # Reference: corrected score = |c_i * g| with c from the old mask.
+  c = ref.sparseopt_factor(np.asarray(mask))
+  want, _ = ref.drop_grow(mask, w, np.abs(np.asarray(g) * c), 0.25)
+  np.testing.assert_array_equal(result["corrected"], want)
+
+
+def test_drop_fraction_schedule():
+  f = sparseopt.drop_fraction_schedule(0.3, 1000, "cosine")
+  for t in (0, 1, 100, 500, 999, 1000, 5000):
+    assert float(f(jnp.int32(t))) == pytest.approx(
+        ref.cosine_fraction(0.3, t, 1000), abs=1e-6)
+  assert float(f(jnp.int32(0))) == pytest.approx(0.3)
+  assert float(f(jnp.int32(500))) == pytest.approx(0.15, abs=1e-6)
+  g = sparseopt.drop_fraction_schedule(0.2, 100, "constant")
+  assert float(g(jnp.int32(77))) == pytest.approx(0.2)
+  h = lambda t: 0.1  # noqa: E731
+  assert sparseopt.drop_fraction_schedule(0.3, 10, h) is h
+  with pytest.raises(ValueError, match=r"Unknown drop_schedule 'linear'"):
+    sparseopt.drop_fraction_schedule(0.3, 10, "linear")
+
+
+def test_cosine_schedule_drives_k():
+  # 16 active, f=0.5, T_end=5, update_every=1: fractions
+  # 0.25 (1 + cos(pi t / 5)) = 0.452, 0.327, 0.173, 0.048 -> k = 7, 5, 2, 0;
+  # from t=5 on no update. (T_end=5 keeps every f * 16 away from an integer:
+  # at an exact boundary, e.g. T_end=4, t=2, float32 cos(pi/2) < 0 gives
+  # floor(3.9999998) = 3 where exact arithmetic gives 4.)
+  rng = np.random.default_rng(0)
+  mask = jnp.asarray(np.arange(32).reshape(4, 8) % 2 == 0)
+  w = jnp.asarray(rng.normal(size=(4, 8))) * mask
+  tx = make_tx({"w": mask}, "rigl", drop_fraction=0.5,
+               drop_schedule="cosine", end_step=5)
+  grads = [{"w": jnp.asarray(rng.normal(size=(4, 8)))} for _ in range(7)]
+  hist = steps(tx, {"w": w}, grads)
+  ks = [int(h[5].num_changed["w"]) for h in hist]
+  want = [math.floor(ref.cosine_fraction(0.5, t, 5) * 16)
+          for t in (1, 2, 3, 4)]
+  assert want == [7, 5, 2, 0]
+  assert ks == [0] + want + [0, 0]  # num_changed holds the last update's
+  for t in (1, 2, 3):
+    changed = np.asarray(hist[t][0]["w"]) ^ np.asarray(hist[t][5].masks["w"])
+    assert changed.sum() == 2 * want[t - 1]
+  for t in (4, 5, 6):
+    np.testing.assert_array_equal(hist[t][0]["w"], hist[t][5].masks["w"])
+
+
+# --------------------------------------------------------- property tests
+
+SHAPES = {"dense": (5, 4), "conv": (3, 3, 2, 3), "conv1x1": (1, 1, 3, 4)}
+END_STEP = 5
+N_STEPS = 8
+
+
+def random_problem(seed, density):
+  rng = np.random.default_rng(seed)
+  params, masks = {}, {}
+  for name, shape in SHAPES.items():
+    size = math.prod(shape)
+    k = int(round(density * size))
+    m = np.zeros(size, bool)
+    m[rng.permutation(size)[:k]] = True
+    masks[name] = {"kernel": jnp.asarray(m.reshape(shape)), "bias": None}
+    params[name] = {"kernel": jnp.asarray(rng.normal(size=shape) * m.reshape(
+        shape), jnp.float32), "bias": jnp.asarray(rng.normal(size=shape[-1]),
+                                                  jnp.float32)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(N_STEPS)]
+  grads = jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
+  return params, masks, grads
+
+
+@functools.partial(jax.jit, static_argnames=("method", "update_every"))
+def scan_dst(params, masks, grads, key, fraction, *, method, update_every):
+  """Builds the wrapper inside jit (masks, key and the drop fraction are
+  traced) so one compilation serves every hypothesis example."""
+  tx = sparseopt.dynamic_sparse(
+      optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
+      masks, method=method, update_every=update_every, end_step=END_STEP,
+      drop_schedule=lambda t: fraction, key=key)
+
+  def body(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p)
+    new_p = optax.apply_updates(p, u)
+    trace = s.inner_state[1][0].trace
+    return (new_p, s), (s.masks, new_p, trace, sparseopt.itop_rate(s),
+                        s.num_changed, p)
+
+  _, hist = jax.lax.scan(body, (params, tx.init(params)), grads)
+  return hist
+
+
+# One compilation per method (update_every=2 covers both updating and
+# non-updating steps; consecutive updates are covered by the hand-checked
+# tests with update_every=1).
+@hypothesis.settings(max_examples=25, deadline=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(seed=st.integers(0, 2**31 - 1),
+                  density=st.sampled_from([0.05, 0.2, 0.5, 0.8, 1.0]),
+                  frac16=st.integers(0, 16),
+                  method=st.sampled_from(["rigl", "set", "static"]),
+                  update_every=st.sampled_from([2]))
+def test_property_dst_invariants(seed, density, frac16, method, update_every):
+  # Fractions are multiples of 1/16 so fraction * active is exact in float32
+  # and the floor agrees with the float64 reference.
+  fraction = frac16 / 16
+  params, masks0, grads = random_problem(seed, density)
+  hist = scan_dst(params, masks0, grads, jax.random.key(seed),
+                  jnp.float32(fraction), method=method,
+                  update_every=update_every)
+  hist = jax.tree.map(np.asarray, hist)
+  masks_h, params_h, trace_h, itop_h, changed_h, params_in = hist
+  counts0 = {n: int(m.sum()) for n, m in flat(masks0).items()
+             if m is not None}
+  total = sum(math.prod(s) for s in SHAPES.values())
+  prev_masks = {n: np.asarray(m) for n, m in flat(masks0).items()
+                if m is not None}
+  prev_itop = sum(counts0.values()) / total
+  ever = {n: m.copy() for n, m in prev_masks.items()}
+  for t in range(N_STEPS):
+    is_update = t > 0 and t % update_every == 0 and t < END_STEP
+    for name in SHAPES:
+      n = f"{name}/kernel"
+      new = masks_h[name]["kernel"][t]
+      old = prev_masks[n]
+      assert int(new.sum()) == counts0[n], (t, n)  # exact counts
+      p_after = params_h[name]["kernel"][t]
+      # Inactive weights (incl. just dropped) are exactly zero.
+      assert np.all(p_after[~new] == 0), (t, n)
+      grown = new & ~old
+      assert np.all(p_after[grown] == 0)  # grown weights start at zero
+      assert np.all(trace_h[name]["kernel"][t][grown] == 0)  # no momentum
+      assert np.all(trace_h[name]["kernel"][t][old & ~new] == 0)
+      if method == "static" or not is_update:
+        np.testing.assert_array_equal(new, old, err_msg=f"{t} {n}")
+        continue
+      g = grads[name]["kernel"][t]
+      w = params_in[name]["kernel"][t]
+      if method == "rigl":
+        want, k = ref.drop_grow(old, w, np.abs(np.asarray(g)), fraction)
+        np.testing.assert_array_equal(new, want, err_msg=f"{t} {n}")
+      else:
+        # SET: the drop is deterministic; growth is random among the
+        # previously inactive.
+        want, k = ref.drop_grow(old, w, np.zeros(old.shape), fraction)
+        np.testing.assert_array_equal(new & old, want & old)
+        assert not np.any(grown & old) and int(grown.sum()) == k
+      assert int(changed_h[name]["kernel"][t]) == k
+      ever[n] |= new
+    for name in SHAPES:
+      prev_masks[f"{name}/kernel"] = masks_h[name]["kernel"][t]
+    itop = float(itop_h[t])
+    assert itop >= prev_itop - 1e-7  # monotone
+    assert sum(counts0.values()) / total - 1e-6 <= itop <= 1.0 + 1e-6
+    assert itop == pytest.approx(sum(e.sum() for e in ever.values()) / total,
+                                 abs=1e-6)
+    prev_itop = itop
+    # Biases (dense) get their plain SGD updates: never frozen.
+    assert np.all(params_h[name]["bias"][t] != params_in[name]["bias"][t])
+
+
+# ------------------------------------------------------------ inner state
+
+
+def mlp_problem(seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"a": {"kernel": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32),
+                  "bias": jnp.zeros(8)},
+            "b": {"kernel": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}}
+  masks = sparseopt.init_masks(jax.random.key(seed), params, 0.5, "uniform")
+  params = sparseopt.apply_masks(params, masks)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(4)]
+  return params, masks, grads
+
+
+@pytest.mark.parametrize("opt,moments", [
+    (lambda: optax.sgd(0.1, momentum=0.9), ("trace",)),
+    (lambda: optax.adam(0.1), ("mu", "nu")),
+    (lambda: optax.adamw(0.1, weight_decay=0.1), ("mu", "nu")),
+])
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_inner_moments_reset_at_changed_positions(opt, moments, method):
+  params, masks, grads = mlp_problem()
+  tx = make_tx(masks, method,
+               inner=optax.chain(sparseopt.scale_by_sparseopt(), opt()),
+               update_every=2, drop_fraction=0.5)
+  hist = steps(tx, params, grads)
+  old, _, _, _, new_params, state = hist[2]  # step with count 2 updates
+  new = state.masks
+  for moment in moments:
+    tree = optax.tree.get(state.inner_state, moment)
+    prev = optax.tree.get(hist[1][5].inner_state, moment)
+    for n in ("a/kernel", "b/kernel"):
+      o, m = np.asarray(flat(old)[n]), np.asarray(flat(new)[n])
+      changed = o ^ m
+      assert changed.sum() > 0
+      x = np.asarray(flat(tree)[n])
+      np.testing.assert_array_equal(x[changed], 0.0, err_msg=f"{moment} {n}")
+      # Kept connections keep (nonzero) moments.
+      assert np.all(x[o & m] != 0), (moment, n)
+      assert np.all(np.asarray(flat(prev)[n])[o & m] != 0)
+    # Dense leaves are untouched by the reset.
+    assert np.all(np.asarray(tree["a"]["bias"]) != 0)
+  # And the weights obey the topology.
+  for n in ("a/kernel", "b/kernel"):
+    p = np.asarray(flat(new_params)[n])
+    assert np.all(p[~np.asarray(flat(new)[n])] == 0)
+
+
+def test_reset_changed_moments_generic():
+  # Any params-shaped subtree is reset, scalars and other shapes are kept,
+  # whatever the state classes (here MultiSteps around adam).
+  params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  state = optax.MultiSteps(optax.adam(0.1), 2).init(params)
+  state = jax.tree.map(lambda x: jnp.ones_like(x) if x.ndim else x, state)
+  changed = {"w": jnp.array([[True, False, False], [False, False, True]]),
+             "b": None}
+  out = sparseopt.reset_changed_moments(state, params, changed)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(out):
+    name = jax.tree_util.keystr(path)
+    if leaf.shape == (2, 3):
+      np.testing.assert_array_equal(leaf, np.where(changed["w"], 0.0, 1.0),
+                                    err_msg=name)
+    elif leaf.shape == (3,):
+      np.testing.assert_array_equal(leaf, 1.0, err_msg=name)
+  assert int(out.mini_step) == int(state.mini_step)
+
+
+# --------------------------------------------------------- equivalence
+
+
+def test_static_equals_manual_chain_step_for_step():
+  params, masks, grads = mlp_problem(1)
+  grads = grads * 3
+  lr = 0.05
+  dst = sparseopt.dynamic_sparse(
+      optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(lr, 0.9)),
+      masks, method="static", update_every=2, end_step=100,
+      key=jax.random.key(0))
+  manual = optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(lr, 0.9),
+                       sparseopt.zero_masked_updates())
+  sd, sm = dst.init(params), manual.init(params)
+  pd = pm = params
+  step_d = jax.jit(dst.update)
+  step_m = jax.jit(lambda g, s, p: manual.update(g, s, p, masks=masks))
+  for g in grads:
+    ud, sd = step_d(g, sd, pd)
+    um, sm = step_m(g, sm, pm)
+    pd, pm = optax.apply_updates(pd, ud), optax.apply_updates(pm, um)
+    for a, b in zip(jax.tree.leaves(pd), jax.tree.leaves(pm)):
+      # Equal up to float rounding (the two programs fuse differently,
+      # observed 1 ulp), and pruned entries exactly zero in both.
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+      np.testing.assert_array_equal(a == 0, b == 0)
+  # Nontrivial: the params did move.
+  assert not np.allclose(pd["a"]["kernel"], params["a"]["kernel"])
+
+
+# ----------------------------------------------------- jit / sharding
+
+
+def test_no_retrace_no_host_sync():
+  params, masks, grads = mlp_problem()
+  tx = make_tx(masks, "rigl", inner=sparseopt.sparseopt(0.1), update_every=2)
+  traces = []
+
+  @jax.jit
+  def step(g, s, p):
+    traces.append(1)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  params, state = step(grads[0], state, params)  # compile
+  before = sparseopt.get_masks(state)
+  # Steps with count 1, 2 (mask update) and 3: no retrace, and no transfer
+  # from device to host while stepping.
+  with jax.transfer_guard_device_to_host("disallow"):
+    for g in grads[1:]:
+      params, state = step(g, state, params)
+  assert len(traces) == 1
+  assert not np.array_equal(before["a"]["kernel"], state.masks["a"]["kernel"])
+
+
+def test_sharded_params_over_mesh():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = np.array(jax.devices())
+  mesh = Mesh(devices, ("data",))
+  replicated = NamedSharding(mesh, P())
+  params, masks, grads = mlp_problem()
+  tx = make_tx(masks, "rigl", inner=sparseopt.sparseopt(0.1), update_every=1)
+  state = tx.init(params)
+  ref_step = jax.jit(tx.update)
+  want_u, want_s = ref_step(grads[0], state, params)
+  want_u, want_s = ref_step(grads[1], want_s, params)
+  put = lambda t: jax.device_put(t, replicated)  # noqa: E731
+  sp, ss = put(params), put(state)
+  u, ss = ref_step(put(grads[0]), ss, sp)
+  u, ss = ref_step(put(grads[1]), ss, sp)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want_u)):
+    np.testing.assert_array_equal(a, b)
+    assert a.sharding.is_equivalent_to(replicated, a.ndim)
+  np.testing.assert_array_equal(ss.masks["a"]["kernel"],
+                                want_s.masks["a"]["kernel"])
+
+
+# ------------------------------------------------------- state accessors
+
+
+def test_accessors_inside_outside_jit_and_nested():
+  params, masks, grads = mlp_problem()
+  dst = make_tx(masks, "rigl", inner=sparseopt.sparseopt(0.1), update_every=1)
+  tx = optax.chain(optax.clip_by_global_norm(10.0), dst)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for g in grads[:3]:
+    u, state = step(g, state, params)
+    params = optax.apply_updates(params, u)
+  outside = (sparseopt.get_masks(state), sparseopt.itop_rate(state),
+             sparseopt.dst_diagnostics(state))
+  inside = jax.jit(lambda s: (sparseopt.get_masks(s), sparseopt.itop_rate(s),
+                              sparseopt.dst_diagnostics(s)))(state)
+  for a, b in zip(jax.tree.leaves(outside), jax.tree.leaves(inside)):
+    # Not bitwise: XLA turns count / fan_in into count * (1 / fan_in) under
+    # jit, so a full neuron's s_i is -3e-8 instead of 0 (see
+    # test_masks.test_full_neuron_sparsity_exact_under_jit).
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  m = outside[0]
+  assert m["a"]["bias"] is None
+  ever = state[1].ever_active
+  total = 48 + 24
+  want_itop = (np.asarray(ever["a"]["kernel"]).sum()
+               + np.asarray(ever["b"]["kernel"]).sum()) / total
+  assert float(outside[1]) == pytest.approx(want_itop)
+  assert float(outside[1]) > 0.5  # rigl explored beyond the initial masks
+  diag = outside[2]
+  assert float(diag["sparsity"]) == pytest.approx(
+      1 - (np.asarray(m["a"]["kernel"]).sum() + np.asarray(
+          m["b"]["kernel"]).sum()) / total)
+  assert float(diag["changed"]) == float(diag["a/kernel/changed"]) + float(
+      diag["b/kernel/changed"])
+  assert float(diag["changed"]) > 0
+  for key in ("s_min", "s_mean", "s_max", "s_std", "amp_spread", "dead"):
+    assert f"a/kernel/{key}" in diag
+  with pytest.raises(ValueError, match=r"found 0"):
+    sparseopt.get_masks(optax.sgd(0.1).init(params))
+
+
+def test_skew_diagnostics_vs_reference():
+  rng = np.random.default_rng(3)
+  conv = rng.random((3, 3, 2, 5)) < 0.3
+  conv[..., 1] = False  # a dead neuron
+  dense = rng.random((6, 4)) < 0.6
+  masks = {"conv": jnp.asarray(conv), "dense": jnp.asarray(dense), "b": None,
+           "all_dead": jnp.zeros((3, 2), bool),
+           "vec": jnp.ones((4,), bool)}  # 1-D sparse leaf: no neurons, skipped
+  out = jax.jit(sparseopt.skew_diagnostics)(masks)
+  assert not any(k.startswith("vec/") or k.startswith("b/") for k in out)
+  for name, m in (("conv", conv), ("dense", dense),
+                  ("all_dead", np.zeros((3, 2), bool))):
+    want = ref.skew_stats(m)
+    for key, v in want.items():
+      assert float(out[f"{name}/{key}"]) == pytest.approx(v, abs=1e-5), (
+          name, key)
+  assert float(out["conv/dead"]) >= 1 and float(out["conv/amp_spread"]) > 1
+  assert float(out["all_dead/amp_spread"]) == 1.0
+  # neuron_axis is honoured.
+  out0 = sparseopt.skew_diagnostics({"d": jnp.asarray(dense)}, neuron_axis=0)
+  assert float(out0["d/s_std"]) == pytest.approx(
+      ref.skew_stats(dense, 0)["s_std"], abs=1e-5)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_errors():
+  params, masks, grads = mlp_problem()
+  inner = optax.sgd(0.1)
+  k = jax.random.key(0)
+  with pytest.raises(ValueError, match=r"Unknown method 'grasp'"):
+    sparseopt.dynamic_sparse(inner, masks, method="grasp", end_step=10, key=k)
+  with pytest.raises(ValueError, match=r"Unknown drop_schedule 'linear'"):
+    sparseopt.dynamic_sparse(inner, masks, drop_schedule="linear",
+                             end_step=10, key=k)
+  with pytest.raises(ValueError, match=r"Unknown grow_with 'grad'"):
+    sparseopt.dynamic_sparse(inner, masks, grow_with="grad", end_step=10,
+                             key=k)
+  for bad in (0, -1):
+    with pytest.raises(ValueError, match=r"update_every must be >= 1"):
+      sparseopt.dynamic_sparse(inner, masks, update_every=bad, end_step=10,
+                               key=k)
+  with pytest.raises(TypeError, match=r"update_every must be an int"):
+    sparseopt.dynamic_sparse(inner, masks, update_every=1.5, end_step=10,
+                             key=k)
+  for bad in (-0.1, 1.5, float("nan")):
+    with pytest.raises(ValueError, match=r"drop_fraction must be in \[0, 1\]"):
+      sparseopt.dynamic_sparse(inner, masks, drop_fraction=bad, end_step=10,
+                               key=k)
+  for bad in (None, 0, "seed", np.zeros(3, np.uint32)):
+    with pytest.raises(TypeError, match=r"key must be a PRNG key"):
+      sparseopt.dynamic_sparse(inner, masks, end_step=10, key=bad)
+  # A legacy uint32[2] key is accepted.
+  sparseopt.dynamic_sparse(inner, masks, end_step=10,
+                           key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"end_step must be >= 0"):
+    sparseopt.dynamic_sparse(inner, masks, end_step=-1, key=k)
+  bad_masks = jax.tree.map(lambda m: m.astype(jnp.float32), masks)
+  with pytest.raises(TypeError, match=r"a/kernel.*boolean"):
+    sparseopt.dynamic_sparse(inner, bad_masks, end_step=10, key=k)
+  tx = sparseopt.dynamic_sparse(inner, masks, end_step=10, key=k)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"needs params"):
+    tx.update(grads[0], state)
+  wrong = {"a": {"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(8)}}
+  with pytest.raises(ValueError, match=r"b/kernel"):
+    tx.init(wrong)
+
+
+# ------------------------------------------------- a whole training loop
+
+
+def test_flax_linen_mlp_with_batchnorm_trains():
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train):
+      # Small on purpose: the test's cost is compiling three train steps.
+      x = nn.Dense(64, use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+      x = nn.relu(x)
+      return nn.Dense(4)(x)
+
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(4, 16)) * 0.6
+  labels = rng.integers(0, 4, size=512)
+  xs = jnp.asarray(centers[labels] + rng.normal(size=(512, 16)), jnp.float32)
+  ys = jnp.asarray(labels)
+  model = MLP()
+  variables = model.init(jax.random.key(0), xs[:2], train=False)
+  n_steps = 200
+
+  def train(method):
+    params, stats = variables["params"], variables["batch_stats"]
+    masks = sparseopt.init_masks(jax.random.key(1), params, 0.8, "erk")
+    params = sparseopt.apply_masks(params, masks)
+    tx = sparseopt.dynamic_sparse(
+        sparseopt.sparseopt(0.05, momentum=0.9, weight_decay=1e-4), masks,
+        method=method, update_every=20, end_step=int(0.75 * n_steps),
+        key=jax.random.key(2))
+
+    def loss_fn(p, stats, x, y):
+      logits, upd = model.apply({"params": p, "batch_stats": stats}, x,
+                                train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, upd["batch_stats"]
+
+    def step(carry, idx):
+      p, stats, s = carry
+      (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(
+          p, stats, xs[idx], ys[idx])
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), stats, s), loss
+
+    idx = jax.random.randint(jax.random.key(3), (n_steps, 64), 0, 512)
+    (p, _, s), losses = jax.jit(
+        lambda c, i: jax.lax.scan(step, c, i))((params, stats,
+                                                tx.init(params)), idx)
+    return p, s, np.asarray(losses)
+
+  for method in ("rigl", "set", "static"):
+    p, s, losses = train(method)
+    first, last = losses[:20].mean(), losses[-20:].mean()
+    assert np.isfinite(losses).all()
+    assert last < 0.5 * first, (method, first, last)
+    m = sparseopt.get_masks(s)
+    # The kernels really are sparse, at the ERK target.
+    assert float(sparseopt.sparsity(m)) == pytest.approx(0.8, abs=0.01)
+    for w, mk in zip(jax.tree.leaves(p),
+                     jax.tree.leaves(m, is_leaf=IS_NONE)):
+      if mk is not None:
+        assert np.all(np.asarray(w)[~np.asarray(mk)] == 0)
+    itop = float(sparseopt.itop_rate(s))
+    if method == "static":
+      assert itop == pytest.approx(float(1 - sparseopt.sparsity(m)), abs=1e-6)
+    else:
+      assert itop > float(1 - sparseopt.sparsity(m)) + 0.01

@@ -1,0 +1,410 @@
+"""scale_by_sparseopt, zero_masked_updates and the sparseopt alias vs NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sparseopt_jax as sparseopt
+import reference as ref
+
+
+def flat(tree):
+  return {sparseopt.path_str(p): x for p, x in
+          jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda v: v is None)}
+
+
+def setup(seed=0, dtype=jnp.float32):
+  """Params, grads and hand-shaped masks: Dense, Conv, 1x1 Conv, BN/bias.
+
+  Conv_0 has neuron 0 fully pruned; Conv_1x1 is fully dense (identity);
+  Dense_0 has a random mask with uneven neurons.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = {"Conv_0": (3, 3, 2, 4), "Conv_1x1": (1, 1, 4, 6),
+            "Dense_0": (6, 5)}
+  params, grads, masks = {}, {}, {}
+  for name, shape in shapes.items():
+    m = rng.random(shape) < 0.45
+    if name == "Conv_0":
+      m[..., 0] = False
+      m[0, 0, 0, 1:] = True  # every other neuron keeps at least one weight
+    if name == "Conv_1x1":
+      m[...] = True
+    w = rng.normal(size=shape) * m
+    params[name] = {"kernel": jnp.asarray(w, dtype),
+                    "bias": jnp.asarray(rng.normal(size=shape[-1]), dtype)}
+    grads[name] = {"kernel": jnp.asarray(rng.normal(size=shape), dtype),
+                   "bias": jnp.asarray(rng.normal(size=shape[-1]), dtype)}
+    masks[name] = {"kernel": jnp.asarray(m), "bias": None}
+  params["BatchNorm_0"] = {"scale": jnp.ones(5, dtype)}
+  grads["BatchNorm_0"] = {"scale": jnp.asarray(rng.normal(size=5), dtype)}
+  masks["BatchNorm_0"] = {"scale": None}
+  return params, grads, masks
+
+
+def expected_fan_in(grads, masks, neuron_axis=-1, skip=()):
+  out = {}
+  for name, g in flat(grads).items():
+    m = flat(masks)[name]
+    if m is None or name in skip:
+      out[name] = np.asarray(g, np.float64)
+    else:
+      out[name] = ref.scale_grad(
+          g, ref.sparseopt_factor(np.asarray(m), neuron_axis), neuron_axis)
+  return out
+
+
+def assert_tree_close(got, want, rtol=1e-6, atol=1e-7):
+  got = flat(got)
+  assert got.keys() == want.keys()
+  for n in want:
+    np.testing.assert_allclose(np.asarray(got[n], np.float64), want[n],
+                               rtol=rtol, atol=atol, err_msg=n)
+
+
+def run(tx, grads, params, **kw):
+  state = tx.init(params)
+  return jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))(
+      grads, state, params, kw)[0]
+
+
+# ------------------------------------------------------------- the factor
+
+
+def test_scale_by_sparseopt_matches_reference_under_jit():
+  params, grads, masks = setup()
+  out = run(sparseopt.scale_by_sparseopt(), grads, params, masks=masks)
+  assert_tree_close(out, expected_fan_in(grads, masks))
+  # The factor is not trivial on this example.
+  f = ref.sparseopt_factor(np.asarray(masks["Dense_0"]["kernel"]))
+  assert f.std() > 0.05
+
+
+def test_hand_checked_factor():
+  # Neuron sparsities 0, 3/4, 1: s_avg = 7/12, c = sqrt(1-s)/sqrt(5/12).
+  m = jnp.array([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]], bool)
+  want = np.array([1.0, 0.5, 0.0]) / np.sqrt(5 / 12)
+  np.testing.assert_allclose(sparseopt.fan_in_scale(m), want, rtol=1e-6)
+  g = jnp.ones((4, 3))
+  out, _ = sparseopt.scale_by_sparseopt().update({"w": g}, None, None,
+                                                 masks={"w": m})
+  np.testing.assert_allclose(out["w"], np.broadcast_to(want, (4, 3)),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 3, 2, 4), (1, 1, 4, 6)])
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+def test_neuron_axis_vs_reference(shape, axis):
+  rng = np.random.default_rng(1)
+  m = rng.random(shape) < 0.5
+  g = rng.normal(size=shape).astype(np.float32)
+  tx = sparseopt.scale_by_sparseopt(neuron_axis=axis)
+  out = jax.jit(lambda g, m: tx.update({"k": g}, None, None,
+                                       masks={"k": m})[0])(g, m)
+  want = ref.scale_grad(g, ref.sparseopt_factor(m, axis), axis)
+  np.testing.assert_allclose(out["k"], want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(sparseopt.fan_in_scale(jnp.asarray(m), axis),
+                             ref.sparseopt_factor(m, axis), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dense_mask_is_exact_identity(dtype):
+  params, grads, _ = setup(dtype=dtype)
+  dense = jax.tree.map(lambda p: jnp.ones(p.shape, bool) if p.ndim >= 2
+                       else None, params)
+  out = run(sparseopt.scale_by_sparseopt(), grads, params, masks=dense)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
+  # Dense params without masks: params != 0 derivation is dense as well.
+  dense_params = jax.tree.map(lambda p: p + 10.0, params)
+  out = run(sparseopt.scale_by_sparseopt(), grads, dense_params)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fully_pruned_neuron_and_layer():
+  params, grads, masks = setup()
+  masks["Dense_0"]["kernel"] = jnp.zeros((6, 5), bool)  # whole layer
+  grads["Dense_0"]["kernel"] = grads["Dense_0"]["kernel"].at[0, 0].set(1e30)
+  out = run(sparseopt.scale_by_sparseopt(), grads, params, masks=masks)
+  for leaf in jax.tree.leaves(out):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"], 0.0)
+  np.testing.assert_array_equal(out["Conv_0"]["kernel"][..., 0], 0.0)
+  assert bool(jnp.all(out["Conv_0"]["kernel"][..., 1:] != 0))
+  np.testing.assert_array_equal(sparseopt.fan_in_scale(
+      jnp.zeros((3, 3, 2, 4), bool)), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_dtype_kept_and_values(dtype):
+  params, grads, masks = setup(dtype=dtype)
+  out = run(sparseopt.scale_by_sparseopt(), grads, params, masks=masks)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+  # bf16: the only error is the final rounding to bf16 (8 mantissa bits).
+  want = expected_fan_in(jax.tree.map(lambda g: g.astype(jnp.float32), grads),
+                         masks)
+  tol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
+  assert_tree_close(out, want, rtol=tol, atol=tol * 1e-3)
+
+
+# ---------------------------------------------------------- mask sources
+
+
+def test_mask_precedence():
+  params, grads, kw_masks = setup(seed=0)
+  _, _, ctor_masks = setup(seed=1)
+  want_kw = expected_fan_in(grads, kw_masks)
+  want_ctor = expected_fan_in(grads, ctor_masks)
+  # params != 0: the derived masks are the support of params; make params'
+  # support a third pattern (and include a 1-D leaf, which stays dense).
+  _, _, param_masks = setup(seed=2)
+  params = jax.tree.map(lambda p, m: p if m is None else jnp.where(m, 1.5, 0.0),
+                        params, param_masks, is_leaf=lambda x: x is None)
+  want_params = expected_fan_in(grads, param_masks)
+  assert not np.allclose(want_kw["Dense_0/kernel"], want_ctor["Dense_0/kernel"])
+
+  # The update keyword beats a constructor tree and a callable.
+  assert_tree_close(run(sparseopt.scale_by_sparseopt(ctor_masks), grads,
+                        params, masks=kw_masks), want_kw)
+  assert_tree_close(run(sparseopt.scale_by_sparseopt(lambda p: ctor_masks),
+                        grads, params, masks=kw_masks), want_kw)
+  # A constructor tree or callable beats params != 0.
+  assert_tree_close(run(sparseopt.scale_by_sparseopt(ctor_masks), grads,
+                        params), want_ctor)
+  calls = []
+
+  def from_params(p):
+    calls.append(1)
+    return ctor_masks
+
+  assert_tree_close(run(sparseopt.scale_by_sparseopt(from_params), grads,
+                        params), want_ctor)
+  assert calls  # the callable really was consulted
+  # Nothing given: params != 0.
+  assert_tree_close(run(sparseopt.scale_by_sparseopt(), grads, params),
+                    want_params)
+  # A constructor tree works without params.
+  out, _ = sparseopt.scale_by_sparseopt(ctor_masks).update(grads, None)
+  assert_tree_close(out, want_ctor)
+
+
+def test_no_masks_and_no_params_is_a_clear_error():
+  _, grads, _ = setup()
+  with pytest.raises(ValueError, match=r"params=None"):
+    sparseopt.scale_by_sparseopt().update(grads, None, None)
+  with pytest.raises(ValueError, match=r"params=None"):
+    sparseopt.zero_masked_updates().update(grads, None, None)
+
+
+def test_bad_masks_in_update_name_the_path():
+  params, grads, masks = setup()
+  masks["Dense_0"]["kernel"] = masks["Dense_0"]["kernel"].astype(jnp.float32)
+  with pytest.raises(TypeError, match=r"masks= \(update keyword\).*Dense_0/kernel"):
+    sparseopt.scale_by_sparseopt().update(grads, None, params, masks=masks)
+  _, _, masks = setup()
+  masks["Conv_0"]["kernel"] = masks["Conv_0"]["kernel"][..., :2]
+  with pytest.raises(ValueError, match=r"Conv_0/kernel.*shape"):
+    sparseopt.scale_by_sparseopt(masks).update(grads, None, params)
+  _, _, masks = setup()
+  del masks["BatchNorm_0"]
+  with pytest.raises(ValueError, match=r"BatchNorm_0/scale"):
+    sparseopt.zero_masked_updates().update(grads, None, params, masks=masks)
+
+
+def test_neuron_axis_errors_name_the_path():
+  params, grads, masks = setup()
+  tx = sparseopt.scale_by_sparseopt(neuron_axis=2)  # Dense_0 has ndim 2
+  with pytest.raises(ValueError, match=r"neuron_axis=2.*Dense_0/kernel"):
+    tx.update(grads, None, params, masks=masks)
+  with pytest.raises(TypeError, match=r"neuron_axis must be an int"):
+    sparseopt.scale_by_sparseopt(neuron_axis="last")
+  with pytest.raises(ValueError, match=r"Unknown correction 'nrm'"):
+    sparseopt.scale_by_sparseopt(correction="nrm")
+
+
+def test_filter_fn_and_exclude_paths_leave_leaves_untouched():
+  params, grads, masks = setup()
+  tx = sparseopt.scale_by_sparseopt(filter_fn=sparseopt.exclude_paths("Dense"))
+  out = run(tx, grads, params, masks=masks)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"],
+                                grads["Dense_0"]["kernel"])  # bitwise
+  assert_tree_close(out, expected_fan_in(grads, masks, skip=("Dense_0/kernel",)))
+  # The same with a pytree of bools.
+  flags = jax.tree.map(lambda p: p.ndim >= 2, params)
+  flags["Conv_0"]["kernel"] = False
+  out = run(sparseopt.scale_by_sparseopt(filter_fn=flags), grads, params,
+            masks=masks)
+  np.testing.assert_array_equal(out["Conv_0"]["kernel"],
+                                grads["Conv_0"]["kernel"])
+  assert_tree_close(out, expected_fan_in(grads, masks, skip=("Conv_0/kernel",)))
+  scales = sparseopt.sparseopt_scales(masks, params, filter_fn=flags)
+  assert scales["Conv_0"]["kernel"] is None
+  np.testing.assert_allclose(
+      scales["Dense_0"]["kernel"],
+      ref.sparseopt_factor(np.asarray(masks["Dense_0"]["kernel"])), rtol=1e-6)
+
+
+# ------------------------------------------------------------ norm variant
+
+
+def test_norm_correction_vs_reference():
+  params, grads, masks = setup()
+  # Dense_0: neuron 1 active but all its weights zero (just regrown), neuron 2
+  # with no active weight at all. Conv_1x1: an all-zero (but active) layer.
+  m = np.asarray(masks["Dense_0"]["kernel"]).copy()
+  m[:, 2] = False
+  m[:2, 1] = True
+  w = np.asarray(params["Dense_0"]["kernel"]).copy() * m
+  w[:, 1] = 0.0
+  masks["Dense_0"]["kernel"] = jnp.asarray(m)
+  params["Dense_0"]["kernel"] = jnp.asarray(w)
+  params["Conv_1x1"]["kernel"] = jnp.zeros((1, 1, 4, 6))
+  # Weights outside the mask must not count towards the norm.
+  params["Conv_0"]["kernel"] = params["Conv_0"]["kernel"] + jnp.where(
+      masks["Conv_0"]["kernel"], 0.0, 100.0)
+
+  out = run(sparseopt.scale_by_sparseopt(correction="norm"), grads, params,
+            masks=masks)
+  want = {}
+  for n, g in flat(grads).items():
+    mk = flat(masks)[n]
+    if mk is None:
+      want[n] = np.asarray(g, np.float64)
+    else:
+      want[n] = ref.scale_grad(g, ref.norm_factor(np.asarray(mk),
+                                                  np.asarray(flat(params)[n])))
+  assert_tree_close(out, want, rtol=1e-5, atol=1e-6)
+  f = ref.norm_factor(m, w)
+  assert f[2] == 0.0 and f[1] == 1.0
+  np.testing.assert_allclose(sparseopt.norm_scale(jnp.asarray(m),
+                                                  jnp.asarray(w)),
+                             f, rtol=1e-5)
+  np.testing.assert_array_equal(out["Conv_1x1"]["kernel"],
+                                grads["Conv_1x1"]["kernel"])
+  for leaf in jax.tree.leaves(out):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  # Scale invariance of the measured factor.
+  np.testing.assert_allclose(sparseopt.norm_scale(jnp.asarray(m),
+                                                  jnp.asarray(7 * w)),
+                             f, rtol=1e-5)
+
+
+def test_norm_needs_params():
+  _, grads, masks = setup()
+  with pytest.raises(ValueError, match=r"needs params"):
+    sparseopt.scale_by_sparseopt(correction="norm").update(grads, None,
+                                                           masks=masks)
+  with pytest.raises(ValueError, match=r"needs params"):
+    sparseopt.sparseopt_scales(masks, correction="norm")
+
+
+# ------------------------------------------------------ zero_masked_updates
+
+
+def test_zero_masked_updates():
+  params, grads, masks = setup()
+  out = run(sparseopt.zero_masked_updates(), grads, params, masks=masks)
+  for n, g in flat(grads).items():
+    m = flat(masks)[n]
+    want = np.asarray(g) if m is None else np.where(m, g, 0.0)
+    np.testing.assert_array_equal(flat(out)[n], want)
+  # From the constructor and from params != 0.
+  out = run(sparseopt.zero_masked_updates(masks), grads, params)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"],
+                                np.where(masks["Dense_0"]["kernel"],
+                                         grads["Dense_0"]["kernel"], 0.0))
+  params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[:].set(0.0)
+  out = run(sparseopt.zero_masked_updates(), grads, params)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"], 0.0)
+
+
+# ---------------------------------------------------------------- alias
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_alias_equals_manual_chain(nesterov):
+  params, grads, masks = setup()
+  a = sparseopt.sparseopt(0.1, momentum=0.9, nesterov=nesterov,
+                          weight_decay=1e-2)
+  b = optax.chain(sparseopt.scale_by_sparseopt(),
+                  optax.add_decayed_weights(1e-2),
+                  optax.sgd(0.1, momentum=0.9, nesterov=nesterov))
+  sa, sb = a.init(params), b.init(params)
+  pa = pb = params
+  for step in range(3):
+    g = jax.tree.map(lambda x: x * (step + 1), grads)
+    ua, sa = a.update(g, sa, pa, masks=masks)
+    ub, sb = b.update(g, sb, pb, masks=masks)
+    for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+      np.testing.assert_array_equal(x, y)
+    pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+
+
+def test_alias_weight_decay_is_not_scaled():
+  # One step from zero momentum: u = -lr (c * g + wd * w), never c * (g + wd w).
+  params, grads, masks = setup()
+  lr, wd = 0.1, 0.5
+  tx = sparseopt.sparseopt(lr, momentum=0.9, weight_decay=wd)
+  u, _ = tx.update(grads, tx.init(params), params, masks=masks)
+  m = np.asarray(masks["Dense_0"]["kernel"])
+  c = ref.sparseopt_factor(m)
+  g = np.asarray(grads["Dense_0"]["kernel"], np.float64)
+  w = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  want = -lr * (c * g + wd * w)
+  wrong = -lr * c * (g + wd * w)
+  got = np.asarray(u["Dense_0"]["kernel"])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(got, wrong, rtol=1e-3, atol=1e-5)
+  # Plain SGD (momentum None / 0) is accepted and means no trace.
+  for mom in (None, 0.0):
+    tx = sparseopt.sparseopt(lr, momentum=mom)
+    u, s = tx.update(grads, tx.init(params), params, masks=masks)
+    np.testing.assert_allclose(u["Dense_0"]["kernel"], -lr * c * g,
+                               rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="weight_decay"):
+    sparseopt.sparseopt(0.1, weight_decay=-1.0)
+
+
+def test_alias_with_schedule():
+  params, grads, masks = setup()
+  sched = optax.linear_schedule(1.0, 0.0, 4)
+  tx = sparseopt.sparseopt(sched, momentum=None)
+  s = tx.init(params)
+  u0, s = tx.update(grads, s, params, masks=masks)
+  u1, s = tx.update(grads, s, params, masks=masks)
+  np.testing.assert_allclose(u1["Dense_0"]["kernel"],
+                             0.75 * u0["Dense_0"]["kernel"], rtol=1e-6)
+
+
+# ---------------------------------------- in front of normalizing optimizers
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "lion"])
+def test_in_front_of_normalizing_optimizers(opt):
+  # A positive per-neuron constant cancels in Adam's m / sqrt(v) (up to eps)
+  # and in Lion's sign: updates match the uncorrected optimizer except at
+  # dead neurons (factor 0), where they are exactly 0 (before weight decay).
+  params, grads, masks = setup()
+  make = {"adam": lambda: optax.adam(1e-2, eps=1e-12),
+          "adamw": lambda: optax.adamw(1e-2, eps=1e-12, weight_decay=0.0),
+          "lion": lambda: optax.lion(1e-2, weight_decay=0.0)}[opt]
+  a = optax.chain(sparseopt.scale_by_sparseopt(), make())
+  b = make()
+  sa, sb = a.init(params), b.init(params)
+  for _ in range(3):
+    ua, sa = jax.jit(lambda g, s, p, m: a.update(g, s, p, masks=m))(
+        grads, sa, params, masks)
+    ub, sb = b.update(grads, sb, params)
+  got, want = flat(ua), flat(ub)
+  for n in got:
+    assert got[n].dtype == want[n].dtype
+    x, y = np.asarray(got[n]), np.asarray(want[n])
+    if n == "Conv_0/kernel":
+      np.testing.assert_array_equal(x[..., 0], 0.0)
+      x, y = x[..., 1:], y[..., 1:]
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7, err_msg=n)
