@@ -29,6 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d / %d, devices: %s", jax.process_index(),

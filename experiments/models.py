@@ -10,8 +10,8 @@ Presets:
     ``n`` basic blocks each (depth ``6n + 2``), projection shortcuts
     (1x1 conv + BN) where the shape changes.
   * ImageNet ResNets (``ResNet18``/``ResNet50``): the torchvision layout.
-  * ``FmnistResNet``: a CIFAR ResNet with one block per stage (ResNet-8),
-    small enough to train on two CPU cores in minutes.
+  * ``FmnistResNet``: a CIFAR ResNet with one block per stage (ResNet-8) and
+    8/16/32 filters, small enough to train on two CPU cores in minutes.
   * ``FmnistMLP``: the paper's 2-layer BatchNorm MLP.
 """
 
@@ -173,7 +173,8 @@ ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
                              block_cls=BasicBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3),
                              block_cls=BottleneckBlock)
-FmnistResNet = functools.partial(CifarResNet, stage_sizes=(1, 1, 1))
+FmnistResNet = functools.partial(CifarResNet, stage_sizes=(1, 1, 1),
+                                 num_filters=8)
 FmnistMLP = MLP
 
 MODELS = {
@@ -188,8 +189,19 @@ MODELS = {
 
 
 def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
-                 **kwargs) -> nn.Module:
-  """Builds the preset ``name`` (a key of `MODELS`)."""
+                 width: int = 0) -> nn.Module:
+  """Builds the preset ``name`` (a key of `MODELS`).
+
+  Args:
+    name: preset name.
+    num_classes: classifier outputs.
+    dtype: computation dtype.
+    width: first-stage filters (ResNets) or hidden units (MLP); 0 keeps the
+      preset's.
+  """
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; choose from {sorted(MODELS)}.")
+  kwargs = {}
+  if width:
+    kwargs["hidden" if name == "fmnist_mlp" else "num_filters"] = width
   return MODELS[name](num_classes=num_classes, dtype=dtype, **kwargs)

@@ -177,11 +177,13 @@ def create_optimizer(config, schedule: optax.Schedule, masks, total_steps: int,
 
 
 def create_model(config, spec: input_pipeline.DatasetSpec):
+  """The Flax model of ``config.model`` sized for ``spec``'s classes."""
   return models.create_model(config.model, num_classes=spec.num_classes,
-                             dtype=jnp.dtype(config.dtype))
+                             dtype=jnp.dtype(config.dtype), width=config.width)
 
 
 def input_shape(config, spec: input_pipeline.DatasetSpec) -> tuple[int, ...]:
+  """(H, W, C) of one model input (``config.image_size`` for ImageNet)."""
   if spec.variable_size and config.image_size:
     return (config.image_size, config.image_size, spec.image_shape[-1])
   return spec.image_shape
@@ -193,25 +195,30 @@ def create_train_state(config, model, spec, total_steps: int,
   k_params, k_masks, k_dst, k_train = jax.random.split(
       jax.random.PRNGKey(config.seed), 4)
   dummy = jnp.zeros((1, *input_shape(config, spec)), jnp.dtype(config.dtype))
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      k_params, dummy)
-  params = variables["params"]
-  masks = None
-  if config.method != "dense":
-    masks = sparseopt.init_masks(k_masks, params, config.sparsity,
-                                 distribution=config.distribution,
-                                 filter_fn=_sparse_filter(config))
-    params = sparseopt.apply_masks(params, masks)
+
+  @jax.jit  # Eagerly, every op of the init would compile on its own.
+  def init_variables(k_params, k_masks):
+    variables = model.init(k_params, dummy, train=False)
+    params, masks = variables["params"], None
+    if config.method != "dense":
+      masks = sparseopt.init_masks(k_masks, params, config.sparsity,
+                                   distribution=config.distribution,
+                                   filter_fn=_sparse_filter(config))
+      params = sparseopt.apply_masks(params, masks)
+    return params, variables["batch_stats"], masks
+
+  params, batch_stats, masks = init_variables(k_params, k_masks)
   schedule = create_learning_rate_schedule(config, steps_per_epoch,
                                            total_steps)
   tx = create_optimizer(config, schedule, masks, total_steps, k_dst)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=variables["batch_stats"],
+                     batch_stats=batch_stats,
                      opt_state=tx.init(params), key=k_train)
   return state, tx, schedule
 
 
 def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
+  """Per-example softmax cross-entropy in float32, with label smoothing."""
   one_hot = jax.nn.one_hot(labels, num_classes)
   if smoothing:
     one_hot = optax.smooth_labels(one_hot, smoothing)
@@ -350,10 +357,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = create_model(config, spec)
   state, tx, schedule = create_train_state(
       config, model, spec, total_steps, len(dataset.train) / config.batch_size)
-  # may_alias=False: the train step donates the state, and donation needs
-  # every leaf in its own buffer (an optimizer's init may reuse one array,
-  # e.g. the initial masks, in two places of its state).
-  state = jax.device_put(state, replicated, may_alias=False)
+  # The train step donates the state, and donation needs every leaf in its
+  # own buffer; an optimizer's init may reuse one array in two places (the
+  # initial masks, say). A host copy per leaf guarantees distinct buffers.
+  state = jax.tree.map(lambda x: jax.device_put(np.array(x), replicated), state)
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -400,44 +407,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=config.num_data_threads)
   progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                       disable=not config.progress_bar or jax.process_index())
+                       disable=not config.progress_bar or jax.process_index() != 0)
   pending, step_times, last_eval = [], [], {}
   window_start, window_steps, compile_time = time.perf_counter(), 0, None
   session_start = time.perf_counter()
-  with mesh:
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = p_train_step(state, global_batch(next(batches)))
-      if compile_time is None:
-        jax.block_until_ready(metrics)
-        compile_time = time.perf_counter() - window_start
-        window_start, window_steps = time.perf_counter(), 0
-      else:
-        window_steps += 1
-      pending.append(metrics)
-      progress.update(1)
-      record = {}
-      if step % config.log_every == 0 or step == total_steps:
-        fetched = jax.device_get(pending)
-        record.update({k: float(np.mean([m[k] for m in fetched]))
-                       for k in fetched[0]})
-        pending = []
-        record.update(_to_float(p_diagnostics(state)))
-        if window_steps:
-          record["step_time"] = (time.perf_counter() - window_start) / window_steps
-          step_times.append(record["step_time"])
-        record["lr"] = float(schedule(step - 1))
-        progress.set_postfix(loss=f"{record['train_loss']:.3f}",
-                             acc=f"{record['train_accuracy']:.3f}")
-      if step % config.eval_every == 0 or step == total_steps:
-        last_eval = evaluate(state)
-        record.update(last_eval)
-      if record:
-        metrics_writer.write({"step": step, **record})
-      if step % config.checkpoint_every == 0 or step == total_steps:
-        checkpoints.save(step, args=ocp.args.StandardSave(state))
-      if record or step % config.checkpoint_every == 0:
-        # Evaluation and checkpointing are not training time.
-        window_start, window_steps = time.perf_counter(), 0
+  for step in range(start_step + 1, total_steps + 1):
+    state, metrics = p_train_step(state, global_batch(next(batches)))
+    if compile_time is None:
+      jax.block_until_ready(metrics)
+      compile_time = time.perf_counter() - window_start
+      window_start, window_steps = time.perf_counter(), 0
+    else:
+      window_steps += 1
+    pending.append(metrics)
+    progress.update(1)
+    record = {}
+    if step % config.log_every == 0 or step == total_steps:
+      fetched = jax.device_get(pending)
+      record.update({k: float(np.mean([m[k] for m in fetched]))
+                     for k in fetched[0]})
+      pending = []
+      record.update(_to_float(p_diagnostics(state)))
+      if window_steps:
+        record["step_time"] = (time.perf_counter() - window_start) / window_steps
+        step_times.append(record["step_time"])
+      record["lr"] = float(schedule(step - 1))
+      progress.set_postfix(loss=f"{record['train_loss']:.3f}",
+                           acc=f"{record['train_accuracy']:.3f}")
+    if step % config.eval_every == 0 or step == total_steps:
+      last_eval = evaluate(state)
+      record.update(last_eval)
+    if record:
+      metrics_writer.write({"step": step, **record})
+    if step % config.checkpoint_every == 0 or step == total_steps:
+      checkpoints.save(step, args=ocp.args.StandardSave(state))
+    if record or step % config.checkpoint_every == 0:
+      # Evaluation and checkpointing are not training time.
+      window_start, window_steps = time.perf_counter(), 0
   progress.close()
   checkpoints.wait_until_finished()
   checkpoints.close()

@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model and data.
   config.model = "fmnist_resnet"  # A key of experiments.models.MODELS.
+  # First-stage filters (ResNets) or hidden units (MLP); 0 = preset default.
+  config.width = 0
   config.dataset = "fashion_mnist"  # A key of input_pipeline.DATASETS.
   config.data_dir = ""  # "" = Debian's idx files / the default tfds data_dir.
   config.image_size = 0  # Variable-size datasets only (ImageNet); 0 = default.

@@ -1,4 +1,4 @@
-"""Small BN ResNet (ResNet-8, 16/32/64 filters) on Fashion-MNIST.
+"""Small BN ResNet (ResNet-8, 8/16/32 filters) on Fashion-MNIST.
 
 Sized for CPU: the quickstart and Reproduction B use it. Same DST settings as
 the paper's CIFAR runs (ERK, Delta T = 100, drop 0.3 cosine, end at 75%).

@@ -23,7 +23,9 @@ def get_config():
   config.dense_paths = ("conv_init",)
   config.optimizer = "sparseopt"
   config.batch_size = 1024
-  # A reference, so --config.batch_size=... rescales the learning rate too.
+  # A reference, so --config.batch_size=... rescales the learning rate too;
+  # the float default must go first (a field keeps its type).
+  del config.learning_rate
   config.learning_rate = config.get_ref("batch_size") * (0.1 / 256)
   config.warmup_epochs = 5.0
   config.weight_decay = 1e-4

@@ -1,0 +1,195 @@
+r"""Test-accuracy curves and a comparison table from a folder of workdirs.
+
+  python -m experiments.plot --root=experiments/results/quickstart
+
+Reads every workdir under ``--root`` that holds ``config.json`` and
+``metrics.jsonl``. Runs are grouped by the config fields that vary between
+them: one panel per sparsity (columns) and per value of the other varying
+fields (rows), one curve per optimizer, mean over seeds with a +-std band;
+baselines (``sgd``, ``adam``) dashed, SparseOpt solid. Writes the PNG
+(default ``<root>/accuracy.png``) and prints a markdown table: final test
+accuracy mean +- std over seeds, and the first step at which each run reaches
+its baseline's mean final accuracy (mean over the seeds that reach it).
+"""
+
+import collections
+import json
+import os
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import train
+
+# Which optimizer each optimizer is compared against.
+BASELINE_OF = {"sparseopt": "sgd", "sparseopt+adam": "adam",
+               "sgd": "sgd", "adam": "adam"}
+# Fields that never define a group: they identify repeats or bookkeeping.
+_IGNORED = frozenset({"seed", "optimizer"}) | train.RESUMABLE_FIELDS
+
+
+def load_runs(root: str) -> list[dict[str, Any]]:
+  """Every run under ``root``: its config, eval curve and finished flag."""
+  runs = []
+  for name in sorted(os.listdir(root)):
+    workdir = os.path.join(root, name)
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      continue
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+    evals = [r for r in train.read_metrics(workdir) if "test_accuracy" in r]
+    if not evals:
+      continue
+    runs.append({
+        "name": name, "config": config,
+        "steps": np.array([r["step"] for r in evals]),
+        "accuracy": np.array([r["test_accuracy"] for r in evals]),
+        "finished": os.path.exists(os.path.join(workdir, "summary.json")),
+    })
+  return runs
+
+
+def _key(value):
+  return json.dumps(value, sort_keys=True)
+
+
+def varying_fields(runs) -> list[str]:
+  """Config fields (other than seed/optimizer/bookkeeping) that differ."""
+  fields = sorted({k for r in runs for k in r["config"]} - _IGNORED)
+  return [k for k in fields
+          if len({_key(r["config"].get(k)) for r in runs}) > 1]
+
+
+def _label(config, fields) -> str:
+  return ", ".join(f"{k}={config.get(k)}" for k in fields)
+
+
+def group_runs(runs):
+  """{(row label, sparsity): {optimizer: [runs over seeds]}}."""
+  row_fields = [k for k in varying_fields(runs) if k != "sparsity"]
+  groups = collections.defaultdict(lambda: collections.defaultdict(list))
+  for run in runs:
+    config = run["config"]
+    key = (_label(config, row_fields), config["sparsity"])
+    groups[key][config["optimizer"]].append(run)
+  return groups
+
+
+def first_step_reaching(run, target: float) -> Optional[int]:
+  hits = np.nonzero(run["accuracy"] >= target)[0]
+  return int(run["steps"][hits[0]]) if hits.size else None
+
+
+def summarize(groups) -> list[dict[str, Any]]:
+  """One table row per (group, optimizer)."""
+  rows = []
+  for (row, sparsity), by_opt in sorted(groups.items()):
+    finals = {opt: np.array([r["accuracy"][-1] for r in rs])
+              for opt, rs in by_opt.items()}
+    for opt, rs in sorted(by_opt.items()):
+      baseline = BASELINE_OF.get(opt)
+      target = finals[baseline].mean() if baseline in finals else None
+      reached = ([first_step_reaching(r, target) for r in rs]
+                 if target is not None else [])
+      hits = [s for s in reached if s is not None]
+      rows.append({
+          "group": row, "sparsity": sparsity, "optimizer": opt,
+          "seeds": len(rs), "final_mean": float(finals[opt].mean()),
+          "final_std": float(finals[opt].std()),
+          "final_step": int(max(r["steps"][-1] for r in rs)),
+          "steps_to_baseline": float(np.mean(hits)) if hits else None,
+          "seeds_reaching": len(hits),
+          "finished": all(r["finished"] for r in rs),
+      })
+  return rows
+
+
+def markdown_table(rows) -> str:
+  """The rows of `summarize` as a markdown table (accuracies in %)."""
+  lines = ["| setting | sparsity | optimizer | seeds | final test acc (%) "
+           "| first step at baseline's final acc |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    if r["steps_to_baseline"] is None:
+      reach = "never"
+    else:
+      reach = f"{r['steps_to_baseline']:.0f}"
+      if r["seeds_reaching"] < r["seeds"]:
+        reach += f" ({r['seeds_reaching']}/{r['seeds']} seeds)"
+    unfinished = "" if r["finished"] else " (unfinished)"
+    lines.append(
+        f"| {r['group'] or '-'} | {r['sparsity']} | {r['optimizer']} "
+        f"| {r['seeds']} | {100 * r['final_mean']:.2f} ± "
+        f"{100 * r['final_std']:.2f}{unfinished} | {reach} / "
+        f"{r['final_step']} |")
+  return "\n".join(lines)
+
+
+def plot(groups, path: str, title: str = "") -> None:
+  """Test accuracy vs step; one panel per (row label, sparsity)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  row_labels = sorted({row for row, _ in groups})
+  sparsities = sorted({s for _, s in groups})
+  fig, axes = plt.subplots(
+      len(row_labels), len(sparsities), squeeze=False,
+      figsize=(4.2 * len(sparsities), 3.4 * len(row_labels)))
+  colors = {"sgd": "tab:blue", "sparseopt": "tab:blue",
+            "adam": "tab:green", "sparseopt+adam": "tab:green"}
+  for (row, sparsity), by_opt in groups.items():
+    ax = axes[row_labels.index(row), sparsities.index(sparsity)]
+    for opt, rs in sorted(by_opt.items()):
+      steps = rs[0]["steps"]
+      curves = np.stack([r["accuracy"][:len(steps)] for r in rs
+                         if len(r["accuracy"]) >= len(steps)])
+      mean, std = 100 * curves.mean(0), 100 * curves.std(0)
+      style = "--" if opt in ("sgd", "adam") else "-"
+      color = colors.get(opt)
+      ax.plot(steps, mean, style, color=color,
+              label=f"{opt} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+      if len(curves) > 1:
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
+    ax.set_title(f"sparsity {sparsity}" + (f"\n{row}" if row else ""),
+                 fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def report(root: str, out: Optional[str] = None, title: str = "") -> str:
+  """Plots ``root``'s runs to ``out`` and returns the markdown table."""
+  runs = load_runs(root)
+  if not runs:
+    raise FileNotFoundError(f"No runs with test metrics under {root}.")
+  groups = group_runs(runs)
+  out = out or os.path.join(root, "accuracy.png")
+  plot(groups, out, title)
+  return markdown_table(summarize(groups))
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  table = report(FLAGS.root, FLAGS.out, FLAGS.title)
+  print(table)
+  print(f"\nPlot written to {FLAGS.out or os.path.join(FLAGS.root, 'accuracy.png')}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("root", None, "Folder whose subfolders are workdirs.")
+  flags.DEFINE_string("out", None, "PNG path (default <root>/accuracy.png).")
+  flags.DEFINE_string("title", "", "Figure title.")
+  flags.mark_flags_as_required(["root"])
+  app.run(main)

@@ -1,0 +1,132 @@
+"""Tests of the plot/table script, the sweep runner, grad_ratio and the Colab."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import fake_data
+from experiments import grad_ratio
+from experiments import plot
+from experiments import sweep
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_run(root, name, optimizer, seed, curve, sparsity=0.95, finished=True):
+  workdir = os.path.join(root, name)
+  os.makedirs(workdir)
+  config = {"method": "rigl", "sparsity": sparsity, "optimizer": optimizer,
+            "seed": seed, "learning_rate": 0.05, "log_every": 10}
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for i, acc in enumerate(curve):
+      f.write(json.dumps({"step": 100 * (i + 1), "train_loss": 1.0}) + "\n")
+      f.write(json.dumps({"step": 100 * (i + 1), "test_accuracy": acc}) + "\n")
+  if finished:
+    open(os.path.join(workdir, "summary.json"), "w").close()
+
+
+def test_table_and_plot(tmp_path):
+  root = str(tmp_path)
+  _fake_run(root, "b0", "sgd", 0, [0.5, 0.6, 0.70])
+  _fake_run(root, "b1", "sgd", 1, [0.5, 0.6, 0.80])
+  _fake_run(root, "s0", "sparseopt", 0, [0.6, 0.76, 0.80])
+  _fake_run(root, "s1", "sparseopt", 1, [0.7, 0.74, 0.78], finished=False)
+  rows = {r["optimizer"]: r for r in plot.summarize(
+      plot.group_runs(plot.load_runs(root)))}
+  assert rows["sgd"]["final_mean"] == pytest.approx(0.75)
+  assert rows["sgd"]["final_std"] == pytest.approx(0.05)
+  assert rows["sparseopt"]["final_mean"] == pytest.approx(0.79)
+  # Baseline final mean 0.75: SparseOpt seed 0 reaches it at step 200, seed 1
+  # at 300; baseline seed 0 never does, seed 1 at 300.
+  assert rows["sparseopt"]["steps_to_baseline"] == pytest.approx(250)
+  assert rows["sgd"]["steps_to_baseline"] == 300
+  assert rows["sgd"]["seeds_reaching"] == 1
+  assert not rows["sparseopt"]["finished"]
+  table = plot.report(root)
+  assert "| - | 0.95 | sparseopt | 2 | 79.00 ± 1.00 (unfinished) | 250 / 300 |" in table
+  assert "| - | 0.95 | sgd | 2 | 75.00 ± 5.00 | 300 (1/2 seeds) / 300 |" in table
+  assert os.path.getsize(tmp_path / "accuracy.png") > 10_000
+
+
+def test_panels_follow_varying_fields(tmp_path):
+  root = str(tmp_path)
+  _fake_run(root, "a", "sgd", 0, [0.5], sparsity=0.9)
+  _fake_run(root, "b", "sgd", 0, [0.5], sparsity=0.95)
+  groups = plot.group_runs(plot.load_runs(root))
+  assert sorted(groups) == [("", 0.9), ("", 0.95)]
+
+
+def test_sweep_names_runs_by_their_overrides():
+  runs = sweep.expand(sweep.SWEEPS["fmnist_convergence"])
+  names = [name for name, _ in runs]
+  assert len(names) == len(set(names)) == 2 * 2 * 3 * 2 * 3 + 2 * 2 * 3
+  assert "num_epochs-3.0__method-rigl__sparsity-0.99__optimizer-sgd__seed-2" in names
+  for name in sweep.SWEEPS:
+    for _, overrides in sweep.expand(sweep.SWEEPS[name]):
+      sweep.make_config(sweep.SWEEPS[name].config, overrides)  # All valid.
+
+
+def test_sweep_skips_finished_and_resumes(tmp_path, monkeypatch):
+  data = fake_data.write_fashion_mnist(str(tmp_path / "data"), 64, 16)
+  calls = []
+  monkeypatch.setattr(sweep.train, "train_and_evaluate",
+                      lambda config, workdir: calls.append(workdir))
+  root = str(tmp_path / "runs")
+  done = os.path.join(root, "method-rigl__sparsity-0.95__optimizer-sgd__seed-0")
+  os.makedirs(done)
+  open(os.path.join(done, "summary.json"), "w").close()
+  finished = list(sweep.run_sweep("quickstart", root, extra={"data_dir": data}))
+  assert len(finished) == 2
+  assert calls == [os.path.join(
+      root, "method-rigl__sparsity-0.95__optimizer-sparseopt__seed-0")]
+
+
+def test_parse_sets():
+  assert sweep.parse_sets(["a=1", "b=0.5", "c=x", "d=('h',)"]) == {
+      "a": 1, "b": 0.5, "c": "x", "d": ("h",)}
+  with pytest.raises(ValueError, match="field=value"):
+    sweep.parse_sets(["oops"])
+
+
+def test_grad_ratio_tiny():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(128, 28, 28, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, 128)
+  results = grad_ratio.measure(images, labels, sparsities=(0.9,), hidden=64,
+                               num_seeds=1, num_batches=2, batch_size=64)
+  r = results[0.9]
+  # BN amplifies by about 1/sqrt(1 - 0.9) = 3.16; without BN no amplification.
+  assert 2.5 < r["bn"] < 4.0
+  assert 0.6 < r["no_bn"] < 1.5
+  assert r["slope_bn"] > 0.5 and abs(r["slope_bn_sparseopt"]) < 0.5
+  assert "| 0.9 | 3.16 |" in grad_ratio.markdown_table(results)
+
+
+def test_colab_notebook_runs_on_mock_data(tmp_path, monkeypatch):
+  with open(os.path.join(_REPO, "experiments", "colab.ipynb")) as f:
+    cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+  assert any("parameters" in c["metadata"].get("tags", []) for c in cells)
+  parameters = (
+      "NUM_EPOCHS = 1\nMETHOD = 'rigl'\nSPARSITY = 0.9\nSEED = 0\n"
+      f"DATA_DIR = None\nWORKDIR = {str(tmp_path)!r}\nPREPARE_DATA = False\n"
+      "OVERRIDES = {'num_train_steps': 2, 'batch_size': 8, "
+      "'eval_batch_size': 8, 'update_every': 1, 'progress_bar': False,"
+      # The MLP: the notebook's code path without a ResNet compile.
+      "'model': 'fmnist_mlp'}\n")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  namespace = {}
+  with tfds.testing.mock_data(num_examples=16):
+    for cell in cells:
+      if "parameters" in cell["metadata"].get("tags", []):
+        source = parameters
+      else:  # Shell lines (pip) are the Colab's setup, not Python.
+        source = "".join(l for l in cell["source"]
+                         if not l.lstrip().startswith(("!", "%")))
+      exec(compile(source, "colab.ipynb", "exec"), namespace)
+  assert os.path.exists(tmp_path / "accuracy.png")
+  assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "sgd", "sparseopt"]

@@ -1,0 +1,199 @@
+"""End-to-end tests of the training CLI pieces on generated or mock data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import fake_data
+from experiments import sweep
+from experiments import train
+
+_TIMING = ("step_time",)
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+  return fake_data.write_fashion_mnist(
+      str(tmp_path_factory.mktemp("fmnist")), num_train=96, num_test=40)
+
+
+def _config(name, **overrides):
+  config = sweep.make_config(name, {"progress_bar": False, **overrides})
+  return config
+
+
+def _mlp(fmnist_dir, **overrides):
+  base = dict(data_dir=fmnist_dir, batch_size=16, eval_batch_size=16,
+              num_train_steps=6, log_every=2, eval_every=3,
+              checkpoint_every=3, update_every=2)
+  return _config("fmnist_mlp", **{**base, **overrides})
+
+
+def _deterministic(records):
+  return [{k: v for k, v in r.items() if k not in _TIMING} for r in records]
+
+
+def _checkpoint(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  return ocp.PyTreeCheckpointer().restore(path)
+
+
+# Every method and every optimizer at least once (rigl + sparseopt is in the
+# resume test); the full product would only repeat the same code paths.
+@pytest.mark.parametrize("method, optimizer", [
+    ("dense", "sparseopt"), ("static", "sgd"), ("set", "sparseopt+adam"),
+    ("rigl", "adam")])
+def test_every_method_and_optimizer_trains(tmp_path, fmnist_dir, method,
+                                           optimizer):
+  summary = train.train_and_evaluate(
+      _mlp(fmnist_dir, method=method, optimizer=optimizer, sparsity=0.9),
+      str(tmp_path))
+  records = train.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [2, 3, 4, 6]
+  assert all(np.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+  assert summary["step"] == 6 and 0 <= summary["final_test_accuracy"] <= 1
+  if method == "dense":
+    assert "itop" not in records[-1]
+  else:
+    # Sparsity is kept exactly through mask updates (ERK over two layers).
+    assert records[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert records[-1]["itop"] >= 1 - records[-1]["sparsity"] - 1e-6
+  assert os.path.exists(tmp_path / "summary.json")
+
+
+def test_learns_on_separable_data(tmp_path, fmnist_dir):
+  summary = train.train_and_evaluate(
+      _mlp(fmnist_dir, num_train_steps=30, sparsity=0.5, learning_rate=0.1),
+      str(tmp_path))
+  assert summary["final_test_accuracy"] > 0.5  # Chance is 0.1.
+
+
+def test_resume_is_bit_identical(tmp_path, fmnist_dir):
+  # Mask updates at steps 2 and 4 (end 0.75 * 8 = 6); the resumed part
+  # (steps 5-8 from the checkpoint at 4) contains one.
+  config = _mlp(fmnist_dir, method="rigl", num_train_steps=8,
+                checkpoint_every=4, eval_every=4, drop_fraction=0.5)
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  train.train_and_evaluate(config, full)
+  shutil.copytree(full, part)
+  shutil.rmtree(os.path.join(part, "checkpoints", "8"))
+  os.remove(os.path.join(part, "summary.json"))
+  with open(os.path.join(part, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 6, "train_loss": -1.0}) + "\n")  # A killed run's tail.
+  summary = train.train_and_evaluate(config, part)
+  assert summary["resumed_from"] == 4
+  jax.tree.map(np.testing.assert_array_equal, _checkpoint(full, 8),
+               _checkpoint(part, 8))
+  assert (_deterministic(train.read_metrics(full))
+          == _deterministic(train.read_metrics(part)))
+  assert any(r.get("changed", 0) > 0 for r in train.read_metrics(full))
+
+
+def test_finished_run_is_not_retrained(tmp_path, fmnist_dir):
+  config = _mlp(fmnist_dir)
+  first = train.train_and_evaluate(config, str(tmp_path))
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again["resumed_from"] == 6
+  assert again["final_test_accuracy"] == first["final_test_accuracy"]
+
+
+def test_refuses_incompatible_workdir(tmp_path, fmnist_dir):
+  train.train_and_evaluate(_mlp(fmnist_dir), str(tmp_path))
+  with pytest.raises(ValueError, match=r"different config \(sparsity"):
+    train.train_and_evaluate(_mlp(fmnist_dir, sparsity=0.8), str(tmp_path))
+  # Bookkeeping fields may change.
+  train.train_and_evaluate(_mlp(fmnist_dir, log_every=1), str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "lottery", "method='lottery'"),
+    ("optimizer", "lion", "optimizer='lion'"),
+    ("sparsity", 1.0, "sparsity=1.0"),
+    ("correct_filter", "head", "correct_filter='head'"),
+    ("batch_size", 0, "batch_size=0"),
+])
+def test_bad_config_values_are_named(tmp_path, fmnist_dir, field, value,
+                                     message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_mlp(fmnist_dir, **{field: value}), str(tmp_path))
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion"):
+    train.train_and_evaluate(_mlp(str(tmp_path / "empty")), str(tmp_path / "w"))
+
+
+def test_fmnist_resnet_preset_runs(tmp_path, fmnist_dir):
+  config = _config("fmnist_resnet", data_dir=fmnist_dir, batch_size=16,
+                   eval_batch_size=40, num_train_steps=2, log_every=1,
+                   update_every=1, end_fraction=1.0)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  records = train.read_metrics(str(tmp_path))
+  assert np.isfinite(records[-1]["train_loss"]) and summary["step"] == 2
+  assert records[-1]["changed"] > 0  # The mask update at step 1 regrew weights.
+
+
+def test_resnet20_cifar100_preset_runs_on_mock_data(tmp_path):
+  config = _config("resnet20_cifar100", batch_size=8, eval_batch_size=8,
+                   num_train_steps=2, log_every=1, eval_every=2,
+                   update_every=1, end_fraction=1.0)
+  with tfds.testing.mock_data(num_examples=16):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  records = train.read_metrics(str(tmp_path))
+  assert np.isfinite(records[-1]["train_loss"])
+  assert records[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+  assert summary["step"] == 2
+
+
+def test_resnet50_imagenet_preset_runs_on_mock_data(tmp_path):
+  # ResNet-50's layout at 1/8 width, tiny images and batch: full-width
+  # kernels make the CPU compile of the RigL step take minutes. The stem
+  # stays dense as in RigL.
+  config = _config("resnet50_imagenet", batch_size=2, eval_batch_size=4,
+                   image_size=32, width=8, dtype="float32", num_train_steps=1,
+                   num_data_threads=1)
+  with tfds.testing.mock_data(num_examples=4):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  records = train.read_metrics(str(tmp_path))
+  assert np.isfinite(records[-1]["train_loss"])
+  assert "conv_init/kernel/s_mean" not in records[-1]
+  assert records[-1]["lr"] == pytest.approx(0.0)  # Step 0 of the warmup.
+  assert summary["step"] == 1
+
+
+_MULTI_DEVICE = """
+import json, sys
+import jax
+from experiments import sweep, train
+config = sweep.make_config("fmnist_mlp", json.loads(sys.argv[1]))
+train.train_and_evaluate(config, sys.argv[2])
+print(jax.device_count())
+"""
+
+
+def test_eight_devices_match_one(tmp_path, fmnist_dir):
+  overrides = dict(data_dir=fmnist_dir, batch_size=16, eval_batch_size=16,
+                   num_train_steps=6, log_every=1, eval_every=6,
+                   update_every=2, progress_bar=False)
+  results = {}
+  for devices in (1, 8):
+    workdir = str(tmp_path / str(devices))
+    env = {**os.environ, "XLA_FLAGS":
+           f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE, json.dumps(overrides), workdir],
+        env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith(str(devices))
+    results[devices] = train.read_metrics(workdir)
+  for one, eight in zip(results[1], results[8]):
+    assert one["train_loss"] == pytest.approx(eight["train_loss"], rel=1e-4)
+    assert one["itop"] == eight["itop"]  # Same mask updates.
