@@ -158,3 +158,37 @@ def skew_stats(mask: np.ndarray, neuron_axis: int = -1) -> dict[str, float]:
   return {"s_min": s.min(), "s_mean": s.mean(), "s_max": s.max(),
           "s_std": s.std(), "amp_spread": spread,
           "dead": float((~live).sum())}
+
+
+def turning(before: np.ndarray, after: np.ndarray, mask: np.ndarray,
+            neuron_axis: int = -1):
+  """Per-neuron angle (arccos of the cosine, float64), norm after, liveness."""
+  m = _move_neuron_last(mask, neuron_axis).astype(bool)
+  a = _move_neuron_last(before, neuron_axis).astype(np.float64) * m
+  b = _move_neuron_last(after, neuron_axis).astype(np.float64) * m
+  n_out = m.shape[-1]
+  a, b = a.reshape(-1, n_out), b.reshape(-1, n_out)
+  angle, norm, live = np.zeros(n_out), np.zeros(n_out), np.zeros(n_out, bool)
+  for i in range(n_out):
+    na, nb = np.linalg.norm(a[:, i]), np.linalg.norm(b[:, i])
+    norm[i] = nb
+    if na > 0 and nb > 0:
+      live[i] = True
+      cos = np.clip(a[:, i] @ b[:, i] / (na * nb), -1.0, 1.0)
+      angle[i] = math.acos(cos)
+  return angle, norm, live
+
+
+def turning_summary(before, after, mask, neuron_axis: int = -1):
+  """angle_mean, imbalance (slope of log angle on log density), norm_mean."""
+  angle, norm, live = turning(before, after, mask, neuron_axis)
+  density = 1.0 - neuron_sparsity(mask, neuron_axis)
+  valid = live & (angle > 0)
+  out = {"angle_mean": angle[live].mean() if live.any() else 0.0,
+         "norm_mean": norm[live].mean() if live.any() else 0.0}
+  x, y = np.log(density[valid]), np.log(angle[valid])
+  if valid.sum() >= 2 and np.ptp(x) > 0:
+    out["imbalance"] = np.polyfit(x, y, 1)[0]
+  else:
+    out["imbalance"] = 0.0
+  return out
