@@ -1,0 +1,1 @@
+"""Training, data, reproductions and plots for sparseopt-jax (public API only)."""

@@ -1,0 +1,1 @@
+"""Configs as code: each module has get_config() -> ml_collections.ConfigDict."""

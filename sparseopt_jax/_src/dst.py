@@ -312,11 +312,13 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
     leaves = jax.tree.leaves(params)
     if leaves and all(hasattr(x, "shape") for x in leaves):
       tree_lib.validate_masks(params, masks)
+    # Fresh buffers: a train step that donates its state must not delete the
+    # arrays this closure (and the caller) hold, nor see one buffer twice.
     return DynamicSparseState(
         count=jnp.zeros([], jnp.int32),
-        key=key,
-        masks=masks,
-        ever_active=masks,
+        key=jnp.copy(key),
+        masks=jax.tree.map(jnp.copy, masks),
+        ever_active=jax.tree.map(jnp.copy, masks),
         num_changed=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), masks),
         inner_state=inner.init(params))
 
