@@ -127,6 +127,45 @@ def markdown_table(rows) -> str:
   return "\n".join(lines)
 
 
+def paired_differences(groups) -> list[dict[str, Any]]:
+  """Same-seed final-accuracy differences, each optimizer minus its baseline.
+
+  Only finished runs whose baseline run with the same seed is finished too
+  are paired. Returns one row per (group, optimizer) with the mean
+  difference, its standard error over seeds (std / sqrt(n), ddof=1) and n.
+  """
+  rows = []
+  for (row, sparsity), by_opt in sorted(groups.items()):
+    for opt, rs in sorted(by_opt.items()):
+      baseline = BASELINE_OF.get(opt)
+      if baseline == opt or baseline not in by_opt:
+        continue
+      base = {r["config"]["seed"]: r for r in by_opt[baseline] if r["finished"]}
+      diffs = np.array([r["accuracy"][-1] - base[r["config"]["seed"]]["accuracy"][-1]
+                        for r in rs
+                        if r["finished"] and r["config"]["seed"] in base])
+      if not diffs.size:
+        continue
+      sem = diffs.std(ddof=1) / np.sqrt(diffs.size) if diffs.size > 1 else None
+      rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
+                   "baseline": baseline, "n": int(diffs.size),
+                   "mean": float(diffs.mean()),
+                   "sem": None if sem is None else float(sem)})
+  return rows
+
+
+def paired_table(rows) -> str:
+  """The rows of `paired_differences` as markdown (percentage points)."""
+  lines = ["| setting | sparsity | comparison | paired seeds "
+           "| difference (points, mean ± s.e.) |", "|---|---|---|---|---|"]
+  for r in rows:
+    sem = "n/a" if r["sem"] is None else f"{100 * r['sem']:.2f}"
+    lines.append(f"| {r['group'] or '-'} | {r['sparsity']} | "
+                 f"{r['optimizer']} - {r['baseline']} | {r['n']} | "
+                 f"{100 * r['mean']:+.2f} ± {sem} |")
+  return "\n".join(lines)
+
+
 def plot(groups, path: str, title: str = "") -> None:
   """Test accuracy vs step; one panel per (row label, sparsity)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -174,7 +213,11 @@ def report(root: str, out: Optional[str] = None, title: str = "") -> str:
   groups = group_runs(runs)
   out = out or os.path.join(root, "accuracy.png")
   plot(groups, out, title)
-  return markdown_table(summarize(groups))
+  table = markdown_table(summarize(groups))
+  paired = paired_differences(groups)
+  if paired:
+    table += "\n\nPaired by seed:\n\n" + paired_table(paired)
+  return table
 
 
 FLAGS = flags.FLAGS
