@@ -53,6 +53,22 @@ def test_table_and_plot(tmp_path):
   assert os.path.getsize(tmp_path / "accuracy.png") > 10_000
 
 
+def test_paired_differences_pair_finished_runs_by_seed(tmp_path):
+  root = str(tmp_path)
+  for seed, (b, s) in enumerate([(0.70, 0.75), (0.80, 0.81), (0.60, 0.58)]):
+    _fake_run(root, f"b{seed}", "sgd", seed, [0.5, b])
+    _fake_run(root, f"s{seed}", "sparseopt", seed, [0.5, s])
+  _fake_run(root, "b3", "sgd", 3, [0.5, 0.9])  # no partner: not paired
+  _fake_run(root, "s4", "sparseopt", 4, [0.5, 0.9], finished=False)
+  (row,) = plot.paired_differences(plot.group_runs(plot.load_runs(root)))
+  diffs = np.array([0.05, 0.01, -0.02])
+  assert row["n"] == 3
+  assert row["mean"] == pytest.approx(diffs.mean())
+  assert row["sem"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+  assert "| - | 0.95 | sparseopt - sgd | 3 | +1.33 ± 2.03 |" in plot.report(
+      root)
+
+
 def test_panels_follow_varying_fields(tmp_path):
   root = str(tmp_path)
   _fake_run(root, "a", "sgd", 0, [0.5], sparsity=0.9)
