@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sparseopt_jax as sparseopt
-from tests import reference as ref
+import reference as ref
 
 
 def _layer(shape, sparsity, seed, axis=-1):

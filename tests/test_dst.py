@@ -627,3 +627,37 @@ def test_flax_linen_mlp_with_batchnorm_trains():
       assert itop == pytest.approx(float(1 - sparseopt.sparsity(m)), abs=1e-6)
     else:
       assert itop > float(1 - sparseopt.sparsity(m)) + 0.01
+
+
+def test_nan_gradients_never_corrupt_masks():
+  # NaN gradients on a mask-update step: alone, dynamic_sparse still keeps
+  # exact per-layer counts and zero pruned weights (NaN scores rank as 0);
+  # wrapped in optax.apply_if_finite, the step is skipped entirely.
+  params = {"w": jax.random.normal(jax.random.key(0), (16, 8)),
+            "b": jnp.zeros(8)}
+  masks = sparseopt.init_masks(jax.random.key(1), params, 0.8, "uniform")
+  params = sparseopt.apply_masks(params, masks)
+  nan_grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  nan_grads["w"] = nan_grads["w"].at[0, 0].set(1.0)
+
+  def make():
+    return sparseopt.dynamic_sparse(
+        optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
+        masks, method="rigl", update_every=1, end_step=10,
+        key=jax.random.key(2))
+
+  tx = make()
+  state = tx.init(params)._replace(count=jnp.int32(1))  # an update step
+  updates, state = jax.jit(tx.update)(nan_grads, state, params)
+  new_masks = sparseopt.get_masks(state)
+  assert int(new_masks["w"].sum()) == int(masks["w"].sum())
+  new_params = optax.apply_updates(params, updates)
+  assert np.all(np.asarray(new_params["w"])[~np.asarray(new_masks["w"])] == 0)
+
+  guarded = optax.apply_if_finite(make(), max_consecutive_errors=3)
+  gstate = guarded.init(params)
+  updates, gstate2 = jax.jit(guarded.update)(nan_grads, gstate, params)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+  np.testing.assert_array_equal(sparseopt.get_masks(gstate2)["w"],
+                                masks["w"])
+  assert int(gstate2.notfinite_count) == 1

@@ -197,3 +197,49 @@ def test_eight_devices_match_one(tmp_path, fmnist_dir):
   for one, eight in zip(results[1], results[8]):
     assert one["train_loss"] == pytest.approx(eight["train_loss"], rel=1e-4)
     assert one["itop"] == eight["itop"]  # Same mask updates.
+
+
+_TRAIN = """
+import json, sys
+from experiments import sweep, train
+config = sweep.make_config("fmnist_mlp", json.loads(sys.argv[1]))
+train.train_and_evaluate(config, sys.argv[2])
+"""
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, fmnist_dir):
+  # A real crash: the run is SIGKILLed after its first checkpoint (which
+  # follows several mask updates), restarted on the same workdir, and must
+  # end bit-identical to a run that was never interrupted.
+  import signal
+  import time
+  overrides = dict(data_dir=fmnist_dir, batch_size=16, eval_batch_size=16,
+                   num_train_steps=600, log_every=50, eval_every=200,
+                   checkpoint_every=100, update_every=20, method="rigl",
+                   progress_bar=False)
+  killed = str(tmp_path / "killed")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  args = [sys.executable, "-c", _TRAIN, json.dumps(overrides), killed]
+  proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  first = os.path.join(killed, "checkpoints", "100")
+  deadline = time.monotonic() + 240
+  while not os.path.isdir(first) and proc.poll() is None:
+    assert time.monotonic() < deadline, "no checkpoint within 240 s"
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+  assert not os.path.exists(os.path.join(killed, "summary.json")), (
+      "the run finished before it was killed; make it longer")
+  subprocess.run(args, env=env, check=True, capture_output=True)
+  with open(os.path.join(killed, "summary.json")) as f:
+    assert json.load(f)["resumed_from"] >= 100  # Resumed, not restarted.
+
+  full = str(tmp_path / "full")
+  train.train_and_evaluate(sweep.make_config("fmnist_mlp", overrides), full)
+  jax.tree.map(np.testing.assert_array_equal, _checkpoint(full, 600),
+               _checkpoint(killed, 600))
+  assert (_deterministic(train.read_metrics(full))
+          == _deterministic(train.read_metrics(killed)))
+  assert sum(r.get("changed", 0) > 0 for r in train.read_metrics(full)) >= 1
