@@ -27,7 +27,6 @@ half the distance to 0 or 1), and the per-neuron ratio ``r_i`` against
 Writes ``grad_ratio.png`` and ``grad_ratio.md`` under ``--out``.
 """
 
-import functools
 import os
 import time
 from typing import Sequence

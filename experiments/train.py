@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any
 
 from absl import logging
 import flax

@@ -1,6 +1,5 @@
 """Tests of experiments.input_pipeline: readers, determinism, augmentation."""
 
-import os
 
 import jax
 import numpy as np

@@ -1,7 +1,6 @@
 """Masks: creation, distributions, measurement and validation vs NumPy."""
 
 import math
-import re
 
 import hypothesis
 import hypothesis.strategies as st
