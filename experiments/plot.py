@@ -37,8 +37,7 @@ def load_runs(root: str) -> list[dict[str, Any]]:
     workdir = os.path.join(root, name)
     if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
       continue
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = json.load(f)
+    config = train.load_saved_config(workdir)
     evals = [r for r in train.read_metrics(workdir) if "test_accuracy" in r]
     if not evals:
       continue

@@ -83,6 +83,35 @@ SWEEPS = {
                 "seed": [0, 1, 2]},
                {"learning_rate": [0.1, 0.025], "optimizer": _BOTH,
                 "seed": [0, 1, 2]}]),
+    "fmnist_when": Sweep(
+        "fmnist_resnet",
+        "When and why SparseOpt helps (issue 7): from the default recipe "
+        "(RigL 97% ERK, SGD lr 0.05 momentum 0.9, wd 5e-4, 3 epochs), vary "
+        "one factor at a time, 3 seeds, with turning-rate logs. Grids run "
+        "in priority order; report with `python -m experiments.study`.",
+        base={"method": "rigl", "sparsity": 0.97},
+        grids=[
+            # Correction: none vs the paper's fan-in factor vs measured norms.
+            {"optimizer": ["sgd"], "seed": [0, 1, 2]},
+            {"optimizer": ["sparseopt"], "correction": ["fan_in", "norm"],
+             "seed": [0, 1, 2]},
+            # Optimizer: AdamW (decoupled decay) with and without it.
+            {"optimizer": ["adam", "sparseopt+adam"], "learning_rate": [2e-3],
+             "weight_decay": [0.05], "seed": [0, 1, 2]},
+            # Weight decay: budget / tau from 0 to about 7.
+            {"weight_decay": [0.0, 5e-5, 5e-3], "optimizer": _BOTH,
+             "seed": [0, 1, 2]},
+            # Initialization: fan-in-aware (equal neuron norms at step 0).
+            {"init": ["fan_in"], "optimizer": _BOTH, "seed": [0, 1, 2]},
+            # Dense control: turning imbalance without sparsity.
+            {"method": ["dense"], "optimizer": ["sgd"],
+             "grad_scale": [1.0, 1 / 3, 0.5, 2.0, 3.0], "seed": [0, 1, 2]},
+            # The measured correction at 95% too (fan_in/sgd pairs at 95%
+            # are in fmnist_convergence).
+            {"sparsity": [0.95], "optimizer": ["sgd"], "seed": [0, 1, 2]},
+            {"sparsity": [0.95], "optimizer": ["sparseopt"],
+             "correction": ["norm"], "seed": [0, 1, 2]},
+        ]),
     "cifar100_resnet20": Sweep(
         "resnet20_cifar100",
         "The paper's CIFAR-100 ResNet-20 grid at 100 epochs (needs a GPU/TPU "

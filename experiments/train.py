@@ -40,16 +40,19 @@ import tqdm
 
 from experiments import input_pipeline
 from experiments import models
+from experiments.configs import default as default_config
 
 METHODS = ("dense", "static", "set", "rigl")
 OPTIMIZERS = ("sgd", "sparseopt", "adam", "sparseopt+adam")
 CORRECT_FILTERS = ("all", "bn_only")
 SCHEDULES = ("cosine", "step", "constant")
+INITS = ("masked_dense", "fan_in")
 
 # Fields that may change when a run resumes: they do not change the numbers.
 RESUMABLE_FIELDS = frozenset({
     "data_dir", "num_data_threads", "log_every", "eval_every",
-    "checkpoint_every", "keep_checkpoints", "progress_bar"})
+    "checkpoint_every", "keep_checkpoints", "progress_bar",
+    "turning_diagnostics"})
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -85,6 +88,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"schedule={config.schedule!r}, expected one of {SCHEDULES}.")
   check(config.correction in ("fan_in", "norm"),
         f"correction={config.correction!r}, expected 'fan_in' or 'norm'.")
+  check(config.init in INITS, f"init={config.init!r}, expected one of {INITS}.")
+  check(config.init == "masked_dense" or config.method != "dense",
+        "init='fan_in' re-draws sparse kernels; it needs a sparse method.")
+  check(config.grad_scale > 0, f"grad_scale={config.grad_scale} must be > 0.")
+  check(0.0 <= config.grad_scale_fraction <= 1.0,
+        f"grad_scale_fraction={config.grad_scale_fraction} must be in [0, 1].")
   check(config.distribution in ("erk", "uniform"),
         f"distribution={config.distribution!r}, expected 'erk' or 'uniform'.")
   check(0.0 <= config.sparsity < 1.0,
@@ -147,17 +156,59 @@ def _correction_filter(config):
   return None
 
 
+def neuron_gradient_scales(key: jax.Array, params, factor: float,
+                           fraction: float):
+  """The dense control's fixed per-neuron gradient factors.
+
+  In every kernel a BatchNorm follows (all ``ndim >= 2`` leaves but the
+  classifier ``head``), ``round(fraction * n)`` neurons drawn at random get
+  ``factor``, the others 1: a turning-rate imbalance like sparsity's, without
+  sparsity.
+
+  Returns:
+    A tree like ``params``: a float32 vector per scaled kernel, ``None``
+    elsewhere.
+  """
+  scaled = sparseopt.exclude_paths("head")
+  leaves, treedef = jax.tree.flatten_with_path(params)
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    if not scaled(path, leaf):
+      out.append(None)
+      continue
+    n = leaf.shape[-1]
+    chosen = jax.random.permutation(jax.random.fold_in(key, i), n) < round(
+        fraction * n)
+    out.append(jnp.where(chosen, jnp.float32(factor), jnp.float32(1.0)))
+  return jax.tree.unflatten(treedef, out)
+
+
+def scale_neuron_gradients(scales) -> optax.GradientTransformation:
+  """Multiplies each kernel's neuron slices (last axis) by a fixed factor."""
+  def update_fn(updates, params=None):
+    del params
+    return jax.tree.map(
+        lambda u, c: u if c is None else (u * c).astype(u.dtype),
+        updates, scales, is_leaf=lambda x: x is None)
+  return optax.stateless(update_fn)
+
+
 def create_optimizer(config, schedule: optax.Schedule, masks, total_steps: int,
-                     key: jax.Array) -> optax.GradientTransformation:
+                     key: jax.Array, params=None) -> optax.GradientTransformation:
   """The optimizer named by ``config.optimizer``, wrapped for DST if sparse.
 
   SparseOpt's correction comes first in the chain so that it scales only the
   loss gradient: weight decay is added after it (SGD), or decoupled (AdamW).
+  The dense control (``grad_scale != 1``) sits in the same place.
   """
   correct = []
+  if config.grad_scale != 1.0:
+    correct.append(scale_neuron_gradients(neuron_gradient_scales(
+        jax.random.fold_in(key, 1), params, config.grad_scale,
+        config.grad_scale_fraction)))
   if config.optimizer.startswith("sparseopt"):
-    correct = [sparseopt.scale_by_sparseopt(
-        filter_fn=_correction_filter(config), correction=config.correction)]
+    correct.append(sparseopt.scale_by_sparseopt(
+        filter_fn=_correction_filter(config), correction=config.correction))
   if config.optimizer.endswith("adam"):
     base = [optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
                         eps=config.adam_eps, weight_decay=config.weight_decay)]
@@ -205,12 +256,17 @@ def create_train_state(config, model, spec, total_steps: int,
                                    distribution=config.distribution,
                                    filter_fn=_sparse_filter(config))
       params = sparseopt.apply_masks(params, masks)
+      if config.init == "fan_in":
+        # A key derived from k_masks leaves every other key, and so the
+        # masks and data order of paired runs, unchanged.
+        params = sparseopt.sparse_init(jax.random.fold_in(k_masks, 1),
+                                       params, masks)
     return params, variables["batch_stats"], masks
 
   params, batch_stats, masks = init_variables(k_params, k_masks)
   schedule = create_learning_rate_schedule(config, steps_per_epoch,
                                            total_steps)
-  tx = create_optimizer(config, schedule, masks, total_steps, k_dst)
+  tx = create_optimizer(config, schedule, masks, total_steps, k_dst, params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=batch_stats,
                      opt_state=tx.init(params), key=k_train)
@@ -225,8 +281,59 @@ def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
 
 
-def train_step(state: TrainState, batch, *, model, tx, config, spec):
-  """One optimizer step on ``batch``; returns the new state and metrics."""
+def _kernel_masks(state: TrainState, opt_state, config):
+  """The live masks (sparse methods) or all-True kernel masks (dense)."""
+  if config.method != "dense":
+    return sparseopt.get_masks(opt_state)
+  return jax.tree.map(
+      lambda p: jnp.ones(p.shape, bool) if p.ndim >= 2 else None,
+      state.params)
+
+
+def _cond_or_zeros(pred, fn):
+  """``fn()`` when ``pred``, else zeros of the same structure (lax.cond)."""
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(fn))
+  return jax.lax.cond(pred, fn, lambda: zeros)
+
+
+def step_diagnostics(before: TrainState, params, opt_state, *, config,
+                     end_step: int, total_steps: int) -> dict[str, jax.Array]:
+  """Turning rates at log steps, norm vs factor jumps at mask updates.
+
+  ``turn/L/...``: :func:`sparseopt.turning_diagnostics` of this step (logged
+  on ``log_every`` steps and on mask-update steps); ``jump/L/...``:
+  :func:`sparseopt.mask_update_jump` across this step's mask update;
+  ``mask_update``: 1.0 on a mask-update step. Both are computed under
+  ``lax.cond``, so other steps pay nothing but the predicate.
+  """
+  t = before.step  # Steps taken before this one: the DST counter.
+  masks_before = _kernel_masks(before, before.opt_state, config)
+  masks_after = _kernel_masks(before, opt_state, config)
+  is_update = jnp.asarray(False)
+  if config.method in ("rigl", "set"):
+    is_update = (t > 0) & (t % config.update_every == 0) & (t < end_step)
+  log_now = (((t + 1) % config.log_every == 0) | (t + 1 == total_steps)
+             | is_update)
+  turning = _cond_or_zeros(log_now, lambda: sparseopt.turning_diagnostics(
+      before.params, params, masks_after))
+  out = {f"turn/{k}": v for k, v in turning.items()}
+  if config.method in ("rigl", "set"):
+    jump = _cond_or_zeros(is_update, lambda: sparseopt.mask_update_jump(
+        before.params, params, masks_before, masks_after))
+    out.update({f"jump/{k}": v for k, v in jump.items()})
+  out["mask_update"] = is_update.astype(jnp.float32)
+  return out
+
+
+def train_step(state: TrainState, batch, *, model, tx, config, spec,
+               end_step: int = 0, total_steps: int = 0):
+  """One optimizer step on ``batch``; returns the new state and metrics.
+
+  With ``config.turning_diagnostics`` the metrics also hold
+  `step_diagnostics` (``end_step``: the step mask updates stop at;
+  ``total_steps``: the last step, always logged).
+  """
   key = jax.random.fold_in(state.key, state.step)
   images = input_pipeline.augment(batch["image"], key, config.augment)
   images = input_pipeline.normalize(images, spec, jnp.dtype(config.dtype))
@@ -245,6 +352,10 @@ def train_step(state: TrainState, batch, *, model, tx, config, spec):
   params = optax.apply_updates(state.params, updates)
   metrics = {"train_loss": loss,
              "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  if config.turning_diagnostics:
+    metrics.update(step_diagnostics(state, params, opt_state, config=config,
+                                    end_step=end_step,
+                                    total_steps=total_steps))
   return state.replace(step=state.step + 1, params=params,
                        batch_stats=batch_stats, opt_state=opt_state), metrics
 
@@ -282,6 +393,18 @@ def _json_config(config) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+def load_saved_config(workdir: str) -> dict[str, Any]:
+  """``workdir/config.json``, with fields added since it was written filled in.
+
+  A field missing from an older run's config takes its value from
+  ``configs/default.py``: new fields are added with defaults that reproduce
+  the behaviour of the code before them.
+  """
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  return {**_json_config(default_config.get_config()), **saved}
+
+
 def check_or_save_config(config, workdir: str) -> None:
   """Saves ``config.json`` or, when one exists, refuses an incompatible config.
 
@@ -292,8 +415,7 @@ def check_or_save_config(config, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   current = _json_config(config)
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+    saved = load_saved_config(workdir)
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
     if differ:
@@ -332,6 +454,27 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of ``workdir/metrics.jsonl``, in step order."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def summarize_window(window: list[dict[str, Any]]) -> dict[str, float]:
+  """One log record from the metrics of the steps since the last one.
+
+  Losses and accuracies are averaged; turning rates are this (log) step's;
+  mask-update jumps come from the window's mask-update step, if any, with
+  that step's turning rates as ``update_turn/...``.
+  """
+  last = window[-1]
+  record = {k: float(np.mean([m[k] for m in window])) for k in last
+            if not k.startswith(("turn/", "jump/")) and k != "mask_update"}
+  record.update({k: float(v) for k, v in last.items()
+                 if k.startswith("turn/")})
+  for m in window:
+    if m.get("mask_update", 0.0) > 0:
+      record.update({k: float(v) for k, v in m.items()
+                     if k.startswith("jump/")})
+      record.update({f"update_{k}": float(v) for k, v in m.items()
+                     if k.startswith("turn/")})
+  return record
 
 
 def _to_float(tree) -> dict[str, float]:
@@ -375,7 +518,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, tx=tx, config=config,
-                        spec=spec),
+                        spec=spec,
+                        end_step=int(config.end_fraction * total_steps),
+                        total_steps=total_steps),
       out_shardings=replicated, donate_argnums=0)
   p_eval_step = jax.jit(functools.partial(eval_step, model=model,
                                           config=config, spec=spec),
@@ -423,9 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     progress.update(1)
     record = {}
     if step % config.log_every == 0 or step == total_steps:
-      fetched = jax.device_get(pending)
-      record.update({k: float(np.mean([m[k] for m in fetched]))
-                     for k in fetched[0]})
+      record.update(summarize_window(jax.device_get(pending)))
       pending = []
       record.update(_to_float(p_diagnostics(state)))
       if window_steps:

@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.drop_schedule = "cosine"  # "cosine" or "constant".
   config.end_fraction = 0.75  # Mask updates stop at this fraction of training.
   config.grow_with = "raw"  # RigL grows by |raw| or |corrected| gradient.
+  # Sparse kernels' initialization: "masked_dense" (the model's dense init,
+  # then masked: neuron norms shrink like sqrt(1 - s_i)) or "fan_in"
+  # (sparseopt.sparse_init: variance 2 / active fan-in, equal neuron norms).
+  config.init = "masked_dense"
 
   # Optimizer. sgd | sparseopt | adam | sparseopt+adam ("adam" is AdamW:
   # decoupled weight decay, optax.adamw).
@@ -51,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.adam_b2 = 0.999
   config.adam_eps = 1e-8
   config.weight_decay = 5e-4
+  # Dense control: multiply the loss gradients of a fixed random
+  # grad_scale_fraction of each BN-followed kernel's neurons by grad_scale
+  # (1.0 = off); it sits where SparseOpt does, before weight decay.
+  config.grad_scale = 1.0
+  config.grad_scale_fraction = 0.5
   config.label_smoothing = 0.0
   config.schedule = "cosine"  # "cosine", "step" or "constant", after warmup.
   config.warmup_epochs = 0.0
@@ -66,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping.
   config.log_every = 50  # Steps between fetching metrics to the host.
+  # Log per-layer turning rates (angle, imbalance exponent, norm) at log
+  # steps and the norm-vs-factor jump at mask updates (computed in the train
+  # step under lax.cond, so other steps do not pay for it).
+  config.turning_diagnostics = True
   config.eval_every = 200  # Steps between test evaluations (and at the end).
   config.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
   config.keep_checkpoints = 3

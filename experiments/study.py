@@ -1,0 +1,345 @@
+r"""When does SparseOpt change training? Paired tables and turning plots.
+
+  python -m experiments.study --root=experiments/results/fmnist_when
+
+Reads the runs of the ``fmnist_when`` sweep (see `experiments.sweep`): a
+default recipe (RigL 97% ERK, SGD lr 0.05 momentum 0.9, wd 5e-4, 3 epochs)
+and one factor varied at a time. For every comparison it pairs a control and
+a treatment run by seed (same init, masks and data order) and reports the
+mean final test accuracy of each and their paired difference, mean ± standard
+error over seeds. Writes ``study.md`` (the tables), ``paired.png`` (every
+paired difference with its standard error), ``turning.png`` (imbalance
+exponent and mean turning angle vs step, mask updates marked) and
+``dense_control.png`` under ``--root``. Unfinished runs are left out, so the
+report can be drawn while the sweep runs.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import plot as plot_lib
+from experiments import train
+
+# The default recipe of the study; every comparison overrides some fields.
+BASE = {"method": "rigl", "sparsity": 0.97, "optimizer": "sgd",
+        "correction": "fan_in", "correct_filter": "all", "init": "masked_dense",
+        "weight_decay": 5e-4, "learning_rate": 0.05, "momentum": 0.9,
+        "grad_scale": 1.0, "num_epochs": 3.0}
+SPARSEOPT = {"optimizer": "sparseopt", "correction": "fan_in"}
+NORM = {"optimizer": "sparseopt", "correction": "norm"}
+ADAMW = {"optimizer": "adam", "learning_rate": 2e-3, "weight_decay": 0.05}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Treatment vs control, both given as overrides of `BASE`."""
+  section: str
+  label: str
+  control: dict[str, Any]
+  treatment: dict[str, Any]
+  note: str = ""
+
+
+def _tau_note(lr: float, wd: float, momentum: float = 0.9,
+              steps: int = 1406) -> str:
+  if wd == 0:
+    return "budget/tau = 0"
+  tau = (1 - momentum) / (4 * lr * wd)
+  return f"tau = {tau:.0f} steps, budget/tau = {steps / tau:.2f}"
+
+
+def comparisons() -> list[Comparison]:
+  """Every comparison of the study, in report order."""
+  out = [
+      Comparison("correction", "fan_in (paper) vs none", {}, SPARSEOPT),
+      Comparison("correction", "norm (measured) vs none", {}, NORM),
+      Comparison("correction", "norm vs fan_in", SPARSEOPT, NORM),
+      Comparison("correction", "95%: norm vs none", {"sparsity": 0.95},
+                 {"sparsity": 0.95, **NORM}),
+  ]
+  for wd in (0.0, 5e-5, 5e-4, 5e-3):
+    out.append(Comparison("weight decay", f"wd {wd:g}: fan_in vs none",
+                          {"weight_decay": wd},
+                          {"weight_decay": wd, **SPARSEOPT},
+                          _tau_note(0.05, wd)))
+  for init in ("masked_dense", "fan_in"):
+    out.append(Comparison("initialization", f"init {init}: fan_in vs none",
+                          {"init": init}, {"init": init, **SPARSEOPT}))
+  out.append(Comparison("optimizer", "SGD+momentum: fan_in vs none", {},
+                        SPARSEOPT))
+  out.append(Comparison("optimizer", "AdamW: fan_in vs none", ADAMW,
+                        {**ADAMW, "optimizer": "sparseopt+adam"}))
+  dense = {"method": "dense"}
+  for k, name in ((1 / 3, "1/3"), (0.5, "1/2"), (2.0, "2"), (3.0, "3")):
+    out.append(Comparison("dense control", f"half the neurons x{name}",
+                          dense, {**dense, "grad_scale": k}))
+  return out
+
+
+def matches(config: dict[str, Any], overrides: dict[str, Any]) -> bool:
+  """Is ``config`` the run `BASE` + ``overrides`` describes?"""
+  spec = {**BASE, **overrides}
+  if spec["method"] == "dense":
+    spec = {k: v for k, v in spec.items()
+            if k not in ("sparsity", "correction", "init")}
+  return all(_close(config.get(k), v) for k, v in spec.items())
+
+
+def _close(a, b) -> bool:
+  if isinstance(a, float) or isinstance(b, float):
+    return (a is not None and b is not None
+            and math.isclose(float(a), float(b), rel_tol=1e-9))
+  return a == b
+
+
+def select(runs, overrides) -> dict[int, dict[str, Any]]:
+  """Finished runs matching ``overrides``, by seed."""
+  return {r["config"]["seed"]: r for r in runs
+          if r["finished"] and matches(r["config"], overrides)}
+
+
+def paired(runs, comparison: Comparison) -> Optional[dict[str, Any]]:
+  """Final accuracies of both arms and their same-seed difference."""
+  control = select(runs, comparison.control)
+  treatment = select(runs, comparison.treatment)
+  seeds = sorted(set(control) & set(treatment))
+  if not seeds:
+    return None
+  c = np.array([control[s]["accuracy"][-1] for s in seeds])
+  t = np.array([treatment[s]["accuracy"][-1] for s in seeds])
+  d = t - c
+  sem = d.std(ddof=1) / math.sqrt(d.size) if d.size > 1 else float("nan")
+  return {"comparison": comparison, "n": len(seeds), "control": c,
+          "treatment": t, "diff": float(d.mean()), "sem": float(sem)}
+
+
+def paired_markdown(rows) -> str:
+  lines = ["| factor | comparison | seeds | control acc (%) | treatment acc (%) "
+           "| paired difference (points, mean ± s.e.) | note |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    c = r["comparison"]
+    lines.append(
+        f"| {c.section} | {c.label} | {r['n']} "
+        f"| {100 * r['control'].mean():.2f} ± {100 * r['control'].std():.2f} "
+        f"| {100 * r['treatment'].mean():.2f} ± "
+        f"{100 * r['treatment'].std():.2f} "
+        f"| {100 * r['diff']:+.2f} ± {100 * r['sem']:.2f} | {c.note} |")
+  return "\n".join(lines)
+
+
+def _bn_layers(record: dict[str, Any], prefix: str, stat: str) -> list[str]:
+  # The classifier feeds no BatchNorm: leave it out of the layer averages.
+  return sorted(k for k in record if k.startswith(prefix)
+                and k.endswith("/" + stat) and not k.startswith(prefix + "head"))
+
+
+def layer_mean_curve(workdir: str, prefix: str, stat: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, mean over BN-followed layers of ``prefix L/stat``)."""
+  steps, values = [], []
+  for record in train.read_metrics(workdir):
+    keys = _bn_layers(record, prefix, stat)
+    if keys:
+      steps.append(record["step"])
+      values.append(np.mean([record[k] for k in keys]))
+  return np.array(steps), np.array(values)
+
+
+def turning_summary(runs, overrides, stat: str, prefix: str = "turn/"
+                    ) -> Optional[float]:
+  """Mean over seeds, log steps and BN layers of ``stat``."""
+  chosen = select(runs, overrides)
+  means = []
+  for run in chosen.values():
+    _, values = layer_mean_curve(run["workdir"], prefix, stat)
+    if values.size:
+      means.append(values.mean())
+  return float(np.mean(means)) if means else None
+
+
+def final_value(runs, overrides, suffix: str) -> Optional[float]:
+  """Mean over seeds of the sum over layers of ``L/suffix`` at the end."""
+  chosen = select(runs, overrides)
+  totals = []
+  for run in chosen.values():
+    last = train.read_metrics(run["workdir"])[-1]
+    keys = [k for k in last if k.endswith("/" + suffix) and "/" in k
+            and not k.startswith(("turn/", "jump/", "update_turn/"))]
+    if keys:
+      totals.append(sum(last[k] for k in keys))
+  return float(np.mean(totals)) if totals else None
+
+
+ARMS = (("none (SGD)", {}), ("fan_in", SPARSEOPT), ("norm", NORM))
+
+
+def mechanism_markdown(runs) -> str:
+  """Turning imbalance, jumps and dead neurons for the three corrections."""
+  settings = [("97%, masked dense init", {}),
+              ("97%, fan-in init", {"init": "fan_in"}),
+              ("97%, wd 0", {"weight_decay": 0.0}),
+              ("95%, masked dense init", {"sparsity": 0.95})]
+  lines = ["| setting | correction | imbalance exponent (mean over training) "
+           "| mean angle per step (mrad) | norm jump at updates "
+           "| factor jump at updates | dead neurons at end | max scale at end |",
+           "|---|---|---|---|---|---|---|---|"]
+
+  def fmt(x, scale=1.0, digits=3):
+    return "n/a" if x is None else f"{scale * x:.{digits}f}"
+
+  for name, setting in settings:
+    for arm, overrides in ARMS:
+      o = {**setting, **overrides}
+      if not select(runs, o):
+        continue
+      max_scale = final_value(runs, o, "max_scale")
+      lines.append(
+          f"| {name} | {arm} | {fmt(turning_summary(runs, o, 'imbalance'))} "
+          f"| {fmt(turning_summary(runs, o, 'angle_mean'), 1e3, 2)} "
+          f"| {fmt(turning_summary(runs, o, 'norm_jump', 'jump/'))} "
+          f"| {fmt(turning_summary(runs, o, 'factor_jump', 'jump/'))} "
+          f"| {fmt(final_value(runs, o, 'dead'), digits=1)} "
+          f"| {fmt(max_scale, digits=2) if arm != 'none (SGD)' else '-'} |")
+  return "\n".join(lines)
+
+
+def _mask_update_steps(run) -> list[int]:
+  c = run["config"]
+  total = int(run["steps"][-1])
+  end = int(c["end_fraction"] * total)
+  return [t + 1 for t in range(c["update_every"], end, c["update_every"])]
+
+
+def plot_turning(runs, path: str) -> None:
+  """Imbalance exponent and mean angle vs step, per init, per correction."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = [(name, setting) for name, setting in
+          (("masked dense init", {}), ("fan-in init", {"init": "fan_in"}))
+          if any(select(runs, {**setting, **o}) for _, o in ARMS)]
+  colors = {"none (SGD)": "tab:gray", "fan_in": "tab:blue", "norm": "tab:red"}
+  fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)),
+                           squeeze=False)
+  for i, (row, setting) in enumerate(rows):
+    updates = None
+    for arm, overrides in ARMS:
+      chosen = select(runs, {**setting, **overrides})
+      if not chosen:
+        continue
+      for j, stat in enumerate(("imbalance", "angle_mean")):
+        curves = [layer_mean_curve(r["workdir"], "turn/", stat)
+                  for r in chosen.values()]
+        n = min(len(s) for s, _ in curves)
+        steps = curves[0][0][:n]
+        values = np.stack([v[:n] for _, v in curves])
+        scale = 1e3 if stat == "angle_mean" else 1.0
+        mean = scale * values.mean(0)
+        ax = axes[i, j]
+        ax.plot(steps, mean, color=colors[arm],
+                label=f"{arm} ({len(curves)} seeds)")
+        if len(curves) > 1:
+          sd = scale * values.std(0)
+          ax.fill_between(steps, mean - sd, mean + sd, color=colors[arm],
+                          alpha=0.15)
+      updates = _mask_update_steps(next(iter(chosen.values())))
+    for j, ylabel in enumerate(
+        ("imbalance exponent\n(slope of log angle on log(1-s_i))",
+         "mean angle per step (mrad)")):
+      ax = axes[i, j]
+      for t in updates or []:
+        ax.axvline(t, color="k", alpha=0.12, lw=0.8)
+      if j == 0:
+        ax.axhline(-0.5, color="k", ls=":", lw=1)
+        ax.axhline(0.0, color="k", ls="-", lw=0.6)
+      ax.set_title(f"RigL 97%, {row}", fontsize=10)
+      ax.set_xlabel("step (thin lines: mask updates)")
+      ax.set_ylabel(ylabel, fontsize=9)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
+  axes[0, 0].annotate("-0.5: the paper's skew", xy=(0.99, -0.5),
+                      xycoords=("axes fraction", "data"), ha="right",
+                      va="bottom", fontsize=8)
+  fig.suptitle("Turning rates of BN-followed layers (mean over layers; "
+               "band: std over seeds)", fontsize=11)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_paired(rows, path: str) -> None:
+  """Every paired difference with its standard error, one bar each."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  labels = [f"{r['comparison'].section}: {r['comparison'].label}"
+            for r in rows]
+  diffs = np.array([100 * r["diff"] for r in rows])
+  sems = np.array([100 * r["sem"] if np.isfinite(r["sem"]) else 0.0
+                   for r in rows])
+  fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.2))
+  y = np.arange(len(rows))[::-1]
+  ax.barh(y, diffs, xerr=sems, color=["tab:blue" if d >= 0 else "tab:orange"
+                                      for d in diffs], alpha=0.8, capsize=3)
+  ax.set_yticks(y)
+  ax.set_yticklabels(labels, fontsize=8)
+  ax.axvline(0, color="k", lw=0.8)
+  ax.set_xlabel("paired difference in final test accuracy "
+                "(points, treatment - control; bars: ±1 s.e.)")
+  ax.grid(axis="x", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def load(root: str) -> list[dict[str, Any]]:
+  runs = plot_lib.load_runs(root)
+  for run in runs:
+    run["workdir"] = os.path.join(root, run["name"])
+  return runs
+
+
+def report(roots: Sequence[str], out_dir: str) -> str:
+  """Writes the plots under ``out_dir`` and returns the markdown report."""
+  runs = [r for root in roots for r in load(root)]
+  rows = [p for p in (paired(runs, c) for c in comparisons()) if p]
+  text = ["## Paired differences (treatment - control, same seed)", "",
+          paired_markdown(rows), "",
+          "## Mechanism: turning rates, mask-update jumps, dead neurons", "",
+          mechanism_markdown(runs)]
+  if rows:
+    plot_paired(rows, os.path.join(out_dir, "paired.png"))
+  if select(runs, {}):
+    plot_turning(runs, os.path.join(out_dir, "turning.png"))
+  return "\n".join(text)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  roots = FLAGS.root
+  out_dir = FLAGS.out or roots[0]
+  text = report(roots, out_dir)
+  with open(os.path.join(out_dir, "study.md"), "w") as f:
+    f.write(text + "\n")
+  print(text)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_multi_string("root", None, "Folder(s) whose subfolders are "
+                            "workdirs of the fmnist_when sweep.")
+  flags.DEFINE_string("out", None, "Where study.md and the PNGs go "
+                      "(default: the first --root).")
+  flags.mark_flags_as_required(["root"])
+  app.run(main)
