@@ -27,7 +27,9 @@ from sparseopt_jax._src.masks import magnitude_masks
 from sparseopt_jax._src.masks import neuron_sparsity
 from sparseopt_jax._src.masks import sparse_init
 from sparseopt_jax._src.masks import sparsity
+from sparseopt_jax._src.transform import count_neurons
 from sparseopt_jax._src.transform import fan_in_scale
+from sparseopt_jax._src.transform import NeuronCounts
 from sparseopt_jax._src.transform import norm_scale
 from sparseopt_jax._src.transform import scale_by_sparseopt
 from sparseopt_jax._src.transform import ScaleBySparseOptState
@@ -43,9 +45,11 @@ __version__ = "0.1.0"
 
 __all__ = (
     "DynamicSparseState",
+    "NeuronCounts",
     "ScaleBySparseOptState",
     "ZeroMaskedUpdatesState",
     "apply_masks",
+    "count_neurons",
     "drop_fraction_schedule",
     "dst_diagnostics",
     "dynamic_sparse",

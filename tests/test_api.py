@@ -8,9 +8,11 @@ import sparseopt_jax as sparseopt
 # change of this list (and of the README's API overview).
 EXPECTED = {
     "DynamicSparseState",
+    "NeuronCounts",
     "ScaleBySparseOptState",
     "ZeroMaskedUpdatesState",
     "apply_masks",
+    "count_neurons",
     "drop_fraction_schedule",
     "dst_diagnostics",
     "dynamic_sparse",

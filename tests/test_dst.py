@@ -223,7 +223,7 @@ def scan_dst(params, masks, grads, key, fraction, *, method, update_every):
     new_p = optax.apply_updates(p, u)
     trace = s.inner_state[1][0].trace
     return (new_p, s), (s.masks, new_p, trace, sparseopt.itop_rate(s),
-                        s.num_changed, p)
+                        s.num_changed, p, s.neuron_counts.counts)
 
   _, hist = jax.lax.scan(body, (params, tx.init(params)), grads)
   return hist
@@ -248,7 +248,7 @@ def test_property_dst_invariants(seed, density, frac16, method, update_every):
                   jnp.float32(fraction), method=method,
                   update_every=update_every)
   hist = jax.tree.map(np.asarray, hist)
-  masks_h, params_h, trace_h, itop_h, changed_h, params_in = hist
+  masks_h, params_h, trace_h, itop_h, changed_h, params_in, counts_h = hist
   counts0 = {n: int(m.sum()) for n, m in flat(masks0).items()
              if m is not None}
   total = sum(math.prod(s) for s in SHAPES.values())
@@ -263,6 +263,10 @@ def test_property_dst_invariants(seed, density, frac16, method, update_every):
       new = masks_h[name]["kernel"][t]
       old = prev_masks[n]
       assert int(new.sum()) == counts0[n], (t, n)  # exact counts
+      # The cached per-neuron counts follow the live masks.
+      np.testing.assert_array_equal(
+          counts_h[name]["kernel"][t],
+          new.reshape(-1, new.shape[-1]).sum(0), err_msg=f"{t} {n}")
       p_after = params_h[name]["kernel"][t]
       # Inactive weights (incl. just dropped) are exactly zero.
       assert np.all(p_after[~new] == 0), (t, n)

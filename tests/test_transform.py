@@ -1,5 +1,7 @@
 """scale_by_sparseopt, zero_masked_updates and the sparseopt alias vs NumPy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +94,44 @@ def test_hand_checked_factor():
                                                  masks={"w": m})
   np.testing.assert_allclose(out["w"], np.broadcast_to(want, (4, 3)),
                              rtol=1e-6)
+
+
+def test_cached_neuron_counts_give_the_same_factor():
+  params, grads, masks = setup()
+  counts = sparseopt.count_neurons(masks)
+  np.testing.assert_array_equal(
+      counts.counts["Conv_0"]["kernel"],
+      np.asarray(masks["Conv_0"]["kernel"]).reshape(-1, 4).sum(0))
+  assert counts.counts["Conv_0"]["bias"] is None
+  tx = sparseopt.scale_by_sparseopt()
+  with_counts = run(tx, grads, params, masks=masks, neuron_counts=counts)
+  assert_tree_close(with_counts, expected_fan_in(grads, masks))
+  # The counts are really used (not recounted): stale ones change the result.
+  stale = sparseopt.count_neurons(
+      jax.tree.map(lambda m: None if m is None else jnp.ones_like(m), masks,
+                   is_leaf=lambda m: m is None))
+  out = run(tx, grads, params, masks=masks, neuron_counts=stale)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"],
+                                grads["Dense_0"]["kernel"])
+  # Counts along another axis, the norm correction, or no forwarded masks:
+  # the masks are counted instead.
+  other_axis = sparseopt.count_neurons(masks, neuron_axis=0)
+  out = run(tx, grads, params, masks=masks, neuron_counts=other_axis)
+  assert_tree_close(out, expected_fan_in(grads, masks))
+  out = run(sparseopt.scale_by_sparseopt(masks), grads, params,
+            neuron_counts=stale)
+  assert_tree_close(out, expected_fan_in(grads, masks))
+
+
+def test_cached_counts_of_the_wrong_shape_name_the_path():
+  params, grads, masks = setup()
+  counts = sparseopt.count_neurons(masks)
+  bad = dataclasses.replace(counts, counts={**counts.counts,
+                                "Dense_0": {"kernel": jnp.ones(3, jnp.int32),
+                                            "bias": None}})
+  with pytest.raises(ValueError, match=r"neuron_counts\['Dense_0/kernel'\]"):
+    sparseopt.scale_by_sparseopt().update(grads, None, params, masks=masks,
+                                          neuron_counts=bad)
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (3, 3, 2, 4), (1, 1, 4, 6)])

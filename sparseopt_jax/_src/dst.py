@@ -38,6 +38,10 @@ class DynamicSparseState(NamedTuple):
     ever_active: union of every mask so far, for the ITOP rate.
     num_changed: int32 scalar per sparse leaf: connections regrown (equal to
       connections dropped) at the last mask update.
+    neuron_counts: active incoming weights per neuron of ``masks`` (a
+      :class:`NeuronCounts`), recounted only at mask updates and forwarded
+      to the inner transformation so SparseOpt's factors are not recounted
+      every step.
     inner_state: the wrapped optimizer's state.
   """
   count: jax.Array
@@ -45,6 +49,7 @@ class DynamicSparseState(NamedTuple):
   masks: PyTree
   ever_active: PyTree
   num_changed: PyTree
+  neuron_counts: transform.NeuronCounts
   inner_state: optax.OptState
 
 
@@ -244,7 +249,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
     grow_with: RigL's growth score: ``"raw"`` gradient (default; the paper
       finds it explores better) or ``"corrected"`` (SparseOpt-scaled).
     key: PRNG key for SET's random growth.
-    neuron_axis: output-unit axis, for ``grow_with="corrected"``.
+    neuron_axis: output-unit axis, for ``grow_with="corrected"`` and for the
+      per-neuron counts forwarded to ``inner`` (``neuron_counts=``; a
+      :func:`scale_by_sparseopt` with another axis recounts its masks).
     correction_filter: which masked leaves the ``"corrected"`` score scales
       (as ``filter_fn`` of :func:`scale_by_sparseopt`).
 
@@ -320,9 +327,10 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         masks=jax.tree.map(jnp.copy, masks),
         ever_active=jax.tree.map(jnp.copy, masks),
         num_changed=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), masks),
+        neuron_counts=transform.count_neurons(masks, neuron_axis),
         inner_state=inner.init(params))
 
-  def grow_scores(grads, old_masks, params, step_key):
+  def grow_scores(grads, old_masks, counts, params, step_key):
     if method == "set":
       leaves = tree_lib.mask_leaves_with_path(old_masks)
       index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
@@ -334,7 +342,7 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
     if grow_with == "corrected":
       flags = transform.correction_flags(correction_filter, old_masks, params)
       scales = transform.scales_from_flags(old_masks, flags, None,
-                                           neuron_axis, "fan_in")
+                                           neuron_axis, "fan_in", counts)
       grads = transform.apply_scales(grads, scales, neuron_axis=neuron_axis)
     return tree_lib.map_masked(
         lambda m, g: None if m is None else _finite_magnitude(g),
@@ -349,10 +357,13 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
     old = state.masks
     tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
     masked_grads = tree_lib.zero_masked(old, grads)
+    extra_args.pop("neuron_counts", None)
     inner_updates, inner_state = inner.update(
-        masked_grads, state.inner_state, params, masks=old, **extra_args)
+        masked_grads, state.inner_state, params, masks=old,
+        neuron_counts=state.neuron_counts, **extra_args)
 
     new, num_changed, key = old, state.num_changed, state.key
+    counts = state.neuron_counts
     if method != "static":
       count = state.count
       is_update = ((count > 0) & (count % update_every == 0)
@@ -362,7 +373,8 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         inner_state, key = operand
         key, step_key = jax.random.split(key)
         fraction = fraction_at(count)
-        scores = grow_scores(grads, old, params, step_key)
+        scores = grow_scores(grads, old, state.neuron_counts, params,
+                             step_key)
         pairs = tree_lib.map_masked(
             lambda m, w, s, kmax: None if m is None else _update_layer(
                 m, w, s, fraction, kmax), old, params, scores, k_max)
@@ -373,13 +385,15 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         changed = tree_lib.map_masked(
             lambda o, n: None if o is None else o ^ n, old, new)
         inner_state = reset_changed_moments(inner_state, params, changed)
-        return new, num, inner_state, key
+        # Recounted here, on mask-update steps only.
+        counts = transform.count_neurons(new, neuron_axis)
+        return new, num, counts, inner_state, key
 
       def keep(operand):
         inner_state, key = operand
-        return old, state.num_changed, inner_state, key
+        return old, state.num_changed, state.neuron_counts, inner_state, key
 
-      new, num_changed, inner_state, key = jax.lax.cond(
+      new, num_changed, counts, inner_state, key = jax.lax.cond(
           is_update, change_topology, keep, (inner_state, state.key))
 
     # Kept connections take the inner update; every other position is set
@@ -396,6 +410,7 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         masks=new,
         ever_active=ever_active,
         num_changed=num_changed,
+        neuron_counts=counts,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

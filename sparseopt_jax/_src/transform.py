@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple, Union
 
@@ -68,9 +69,14 @@ def fan_in_scale(mask: jax.Array, neuron_axis: int = -1, *,
   Returns:
     A float32 vector, one factor per neuron.
   """
+  count, _ = masks_lib.neuron_counts(mask, neuron_axis, name=name)
+  return scale_from_counts(count)
+
+
+def scale_from_counts(count: jax.Array) -> jax.Array:
+  """:func:`fan_in_scale` from a layer's active incoming counts per neuron."""
   # scale_i^2 = density_i / mean_j density_j = count_i * n / sum_j count_j,
   # computed from integer counts so that a dense layer gives exactly 1.
-  count, _ = masks_lib.neuron_counts(mask, neuron_axis, name=name)
   total = jnp.sum(count)
   numerator = (count * count.shape[0]).astype(jnp.float32)
   denominator = jnp.where(total > 0, total, 1).astype(jnp.float32)
@@ -122,19 +128,77 @@ def correction_flags(filter_fn: tree_lib.LeafFilter | None, masks: PyTree,
                              masks, flags)
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class NeuronCounts:
+  """Active incoming weights per neuron, cached where the masks change.
+
+  :func:`dynamic_sparse` recounts its masks only at mask updates and passes
+  this to its inner transformation as the ``neuron_counts=`` extra argument,
+  so :func:`scale_by_sparseopt` does not recount every step (counting a
+  boolean mask costs several times more than scaling the gradients).
+
+  Attributes:
+    counts: a tree like the masks: an int32 vector per sparse leaf with
+      ``ndim >= 2`` (one count per neuron), ``None`` elsewhere.
+    neuron_axis: the axis the counts are per (static: pytree metadata, so it
+      stays a Python int under ``jit`` and ``lax.cond``).
+  """
+  counts: PyTree
+  neuron_axis: int = -1
+
+  def tree_flatten(self):
+    return (self.counts,), self.neuron_axis
+
+  @classmethod
+  def tree_unflatten(cls, neuron_axis, children):
+    return cls(children[0], neuron_axis)
+
+
+def count_neurons(masks: PyTree, neuron_axis: int = -1) -> NeuronCounts:
+  """:class:`NeuronCounts` of a mask tree."""
+  def count(path, mask):
+    if mask is None or np.ndim(mask) < 2:
+      return None
+    return masks_lib.neuron_counts(mask, neuron_axis,
+                                   name=tree_lib.path_str(path))[0]
+  return NeuronCounts(tree_lib.map_masked(count, masks, with_path=True),
+                      neuron_axis)
+
+
 def scales_from_flags(masks: PyTree, flags: PyTree, params: PyTree | None,
-                      neuron_axis: int, correction: str) -> PyTree:
-  """Per-neuron factors for the leaves ``flags`` selects (internal)."""
-  def scale(path, mask, flag, param):
+                      neuron_axis: int, correction: str,
+                      counts: NeuronCounts | None = None) -> PyTree:
+  """Per-neuron factors for the leaves ``flags`` selects (internal).
+
+  ``counts`` (fan-in correction only) replaces counting the masks when it is
+  per the same neuron axis.
+  """
+  if counts is not None and (correction != "fan_in"
+                             or counts.neuron_axis != neuron_axis):
+    counts = None  # Not usable here: count the masks (correct, slower).
+  count_tree = (counts.counts if counts is not None
+                else jax.tree.map(lambda _: None, masks))
+
+  def scale(path, mask, flag, param, count):
     if mask is None or not flag or np.ndim(mask) < 2:
       return None
     name = tree_lib.path_str(path)
     if correction == "norm":
       return norm_scale(mask, param, neuron_axis, name=name)
-    return fan_in_scale(mask, neuron_axis, name=name)
+    if count is None:
+      return fan_in_scale(mask, neuron_axis, name=name)
+    axis = tree_lib.normalize_axis(neuron_axis, np.ndim(mask), name)
+    if np.shape(count) != (np.shape(mask)[axis],):
+      raise ValueError(
+          f"neuron_counts[{name!r}] has shape {np.shape(count)}, but the "
+          f"mask of shape {np.shape(mask)} has {np.shape(mask)[axis]} "
+          f"neurons along axis {neuron_axis}.")
+    return scale_from_counts(count)
 
   reference = masks if params is None else params
-  return tree_lib.map_masked(scale, masks, flags, reference, with_path=True)
+  return tree_lib.map_masked(scale, masks, flags, reference, count_tree,
+                             with_path=True)
 
 
 def _check_correction(correction: str) -> None:
@@ -227,6 +291,9 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
   Masks come, in this order, from the ``masks=`` keyword of ``update``
   (``optax.chain`` and :func:`dynamic_sparse` forward it), from ``masks``
   given here (a mask tree or a callable of params), or from ``params != 0``.
+  With ``masks=``, an optional ``neuron_counts=`` keyword (a
+  :class:`NeuronCounts` of those masks, which :func:`dynamic_sparse` keeps
+  up to date at its mask updates) saves recounting them every step.
 
   Args:
     masks: a mask tree (``bool`` arrays, ``None`` for dense leaves) or a
@@ -271,7 +338,8 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
     del params
     return ScaleBySparseOptState()
 
-  def update_fn(updates, state, params=None, *, masks=None, **extra_args):
+  def update_fn(updates, state, params=None, *, masks=None,
+                neuron_counts=None, **extra_args):
     del extra_args
     live = resolve_masks(updates, params, masks, ctor_masks,
                          who="scale_by_sparseopt")
@@ -280,8 +348,11 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
         raise ValueError("scale_by_sparseopt(correction='norm') needs params "
                          "in update (the current weights).")
       tree_lib.validate_masks(params, live)
+    if masks is None:
+      neuron_counts = None  # Counts describe forwarded masks only.
     flags = correction_flags(filter_fn, live, updates)
-    scales = scales_from_flags(live, flags, params, neuron_axis, correction)
+    scales = scales_from_flags(live, flags, params, neuron_axis, correction,
+                               neuron_counts)
     return apply_scales(updates, scales, neuron_axis=neuron_axis), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
