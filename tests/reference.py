@@ -183,8 +183,11 @@ def turning_summary(before, after, mask, neuron_axis: int = -1):
   """angle_mean, imbalance (slope of log angle on log density), norm_mean."""
   angle, norm, live = turning(before, after, mask, neuron_axis)
   density = 1.0 - neuron_sparsity(mask, neuron_axis)
-  valid = live & (angle > 0)
-  out = {"angle_mean": angle[live].mean() if live.any() else 0.0,
+  count = _move_neuron_last(mask, neuron_axis).astype(bool).reshape(
+      -1, mask.shape[neuron_axis]).sum(0)
+  can_turn = live & (count >= 2)  # one weight: its direction is fixed
+  valid = can_turn & (angle > 1e-6)  # below: float32 rounding
+  out = {"angle_mean": angle[can_turn].mean() if can_turn.any() else 0.0,
          "norm_mean": norm[live].mean() if live.any() else 0.0}
   x, y = np.log(density[valid]), np.log(angle[valid])
   if valid.sum() >= 2 and np.ptp(x) > 0:

@@ -90,6 +90,32 @@ def test_imbalance_recovers_the_bn_skew():
   np.testing.assert_allclose(d["k/imbalance"], 0.0, atol=0.02)
 
 
+def test_single_weight_neurons_and_rounding_noise_are_excluded():
+  # At high sparsity many neurons keep one weight: its direction cannot
+  # change, and float32 rounding gives it "angles" of ~1e-8 whose logs would
+  # swamp the slope. Angles below 1e-6 are not resolved either.
+  rng = np.random.default_rng(3)
+  mask = np.zeros((16, 6), bool)
+  for i, k in enumerate([1, 1, 2, 4, 8, 16]):
+    mask[:k, i] = True
+  w = (rng.standard_normal((16, 6)) * mask).astype(np.float32)
+  after = w + (1e-2 * rng.standard_normal((16, 6)) * mask).astype(np.float32)
+  after[:, 0] = w[:, 0] * (1 + 1e-7)  # rounding-level change
+  after[:, 1] = -w[:, 1]  # a sign flip: angle pi in exact arithmetic
+  after[:, 2] = w[:, 2] + 1e-9 * np.abs(w[:, 2])  # unresolved
+  out = jax.jit(sparseopt.turning_diagnostics)({"k": w}, {"k": after},
+                                               {"k": mask})
+  expected = ref.turning_summary(w, after, mask)
+  np.testing.assert_allclose(out["k/imbalance"], expected["imbalance"],
+                             rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(out["k/angle_mean"], expected["angle_mean"],
+                             rtol=1e-3)
+  # Only neurons 3, 4, 5 (4, 8, 16 weights) enter the slope: the reference
+  # on those alone agrees.
+  sub = ref.turning_summary(w[:, 3:], after[:, 3:], mask[:, 3:])
+  np.testing.assert_allclose(out["k/imbalance"], sub["imbalance"], rtol=1e-3)
+
+
 def test_dead_neurons_and_zero_layers_are_not_nan():
   mask = np.ones((8, 4), bool)
   mask[:, 0] = False  # a dead neuron

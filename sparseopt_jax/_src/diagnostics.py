@@ -140,6 +140,12 @@ def _slope(x: jax.Array, y: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(ok, sxy / jnp.where(ok, sxx, 1.0), 0.0)
 
 
+# Angles below this are not resolved by float32 weights (a few ulps of the
+# unit direction): such "turns" are rounding noise and would dominate a
+# regression on log angle.
+RESOLVED_ANGLE = 1e-6
+
+
 def turning_diagnostics(params_before: PyTree, params_after: PyTree,
                         masks: PyTree, *, neuron_axis: int = -1
                         ) -> dict[str, jax.Array]:
@@ -148,15 +154,20 @@ def turning_diagnostics(params_before: PyTree, params_after: PyTree,
   Under BatchNorm a neuron's incoming weights are scale invariant, so what a
   step changes is their direction. For every sparse leaf ``L`` (ndim >= 2):
 
-  * ``L/angle_mean``: mean angle turned (radians) over live neurons;
+  * ``L/angle_mean``: mean angle turned (radians) over the neurons that can
+    turn: live, with at least 2 active weights;
   * ``L/imbalance``: the least-squares slope of :math:`\log \theta_i` on
-    :math:`\log(1 - s_i)` over live neurons with :math:`\theta_i > 0`.
+    :math:`\log(1 - s_i)` over those neurons whose angle is resolved
+    (:math:`\theta_i > 10^{-6}`, above float32 rounding).
     :math:`-1/2` is the paper's skew (sparse neurons turn faster by
-    :math:`(1-s_i)^{-1/2}`), 0 is balanced; 0 also when all live neurons
-    have the same density;
+    :math:`(1-s_i)^{-1/2}`), 0 is balanced; 0 also when all of them have
+    the same density;
   * ``L/norm_mean``: mean masked norm of the live neurons after the step.
 
-  Neurons with no active weight are excluded; nothing is NaN.
+  Neurons with no active weight are excluded; so are neurons with a single
+  one, whose direction is fixed (a 1-D weight vector cannot turn: its
+  "angle" is rounding noise, which at high sparsity would dominate the
+  regression). Nothing is NaN.
 
   Args:
     params_before: params before a step.
@@ -181,11 +192,14 @@ def turning_diagnostics(params_before: PyTree, params_after: PyTree,
     angle, norm, live = neuron_turning(before, after, mask, neuron_axis,
                                        name=name)
     density = masks_lib.neuron_density(mask, neuron_axis, name=name)
+    count, _ = masks_lib.neuron_counts(mask, neuron_axis, name=name)
     n_live = jnp.maximum(jnp.sum(live), 1)
-    valid = live & (angle > 0)
+    can_turn = live & (count >= 2)
+    n_turn = jnp.maximum(jnp.sum(can_turn), 1)
+    valid = can_turn & (angle > RESOLVED_ANGLE)
     x = jnp.log(jnp.where(valid, density, 1.0))
     y = jnp.log(jnp.where(valid, angle, 1.0))
-    out[f"{name}/angle_mean"] = jnp.sum(jnp.where(live, angle, 0.0)) / n_live
+    out[f"{name}/angle_mean"] = jnp.sum(jnp.where(can_turn, angle, 0.0)) / n_turn
     out[f"{name}/imbalance"] = _slope(x, y, valid)
     out[f"{name}/norm_mean"] = jnp.sum(jnp.where(live, norm, 0.0)) / n_live
 
