@@ -16,6 +16,7 @@ from experiments import input_pipeline
 from experiments import study
 from experiments import sweep
 from experiments import train
+import reference as ref
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +179,40 @@ def test_study_matches_only_the_named_recipe():
   dense = {**config, "method": "dense", "sparsity": 0.5}
   assert study.matches(dense, {"method": "dense"})  # Sparsity is moot.
   assert not study.matches(dense, {})
+
+
+def test_factors_on_the_live_masks_of_a_run_match_numpy(tmp_path, fmnist_dir):
+  # The check behind the negative results: after real mask updates, the
+  # factors the train step applies (from the counts cached in the state)
+  # equal the NumPy reference on the masks in the final checkpoint.
+  config = _mlp(fmnist_dir, method="rigl", sparsity=0.97, update_every=1,
+                drop_fraction=0.5)
+  spec = input_pipeline.load_dataset(config.dataset, fmnist_dir).spec
+  model = train.create_model(config, spec)
+  state, tx, _ = train.create_train_state(config, model, spec, 9, 6.0)
+  batches = input_pipeline.train_batches(
+      input_pipeline.load_dataset(config.dataset, fmnist_dir),
+      global_batch_size=16, seed=0)
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, model=model, tx=tx, config=config, spec=spec, end_step=6,
+      total_steps=9))
+  masks0 = sparseopt.get_masks(state.opt_state)
+  for _ in range(5):
+    state, _ = step(state, next(batches))
+  ds = state.opt_state
+  masks = sparseopt.get_masks(ds)
+  m0, m = (np.asarray(x["hidden"]["kernel"]) for x in (masks0, masks))
+  assert (m0 != m).any()  # The topology did change.
+  got = sparseopt.sparseopt_scales(masks)
+  # What the train step applies: the factor on a gradient of ones, from the
+  # counts forwarded by dynamic_sparse.
+  ones = jax.tree.map(jnp.ones_like, state.params)
+  applied, _ = jax.jit(lambda g, p, m, c: sparseopt.scale_by_sparseopt().update(
+      g, None, p, masks=m, neuron_counts=c))(ones, state.params, masks,
+                                             ds.neuron_counts)
+  for layer in ("hidden", "head"):
+    want = ref.sparseopt_factor(np.asarray(masks[layer]["kernel"]))
+    np.testing.assert_allclose(got[layer]["kernel"], want, rtol=1e-6)
+    np.testing.assert_allclose(applied[layer]["kernel"],
+                               np.broadcast_to(want, masks[layer]["kernel"].shape),
+                               rtol=1e-6)
