@@ -96,6 +96,20 @@ def test_hand_checked_factor():
                              rtol=1e-6)
 
 
+def test_constant_fan_in_masks_are_an_exact_no_op():
+  # THEORY.md prediction 7: when every neuron of a layer keeps the same
+  # number of inputs, s_i = s_avg and every factor is exactly 1, however
+  # sparse the layer.
+  rng = np.random.default_rng(4)
+  m = np.stack([np.isin(np.arange(72), rng.choice(72, 5, replace=False))
+                .reshape(3, 3, 8) for _ in range(6)], axis=-1)
+  assert (m.reshape(-1, 6).sum(0) == 5).all()
+  g = jnp.asarray(rng.standard_normal(m.shape), jnp.float32)
+  out, _ = jax.jit(sparseopt.scale_by_sparseopt().update)(
+      {"k": g}, None, None, masks={"k": jnp.asarray(m)})
+  np.testing.assert_array_equal(out["k"], g)
+
+
 def test_cached_neuron_counts_give_the_same_factor():
   params, grads, masks = setup()
   counts = sparseopt.count_neurons(masks)
