@@ -164,8 +164,8 @@ def turning_summary(runs, overrides, stat: str, prefix: str = "turn/"
   return float(np.mean(means)) if means else None
 
 
-def final_value(runs, overrides, suffix: str) -> Optional[float]:
-  """Mean over seeds of the sum over layers of ``L/suffix`` at the end."""
+def final_value(runs, overrides, suffix: str, reduce=sum) -> Optional[float]:
+  """Mean over seeds of ``reduce`` over layers of ``L/suffix`` at the end."""
   chosen = select(runs, overrides)
   totals = []
   for run in chosen.values():
@@ -173,7 +173,7 @@ def final_value(runs, overrides, suffix: str) -> Optional[float]:
     keys = [k for k in last if k.endswith("/" + suffix) and "/" in k
             and not k.startswith(("turn/", "jump/", "update_turn/"))]
     if keys:
-      totals.append(sum(last[k] for k in keys))
+      totals.append(reduce(last[k] for k in keys))
   return float(np.mean(totals)) if totals else None
 
 
@@ -188,7 +188,8 @@ def mechanism_markdown(runs) -> str:
               ("95%, masked dense init", {"sparsity": 0.95})]
   lines = ["| setting | correction | imbalance exponent (mean over training) "
            "| mean angle per step (mrad) | norm jump at updates "
-           "| factor jump at updates | dead neurons at end | max scale at end |",
+           "| factor jump at updates | dead neurons at end (all layers) "
+           "| largest factor at end (max over layers; the fan-in factor for SGD) |",
            "|---|---|---|---|---|---|---|---|"]
 
   def fmt(x, scale=1.0, digits=3):
@@ -199,14 +200,14 @@ def mechanism_markdown(runs) -> str:
       o = {**setting, **overrides}
       if not select(runs, o):
         continue
-      max_scale = final_value(runs, o, "max_scale")
+      max_scale = final_value(runs, o, "max_scale", max)
       lines.append(
           f"| {name} | {arm} | {fmt(turning_summary(runs, o, 'imbalance'))} "
           f"| {fmt(turning_summary(runs, o, 'angle_mean'), 1e3, 2)} "
           f"| {fmt(turning_summary(runs, o, 'norm_jump', 'jump/'))} "
           f"| {fmt(turning_summary(runs, o, 'factor_jump', 'jump/'))} "
           f"| {fmt(final_value(runs, o, 'dead'), digits=1)} "
-          f"| {fmt(max_scale, digits=2) if arm != 'none (SGD)' else '-'} |")
+          f"| {fmt(max_scale, digits=2)} |")
   return "\n".join(lines)
 
 
@@ -281,6 +282,15 @@ def plot_paired(rows, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  # The default recipe's pair recurs in several sections: draw it once.
+  seen, unique = set(), []
+  for r in rows:
+    key = (repr(sorted(r["comparison"].control.items())),
+           repr(sorted(r["comparison"].treatment.items())))
+    if key not in seen:
+      seen.add(key)
+      unique.append(r)
+  rows = unique
   labels = [f"{r['comparison'].section}: {r['comparison'].label}"
             for r in rows]
   diffs = np.array([100 * r["diff"] for r in rows])
@@ -293,8 +303,8 @@ def plot_paired(rows, path: str) -> None:
   ax.set_yticks(y)
   ax.set_yticklabels(labels, fontsize=8)
   ax.axvline(0, color="k", lw=0.8)
-  ax.set_xlabel("paired difference in final test accuracy "
-                "(points, treatment - control; bars: ±1 s.e.)")
+  ax.set_xlabel("paired difference in final test accuracy (points)\n"
+                "treatment - control, same seed; error bars: ±1 s.e.")
   ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
