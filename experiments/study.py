@@ -285,8 +285,8 @@ def plot_paired(rows, path: str) -> None:
   # The default recipe's pair recurs in several sections: draw it once.
   seen, unique = set(), []
   for r in rows:
-    key = (repr(sorted(r["comparison"].control.items())),
-           repr(sorted(r["comparison"].treatment.items())))
+    key = (repr(sorted({**BASE, **r["comparison"].control}.items())),
+           repr(sorted({**BASE, **r["comparison"].treatment}.items())))
     if key not in seen:
       seen.add(key)
       unique.append(r)
