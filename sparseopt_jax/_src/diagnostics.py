@@ -191,8 +191,8 @@ def turning_diagnostics(params_before: PyTree, params_after: PyTree,
     name = tree_lib.path_str(path)
     angle, norm, live = neuron_turning(before, after, mask, neuron_axis,
                                        name=name)
-    density = masks_lib.neuron_density(mask, neuron_axis, name=name)
-    count, _ = masks_lib.neuron_counts(mask, neuron_axis, name=name)
+    count, fan_in = masks_lib.neuron_counts(mask, neuron_axis, name=name)
+    density = masks_lib.density_from_counts(count, fan_in)
     n_live = jnp.maximum(jnp.sum(live), 1)
     can_turn = live & (count >= 2)
     n_turn = jnp.maximum(jnp.sum(can_turn), 1)

@@ -248,7 +248,11 @@ def neuron_density(mask: jax.Array, neuron_axis: int = -1, *,
   Exactly 1 for a full neuron, also under ``jit`` (where XLA turns division
   by the constant fan-in into a multiplication by its rounded reciprocal).
   """
-  count, fan_in = neuron_counts(mask, neuron_axis, name=name)
+  return density_from_counts(*neuron_counts(mask, neuron_axis, name=name))
+
+
+def density_from_counts(count: jax.Array, fan_in: int) -> jax.Array:
+  """:func:`neuron_density` from counts already taken (float32)."""
   return jnp.where(count == fan_in, 1.0,
                    count.astype(jnp.float32) / max(fan_in, 1))
 
