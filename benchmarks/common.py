@@ -62,6 +62,15 @@ TREES = {
 }
 
 
+def tree_shapes(name: str) -> list[tuple[int, ...]]:
+  """The shapes of a named tree (case-insensitive); a clear error if unknown."""
+  by_lower = {k.lower(): fn for k, fn in TREES.items()}
+  if name.lower() not in by_lower:
+    raise SystemExit(f"--trees: unknown tree {name!r}; choose from "
+                     f"{', '.join(TREES)}.")
+  return by_lower[name.lower()]()
+
+
 def make_tree(shapes: Sequence[tuple[int, ...]], seed: int = 0,
               with_bn: bool = True) -> dict:
   """A Flax-like params dict: one kernel per shape, plus BN scale/bias."""
@@ -98,6 +107,36 @@ def interleaved(candidates: dict[str, tuple[Callable, tuple]],
     for name, (fn, args) in candidates.items():
       times[name].append(timed(fn, *args))
   return {name: statistics.median(t) for name, t in times.items()}
+
+
+def donating(fn: Callable, args: Sequence, carried: Sequence[int],
+             fix: Callable[[tuple], tuple] = lambda out: out
+             ) -> tuple[Callable, tuple]:
+  """A candidate that donates its state and feeds the result back, as training does.
+
+  ``fn(*args)`` is jitted with ``args[i]`` donated for ``i`` in ``carried``
+  and must return a tuple whose first ``len(carried)`` entries are their new
+  values; each call passes those back in. Donation lets XLA update buffers
+  in place, which changes what a step costs (and which copies it makes), so
+  steps are timed the way a training loop runs them. ``fix`` maps the new
+  values before they are carried (e.g. to reset a step counter so every call
+  times the same kind of step).
+
+  Returns:
+    ``(call, ())``, an entry for :func:`interleaved`.
+  """
+  jitted = jax.jit(fn, donate_argnums=tuple(carried))
+  args = list(args)
+  for i in carried:  # Own copies: donation deletes what it is given.
+    args[i] = jax.tree.map(jnp.copy, args[i])
+
+  def call():
+    out = jitted(*args)
+    for i, new in zip(carried, fix(tuple(out[:len(carried)]))):
+      args[i] = new
+    return out
+
+  return call, ()
 
 
 def header() -> str:

@@ -3,7 +3,9 @@
     python -m benchmarks.train_step [--model resnet20 --batch 128 --image 32]
 
 Times one jitted forward/backward/update of a Flax ResNet with BatchNorm on
-synthetic data (the input pipeline is not part of the step), for:
+synthetic data (the input pipeline is not part of the step), donating and
+carrying params, batch stats and optimizer state as a training loop does,
+for:
 
 * ``sgd``: ``optax.chain(add_decayed_weights, sgd(momentum))``, no masks;
 * ``static``: ``dynamic_sparse(<same>, method="static")`` (masked SGD);
@@ -28,7 +30,8 @@ from benchmarks import common
 from experiments import models
 
 
-def make_step(model, tx):
+def make_step(model, tx, args, fix=lambda out: out):
+  """A donating, state-carrying candidate (see ``common.donating``)."""
   def step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
       logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x,
@@ -38,7 +41,7 @@ def make_step(model, tx):
     (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), bs, opt_state, loss
-  return jax.jit(step)
+  return common.donating(step, args, carried=(0, 1, 2), fix=fix)
 
 
 def run(model_name, batch, image, classes, sparsity, rounds):
@@ -58,12 +61,16 @@ def run(model_name, batch, image, classes, sparsity, rounds):
                                   update_every=100, end_step=10**6,
                                   key=jax.random.key(4))
     state = tx.init(params)._replace(count=jnp.int32(count))
-    return make_step(model, tx), (params, bs, state, x, y)
+    # The counter is reset after each call, so every call times the same
+    # kind of step (a normal step, or a mask update).
+    return make_step(model, tx, (params, bs, state, x, y),
+                     fix=lambda out: (*out[:2], out[2]._replace(
+                         count=jnp.int32(count))))
 
   sgd = base()
   sparse_inner = optax.chain(sparseopt.scale_by_sparseopt(), base())
   cands = {
-      "sgd": (make_step(model, sgd), (params, bs, sgd.init(params), x, y)),
+      "sgd": make_step(model, sgd, (params, bs, sgd.init(params), x, y)),
       "static": dst(base(), "static", 1),
       "sparseopt_rigl": dst(sparse_inner, "rigl", 1),
       "sparseopt_rigl_update": dst(sparse_inner, "rigl", 100),

@@ -15,6 +15,11 @@ For each parameter tree (90% sparse masks, ERK), times one jitted update of:
   step that is not a mask update;
 * ``rigl_update`` / ``set_update``: the same wrapper on a mask-update step.
 
+The stateful candidates (``sgd_momentum`` and the ``dynamic_sparse`` steps)
+donate their optimizer state and carry it from call to call, as a training
+step does: in-place updates and the copies XLA inserts around the mask
+update's ``lax.cond`` both depend on donation.
+
 Prints a markdown table: median time, GB/s at the floor's 9 bytes/param, ns
 per parameter, and ratios to the floor and to SGD.
 """
@@ -49,16 +54,28 @@ def candidates(params, masks, grads):
   zero_fn = jax.jit(lambda g, s, p, m: zero.update(g, s, p, masks=m)[0])
 
   sgd = optax.sgd(0.1, momentum=0.9)
-  sgd_state = sgd.init(params)
-  sgd_fn = jax.jit(sgd.update)
+
+  def sgd_step(state, g, p):
+    updates, state = sgd.update(g, state, p)
+    return state, updates
 
   def dst(method, count):
+    # As in a train step: the state is donated and carried from call to
+    # call, with the counter reset so that every call is the same kind of
+    # step (normal, or a mask update).
     tx = sparseopt.dynamic_sparse(
         optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
         masks, method=method, update_every=100, end_step=10_000,
         key=jax.random.key(0))
     state = tx.init(params)._replace(count=jnp.int32(count))
-    return jax.jit(tx.update), (grads, state, params)
+
+    def step(state, g, p):
+      updates, state = tx.update(g, state, p)
+      return state, updates
+
+    return common.donating(
+        step, (state, grads, params), carried=(0,),
+        fix=lambda out: (out[0]._replace(count=jnp.int32(count)),))
 
   out = {
       "floor": (floor, (grads, masks)),
@@ -66,7 +83,8 @@ def candidates(params, masks, grads):
       "scale_by_sparseopt_cached": (
           cached_fn, (grads, scale_state, params, masks, counts)),
       "zero_masked_updates": (zero_fn, (grads, zero_state, params, masks)),
-      "sgd_momentum": (sgd_fn, (grads, sgd_state, params)),
+      "sgd_momentum": common.donating(sgd_step, (sgd.init(params), grads,
+                                                 params), carried=(0,)),
       "dst_step": dst("rigl", 1),
       "rigl_update": dst("rigl", 100),
       "set_update": dst("set", 100),
@@ -75,13 +93,14 @@ def candidates(params, masks, grads):
 
 
 def run(tree_names, rounds):
+  shapes = {name: common.tree_shapes(name) for name in tree_names}
   print(common.header())
   print()
   print("| tree | params | transform | median ms | GB/s @9B/param | ns/param "
         "| x floor | x sgd |")
   print("|---|---:|---|---:|---:|---:|---:|---:|")
   for name in tree_names:
-    params = common.make_tree(common.TREES[name]())
+    params = common.make_tree(shapes[name])
     masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
     params = sparseopt.apply_masks(params, masks)
     grads = jax.tree.map(lambda x: x * 0.01, params)

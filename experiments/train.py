@@ -52,7 +52,7 @@ INITS = ("masked_dense", "fan_in")
 RESUMABLE_FIELDS = frozenset({
     "data_dir", "num_data_threads", "log_every", "eval_every",
     "checkpoint_every", "keep_checkpoints", "progress_bar",
-    "turning_diagnostics"})
+    "turning_diagnostics", "fan_in_histogram"})
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -149,10 +149,14 @@ def _sparse_filter(config):
   return sparseopt.is_kernel
 
 
+# Every kernel of the experiments' models that a BatchNorm follows: all but
+# the classifier ``head`` (see ``experiments.models``).
+_BN_FOLLOWED = sparseopt.exclude_paths("head")
+
+
 def _correction_filter(config):
-  # The classifier feeds no BatchNorm, so "bn_only" leaves it uncorrected.
   if config.correct_filter == "bn_only":
-    return sparseopt.exclude_paths("head")
+    return _BN_FOLLOWED
   return None
 
 
@@ -169,7 +173,7 @@ def neuron_gradient_scales(key: jax.Array, params, factor: float,
     A tree like ``params``: a float32 vector per scaled kernel, ``None``
     elsewhere.
   """
-  scaled = sparseopt.exclude_paths("head")
+  scaled = _BN_FOLLOWED
   leaves, treedef = jax.tree.flatten_with_path(params)
   out = []
   for i, (path, leaf) in enumerate(leaves):
@@ -376,7 +380,9 @@ def eval_step(state: TrainState, batch, *, model, config, spec):
 def diagnostics(state: TrainState, *, config) -> dict[str, jax.Array]:
   """ITOP, regrown connections, per-layer skew and largest SparseOpt factor.
 
-  Sparse methods only; computed at log steps, not in the train step.
+  With ``config.fan_in_histogram`` also each layer's fan-in histogram
+  (:func:`sparseopt.fan_in_histogram`). Sparse methods only; computed at log
+  steps, not in the train step.
   """
   if config.method == "dense":
     return {}
@@ -386,7 +392,10 @@ def diagnostics(state: TrainState, *, config) -> dict[str, jax.Array]:
                                       correction=config.correction)
   max_scales = {f"{sparseopt.path_str(path)}/max_scale": jnp.max(scale)
                 for path, scale in jax.tree.leaves_with_path(scales)}
-  return {**sparseopt.dst_diagnostics(state.opt_state), **max_scales}
+  out = {**sparseopt.dst_diagnostics(state.opt_state), **max_scales}
+  if config.fan_in_histogram:
+    out.update(sparseopt.fan_in_histogram(masks))
+  return out
 
 
 def _json_config(config) -> dict[str, Any]:

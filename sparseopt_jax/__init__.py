@@ -9,6 +9,7 @@ Use as ``import sparseopt_jax as sparseopt``.
 
 from sparseopt_jax._src.alias import sparseopt
 from sparseopt_jax._src.diagnostics import dst_diagnostics
+from sparseopt_jax._src.diagnostics import fan_in_histogram
 from sparseopt_jax._src.diagnostics import mask_update_jump
 from sparseopt_jax._src.diagnostics import neuron_turning
 from sparseopt_jax._src.diagnostics import skew_diagnostics
@@ -52,6 +53,7 @@ __all__ = (
     "count_neurons",
     "drop_fraction_schedule",
     "dst_diagnostics",
+    "fan_in_histogram",
     "dynamic_sparse",
     "exclude_paths",
     "fan_in_scale",

@@ -15,6 +15,7 @@ EXPECTED = {
     "count_neurons",
     "drop_fraction_schedule",
     "dst_diagnostics",
+    "fan_in_histogram",
     "dynamic_sparse",
     "exclude_paths",
     "fan_in_scale",

@@ -515,6 +515,45 @@ def test_skew_diagnostics_vs_reference():
       ref.skew_stats(dense, 0)["s_std"], abs=1e-5)
 
 
+def _fan_in_histogram_reference(mask: np.ndarray, axis: int = -1) -> dict:
+  """Bins by explicit comparison with powers of two, one neuron at a time."""
+  moved = np.moveaxis(mask, axis, -1).reshape(-1, mask.shape[axis])
+  fan_in, counts = moved.shape[0], moved.sum(axis=0)
+  labels = {"0": lambda k: k == 0}
+  width = 1
+  while width <= fan_in:
+    lo, hi = width, 2 * width
+    label = str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
+    labels[label] = lambda k, lo=lo, hi=hi: lo <= k < hi
+    width = hi
+  return {label: sum(bool(f(int(k))) for k in counts)
+          for label, f in labels.items()}
+
+
+def test_fan_in_histogram_vs_reference():
+  rng = np.random.default_rng(5)
+  conv = rng.random((3, 3, 4, 7)) < 0.2
+  conv[..., 0] = False  # an ablated neuron
+  conv[..., 1] = True  # a full one: fan-in 36 lands in the 32-63 bin
+  dense = rng.random((8, 5)) < 0.5  # fan-in 8 is a power of two: bin 8-15
+  masks = {"conv": jnp.asarray(conv), "dense": jnp.asarray(dense), "b": None,
+           "vec": jnp.ones((4,), bool)}
+  out = jax.jit(sparseopt.fan_in_histogram)(masks)
+  assert not any(k.startswith(("vec/", "b/")) for k in out)
+  for name, m in (("conv", conv), ("dense", dense)):
+    want = _fan_in_histogram_reference(m)
+    got = {k.split("/fan_in/")[1]: float(v) for k, v in out.items()
+           if k.startswith(f"{name}/")}
+    assert got == want, name
+    assert sum(got.values()) == m.shape[-1]
+  assert out["conv/fan_in/0"] >= 1 and out["conv/fan_in/32-63"] >= 1
+  assert "dense/fan_in/8-15" in out and "dense/fan_in/16-31" not in out
+  # neuron_axis is honoured.
+  out0 = sparseopt.fan_in_histogram({"d": jnp.asarray(dense)}, neuron_axis=0)
+  want0 = _fan_in_histogram_reference(dense, 0)
+  assert {k.split("/fan_in/")[1]: float(v) for k, v in out0.items()} == want0
+
+
 # ------------------------------------------------------------------ errors
 
 

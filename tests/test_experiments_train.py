@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from experiments import fake_data
 from experiments import sweep
 from experiments import train
+import sparseopt_jax as sparseopt
 
 _TIMING = ("step_time",)
 
@@ -66,6 +67,16 @@ def test_every_method_and_optimizer_trains(tmp_path, fmnist_dir, method,
     # Sparsity is kept exactly through mask updates (ERK over two layers).
     assert records[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
     assert records[-1]["itop"] >= 1 - records[-1]["sparsity"] - 1e-6
+    # The fan-in histogram of every sparse layer covers all its neurons.
+    hist = {}
+    for key, value in records[-1].items():
+      if "/fan_in/" in key:
+        layer = key.split("/fan_in/")[0]
+        hist[layer] = hist.get(layer, 0.0) + value
+    neurons = {sparseopt.path_str(path): float(x.shape[-1])
+               for path, x in jax.tree_util.tree_leaves_with_path(
+                   _checkpoint(str(tmp_path), 6)["params"]) if x.ndim >= 2}
+    assert hist and all(hist[layer] == neurons[layer] for layer in hist)
   assert os.path.exists(tmp_path / "summary.json")
 
 

@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   # steps and the norm-vs-factor jump at mask updates (computed in the train
   # step under lax.cond, so other steps do not pay for it).
   config.turning_diagnostics = True
+  # Log each sparse layer's histogram of active fan-in per neuron
+  # (``L/fan_in/<bin>``, power-of-two bins) at log steps.
+  config.fan_in_histogram = True
   config.eval_every = 200  # Steps between test evaluations (and at the end).
   config.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
   config.keep_checkpoints = 3

@@ -61,6 +61,45 @@ def skew_diagnostics(masks: PyTree, *, neuron_axis: int = -1
   return out
 
 
+def _bin_label(lo: int, hi: int) -> str:
+  return str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
+
+
+def fan_in_histogram(masks: PyTree, *, neuron_axis: int = -1
+                     ) -> dict[str, jax.Array]:
+  r"""Per-layer histogram of neurons' active fan-in, in power-of-two bins.
+
+  For every sparse leaf with ``ndim >= 2`` (path ``L``) and fan-in ``F``,
+  each neuron's active incoming weight count :math:`k_i` falls in one bin:
+  ``L/fan_in/0`` (ablated neurons), ``L/fan_in/1``, ``L/fan_in/2-3``,
+  ``L/fan_in/4-7``, ... up to the bin holding ``F``: bin ``b >= 1`` counts
+  :math:`2^{b-1} \le k_i < 2^b`. The bins are fixed by the shape, so the
+  keys are the same at every step and the counts of a layer sum to its
+  number of neurons.
+
+  Args:
+    masks: a mask tree.
+    neuron_axis: the output-unit axis.
+
+  Returns:
+    A flat dict of float32 scalars (neuron counts).
+  """
+  out: dict[str, jax.Array] = {}
+  for path, mask in tree_lib.mask_leaves_with_path(masks):
+    if mask.ndim < 2:
+      continue
+    name = tree_lib.path_str(path)
+    count, fan_in = masks_lib.neuron_counts(mask, neuron_axis, name=name)
+    edges = [0, 1]
+    while edges[-1] <= fan_in:
+      edges.append(2 * edges[-1])
+    for lo, hi in zip(edges[:-1], edges[1:]):
+      in_bin = (count >= lo) & (count < hi)
+      out[f"{name}/fan_in/{_bin_label(lo, hi)}"] = jnp.sum(
+          in_bin, dtype=jnp.int32).astype(jnp.float32)
+  return out
+
+
 def dst_diagnostics(state: optax.OptState, *, neuron_axis: int = -1
                     ) -> dict[str, jax.Array]:
   """:func:`skew_diagnostics` of the live masks, plus topology statistics.

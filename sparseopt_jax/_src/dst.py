@@ -354,27 +354,26 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
                        "params): mask updates rank weights by magnitude and "
                        "the emitted updates zero pruned weights.")
     extra_args.pop("masks", None)  # The live masks are ours to forward.
+    extra_args.pop("neuron_counts", None)
     old = state.masks
     tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
-    masked_grads = tree_lib.zero_masked(old, grads)
-    extra_args.pop("neuron_counts", None)
-    inner_updates, inner_state = inner.update(
-        masked_grads, state.inner_state, params, masks=old,
-        neuron_counts=state.neuron_counts, **extra_args)
 
-    new, num_changed, key = old, state.num_changed, state.key
-    counts = state.neuron_counts
+    new, num_changed, counts, key = (old, state.num_changed,
+                                     state.neuron_counts, state.key)
     if method != "static":
       count = state.count
       is_update = ((count > 0) & (count % update_every == 0)
                    & (count < end_step))
 
-      def change_topology(operand):
-        inner_state, key = operand
+      # Only the topology goes through the cond: its outputs are masks and
+      # counts, so a normal step copies no params-sized float buffer (the
+      # optimizer state would be copied at the cond boundary, all the more
+      # when the train step donates it).
+      def change_topology(key):
         key, step_key = jax.random.split(key)
-        fraction = fraction_at(count)
         scores = grow_scores(grads, old, state.neuron_counts, params,
                              step_key)
+        fraction = fraction_at(count)
         pairs = tree_lib.map_masked(
             lambda m, w, s, kmax: None if m is None else _update_layer(
                 m, w, s, fraction, kmax), old, params, scores, k_max)
@@ -382,19 +381,24 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
                                   old, pairs)
         num = tree_lib.map_masked(lambda m, p: None if m is None else p[1],
                                   old, pairs)
-        changed = tree_lib.map_masked(
-            lambda o, n: None if o is None else o ^ n, old, new)
-        inner_state = reset_changed_moments(inner_state, params, changed)
         # Recounted here, on mask-update steps only.
-        counts = transform.count_neurons(new, neuron_axis)
-        return new, num, counts, inner_state, key
+        return new, num, transform.count_neurons(new, neuron_axis), key
 
-      def keep(operand):
-        inner_state, key = operand
-        return old, state.num_changed, state.neuron_counts, inner_state, key
+      def keep(key):
+        return old, state.num_changed, state.neuron_counts, key
 
-      new, num_changed, counts, inner_state, key = jax.lax.cond(
-          is_update, change_topology, keep, (inner_state, state.key))
+      new, num_changed, counts, key = jax.lax.cond(
+          is_update, change_topology, keep, state.key)
+
+    masked_grads = tree_lib.zero_masked(old, grads)
+    inner_updates, inner_state = inner.update(
+        masked_grads, state.inner_state, params, masks=old,
+        neuron_counts=state.neuron_counts, **extra_args)
+    if method != "static":
+      # Elementwise, fused with the inner update; all-False on normal steps.
+      changed = tree_lib.map_masked(
+          lambda o, n: None if o is None else o ^ n, old, new)
+      inner_state = reset_changed_moments(inner_state, params, changed)
 
     # Kept connections take the inner update; every other position is set
     # to exactly zero (p + (-p) == 0), which drops pruned weights and leaves

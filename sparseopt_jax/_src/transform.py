@@ -156,7 +156,27 @@ class NeuronCounts:
 
 
 def count_neurons(masks: PyTree, neuron_axis: int = -1) -> NeuronCounts:
-  """:class:`NeuronCounts` of a mask tree."""
+  """Counts each neuron's active incoming weights, once, for reuse.
+
+  Pass the result as ``neuron_counts=`` to the update of
+  :func:`scale_by_sparseopt` (directly or through a chain) in a custom
+  training loop whose masks change only now and then; :func:`dynamic_sparse`
+  does this itself.
+
+  Args:
+    masks: a tree like the params with a boolean mask (or ``None``) per leaf.
+    neuron_axis: the axis indexing neurons (output channels); the counts sum
+      over all other axes. It must match ``scale_by_sparseopt``'s axis for the
+      counts to be used there.
+
+  Returns:
+    A :class:`NeuronCounts`: an int32 vector per mask leaf with ``ndim >= 2``,
+    ``None`` for ``None`` and 0/1-D leaves (which are never scaled).
+
+  Raises:
+    ValueError: ``neuron_axis`` is out of range for a leaf (the error names
+      the leaf's path).
+  """
   def count(path, mask):
     if mask is None or np.ndim(mask) < 2:
       return None
