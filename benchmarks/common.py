@@ -98,15 +98,31 @@ def timed(fn: Callable, *args) -> float:
 
 def interleaved(candidates: dict[str, tuple[Callable, tuple]],
                 rounds: int = 9, warmup: int = 2) -> dict[str, float]:
-  """Median seconds per call of each candidate, measured in interleaved rounds."""
+  """Median seconds per call of each candidate (see `interleaved_samples`)."""
+  return {name: statistics.median(t) for name, t in
+          interleaved_samples(candidates, rounds, warmup).items()}
+
+
+def interleaved_samples(candidates: dict[str, tuple[Callable, tuple]],
+                        rounds: int = 9, warmup: int = 2
+                        ) -> dict[str, list[float]]:
+  """Seconds per call of each candidate, one sample per interleaved round.
+
+  Every round runs every candidate once, starting from a different one each
+  round, so slow drifts of the machine and position effects hit all alike.
+  """
   for fn, args in candidates.values():
     for _ in range(warmup):
       jax.block_until_ready(fn(*args))
   times: dict[str, list[float]] = {name: [] for name in candidates}
-  for _ in range(rounds):
-    for name, (fn, args) in candidates.items():
+  names = list(candidates)
+  for r in range(rounds):
+    # Rotate the order each round, so no candidate always runs first (after
+    # the Python loop) or right after the same neighbour.
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn, args = candidates[name]
       times[name].append(timed(fn, *args))
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
 
 
 def donating(fn: Callable, args: Sequence, carried: Sequence[int],

@@ -10,7 +10,8 @@ mean final test accuracy of each and their paired difference, mean ± standard
 error over seeds. Writes ``study.md`` (the tables), ``paired.png`` (every
 paired difference with its standard error), ``turning.png`` (imbalance
 exponent and mean turning angle vs step, mask updates marked) and
-``dense_control.png`` under ``--root``. Unfinished runs are left out, so the
+``dense_control.png`` and ``fan_in.png`` (fan-in histograms at the end)
+under ``--root``. Unfinished runs are left out, so the
 report can be drawn while the sweep runs.
 """
 
@@ -60,6 +61,8 @@ def comparisons() -> list[Comparison]:
       Comparison("correction", "fan_in (paper) vs none", {}, SPARSEOPT),
       Comparison("correction", "norm (measured) vs none", {}, NORM),
       Comparison("correction", "norm vs fan_in", SPARSEOPT, NORM),
+      Comparison("correction", "95%: fan_in vs none", {"sparsity": 0.95},
+                 {"sparsity": 0.95, **SPARSEOPT}),
       Comparison("correction", "95%: norm vs none", {"sparsity": 0.95},
                  {"sparsity": 0.95, **NORM}),
   ]
@@ -75,6 +78,11 @@ def comparisons() -> list[Comparison]:
                         SPARSEOPT))
   out.append(Comparison("optimizer", "AdamW: fan_in vs none", ADAMW,
                         {**ADAMW, "optimizer": "sparseopt+adam"}))
+  for wd in (5e-4, 5e-3):
+    long = {"num_epochs": 12.0, "weight_decay": wd}
+    out.append(Comparison("budget", f"12 epochs, wd {wd:g}: fan_in vs none",
+                          long, {**long, **SPARSEOPT},
+                          _tau_note(0.05, wd, steps=5624)))
   dense = {"method": "dense"}
   for k, name in ((1 / 3, "1/3"), (0.5, "1/2"), (2.0, "2"), (3.0, "3")):
     out.append(Comparison("dense control", f"half the neurons x{name}",
@@ -211,6 +219,66 @@ def mechanism_markdown(runs) -> str:
   return "\n".join(lines)
 
 
+FAN_IN_BINS = (("0", lambda lo: lo == 0), ("1", lambda lo: lo == 1),
+               ("2-3", lambda lo: lo == 2), ("4-7", lambda lo: lo == 4),
+               (">= 8", lambda lo: lo >= 8))
+
+
+def fan_in_fractions(record: dict[str, Any]) -> Optional[np.ndarray]:
+  """Fractions of BN-followed layers' neurons per coarse fan-in bin.
+
+  From the ``L/fan_in/<bin>`` counts the CLI logs (power-of-two bins), summed
+  over layers and merged into `FAN_IN_BINS`; None when a run predates them.
+  """
+  counts = np.zeros(len(FAN_IN_BINS))
+  for key, value in record.items():
+    if "/fan_in/" not in key or key.startswith("head/"):
+      continue
+    lo = int(key.rsplit("/", 1)[1].split("-")[0])
+    counts[[i for i, (_, f) in enumerate(FAN_IN_BINS) if f(lo)][0]] += value
+  return counts / counts.sum() if counts.sum() else None
+
+
+def final_fan_in(runs, overrides) -> Optional[np.ndarray]:
+  """`fan_in_fractions` at the end, mean over seeds (None if not logged)."""
+  fractions = [fan_in_fractions(train.read_metrics(r["workdir"])[-1])
+               for r in select(runs, overrides).values()]
+  fractions = [f for f in fractions if f is not None]
+  return np.mean(fractions, axis=0) if fractions else None
+
+
+TOPOLOGY_SETTINGS = (("97%, 3 epochs", {}), ("95%, 3 epochs", {"sparsity": 0.95}),
+                     ("97%, 12 epochs", {"num_epochs": 12.0}),
+                     ("97%, 12 epochs, wd 5e-3",
+                      {"num_epochs": 12.0, "weight_decay": 5e-3}))
+
+
+def topology_markdown(runs) -> str:
+  """ITOP, ablated neurons and fan-in histogram at the end, per arm."""
+  bins = " | ".join(f"fan-in {name}" for name, _ in FAN_IN_BINS)
+  lines = ["| setting | correction | seeds | ITOP at end | ablated neurons at end "
+           f"(all layers) | {bins} |",
+           "|---|---|---|---|---|" + "---|" * len(FAN_IN_BINS)]
+  for name, setting in TOPOLOGY_SETTINGS:
+    for arm, overrides in ARMS:
+      o = {**setting, **overrides}
+      chosen = select(runs, o)
+      if not chosen:
+        continue
+      itop = [train.read_metrics(r["workdir"])[-1].get("itop")
+              for r in chosen.values()]
+      itop = [x for x in itop if x is not None]
+      dead = final_value(runs, o, "dead")
+      hist = final_fan_in(runs, o)
+      cells = (" | ".join(f"{100 * x:.1f}%" for x in hist) if hist is not None
+               else " | ".join(["n/a"] * len(FAN_IN_BINS)))
+      lines.append(
+          f"| {name} | {arm} | {len(chosen)} "
+          f"| {f'{100 * np.mean(itop):.1f}%' if itop else 'n/a'} "
+          f"| {'n/a' if dead is None else f'{dead:.1f}'} | {cells} |")
+  return "\n".join(lines)
+
+
 def _mask_update_steps(run) -> list[int]:
   c = run["config"]
   total = int(run["steps"][-1])
@@ -311,6 +379,73 @@ def plot_paired(rows, path: str) -> None:
   plt.close(fig)
 
 
+def plot_dense_control(rows, path: str) -> None:
+  """Paired accuracy cost of scaling half the neurons' gradients by k."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  dense = [r for r in rows if r["comparison"].section == "dense control"]
+  ks = np.array([r["comparison"].treatment["grad_scale"] for r in dense])
+  order = np.argsort(ks)
+  diffs = np.array([100 * r["diff"] for r in dense])[order]
+  sems = np.array([100 * r["sem"] if np.isfinite(r["sem"]) else 0.0
+                   for r in dense])[order]
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  ax.errorbar(ks[order], diffs, yerr=sems, marker="o", capsize=3,
+              color="tab:purple")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xscale("log")
+  ax.set_xticks(ks[order])
+  ax.set_xticklabels([r["comparison"].label.rsplit("x", 1)[1]
+                      for r in np.array(dense, dtype=object)[order]])
+  ax.set_xlabel("gradient factor k on a fixed random half of each "
+                "BN-followed layer's neurons")
+  ax.set_ylabel("accuracy vs k = 1 (points)\nsame seed, ±1 s.e.")
+  ax.set_title("Dense control: the cost of turning imbalance alone",
+               fontsize=10)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_fan_in(runs, path: str) -> bool:
+  """Fan-in histograms at the end, per setting and correction."""
+  panels = []
+  for name, setting in TOPOLOGY_SETTINGS:
+    arms = [(arm, final_fan_in(runs, {**setting, **o})) for arm, o in ARMS]
+    arms = [(arm, h) for arm, h in arms if h is not None]
+    if arms:
+      panels.append((name, arms))
+  if not panels:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  colors = {"none (SGD)": "tab:gray", "fan_in": "tab:blue", "norm": "tab:red"}
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6),
+                           squeeze=False)
+  x = np.arange(len(FAN_IN_BINS))
+  for ax, (name, arms) in zip(axes[0], panels):
+    width = 0.8 / len(arms)
+    for i, (arm, hist) in enumerate(arms):
+      ax.bar(x + (i - (len(arms) - 1) / 2) * width, 100 * hist, width,
+             color=colors[arm], label=arm)
+    ax.set_xticks(x)
+    ax.set_xticklabels([b for b, _ in FAN_IN_BINS])
+    ax.set_xlabel("active incoming weights per neuron")
+    ax.set_ylabel("% of neurons (BN-followed layers)")
+    ax.set_title(f"RigL {name}, end of training", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def load(root: str) -> list[dict[str, Any]]:
   runs = plot_lib.load_runs(root)
   for run in runs:
@@ -325,9 +460,17 @@ def report(roots: Sequence[str], out_dir: str) -> str:
   text = ["## Paired differences (treatment - control, same seed)", "",
           paired_markdown(rows), "",
           "## Mechanism: turning rates, mask-update jumps, dead neurons", "",
-          mechanism_markdown(runs)]
+          mechanism_markdown(runs), "",
+          "## Topology at the end: ITOP, ablated neurons, fan-in histogram",
+          "", "Fan-in bins: fraction of the BN-followed layers' neurons with "
+          "that many active incoming weights (mean over seeds; n/a: the run "
+          "predates the histogram logging).", "",
+          topology_markdown(runs)]
   if rows:
     plot_paired(rows, os.path.join(out_dir, "paired.png"))
+  if any(r["comparison"].section == "dense control" for r in rows):
+    plot_dense_control(rows, os.path.join(out_dir, "dense_control.png"))
+  plot_fan_in(runs, os.path.join(out_dir, "fan_in.png"))
   if select(runs, {}):
     plot_turning(runs, os.path.join(out_dir, "turning.png"))
   return "\n".join(text)

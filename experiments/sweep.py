@@ -113,6 +113,13 @@ SWEEPS = {
             {"sparsity": [0.95], "optimizer": ["sgd"], "seed": [0, 1, 2]},
             {"sparsity": [0.95], "optimizer": ["sparseopt"],
              "correction": ["norm", "fan_in"], "seed": [0, 1, 2]},
+            # A 4x longer budget (12 epochs, 5624 steps) for the default and
+            # the best setting (wd 5e-3), with fan-in histograms, dead
+            # neurons and ITOP logged. (The default's 12-epoch arm is the
+            # same recipe as fmnist_convergence's RigL 97% 12-epoch cell.)
+            {"num_epochs": [12.0], "optimizer": _BOTH, "seed": [0, 1, 2]},
+            {"num_epochs": [12.0], "weight_decay": [5e-3], "optimizer": _BOTH,
+             "seed": [0, 1, 2]},
         ]),
     "cifar100_resnet20": Sweep(
         "resnet20_cifar100",

@@ -166,8 +166,31 @@ def test_study_report_pairs_runs_by_seed(tmp_path, fmnist_dir):
   assert row["sem"] == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(2))
   assert "| correction | fan_in (paper) vs none | 2 |" in text
   assert "| 97%, masked dense init | none (SGD) |" in text
-  for png in ("paired.png", "turning.png"):
+  # The histogram rows sum the hidden layer's neurons (the head is left out).
+  assert "| 97%, 3 epochs | none (SGD) | 2 |" in text
+  for png in ("paired.png", "turning.png", "fan_in.png"):
     assert os.path.getsize(os.path.join(root, png)) > 10_000
+
+
+def test_fan_in_fractions_merge_bins_and_leave_out_the_head():
+  record = {"a/kernel/fan_in/0": 1.0, "a/kernel/fan_in/1": 2.0,
+            "a/kernel/fan_in/2-3": 3.0, "a/kernel/fan_in/4-7": 0.0,
+            "a/kernel/fan_in/8-15": 2.0, "b/kernel/fan_in/16-31": 2.0,
+            "head/kernel/fan_in/1": 100.0, "itop": 0.5}
+  np.testing.assert_allclose(study.fan_in_fractions(record),
+                             np.array([1, 2, 3, 0, 4]) / 10)
+  assert study.fan_in_fractions({"itop": 0.5}) is None
+
+
+def test_dense_control_plot(tmp_path):
+  rows = [{"comparison": c, "diff": -0.01 * i, "sem": 0.002, "n": 3}
+          for i, c in enumerate(c for c in study.comparisons()
+                                if c.section == "dense control")]
+  assert sorted(r["comparison"].treatment["grad_scale"] for r in rows) == (
+      pytest.approx([1 / 3, 0.5, 2.0, 3.0]))
+  path = str(tmp_path / "dense_control.png")
+  study.plot_dense_control(rows, path)
+  assert os.path.getsize(path) > 10_000
 
 
 def test_study_matches_only_the_named_recipe():
