@@ -365,10 +365,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
       is_update = ((count > 0) & (count % update_every == 0)
                    & (count < end_step))
 
-      # Only the topology goes through the cond: its outputs are masks and
-      # counts, so a normal step copies no params-sized float buffer (the
-      # optimizer state would be copied at the cond boundary, all the more
-      # when the train step donates it).
+      # Only the topology choice goes through the cond (masks, counts, key).
+      # The optimizer state stays out of it: a state passed through a cond is
+      # copied at its boundary on every step (benchmarks/results/).
       def change_topology(key):
         key, step_key = jax.random.split(key)
         scores = grow_scores(grads, old, state.neuron_counts, params,
@@ -395,7 +394,7 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         masked_grads, state.inner_state, params, masks=old,
         neuron_counts=state.neuron_counts, **extra_args)
     if method != "static":
-      # Elementwise, fused with the inner update; all-False on normal steps.
+      # Elementwise; all-False on normal steps.
       changed = tree_lib.map_masked(
           lambda o, n: None if o is None else o ^ n, old, new)
       inner_state = reset_changed_moments(inner_state, params, changed)
