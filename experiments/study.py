@@ -395,12 +395,18 @@ def plot_dense_control(rows, path: str) -> None:
   ax.errorbar(ks[order], diffs, yerr=sems, marker="o", capsize=3,
               color="tab:purple")
   ax.axhline(0, color="k", lw=0.8)
+  ax.plot([1.0], [0.0], marker="s", color="k", label="k = 1 (control)")
   ax.set_xscale("log")
-  ax.set_xticks(ks[order])
-  ax.set_xticklabels([r["comparison"].label.rsplit("x", 1)[1]
-                      for r in np.array(dense, dtype=object)[order]])
-  ax.set_xlabel("gradient factor k on a fixed random half of each "
-                "BN-followed layer's neurons")
+  ax.minorticks_off()
+  labels = [r["comparison"].label.rsplit("x", 1)[1]
+            for r in np.array(dense, dtype=object)[order]]
+  ticks = sorted([*ks[order], 1.0])
+  ax.set_xticks(ticks)
+  ax.set_xticklabels(["1" if t == 1.0 else labels[list(ks[order]).index(t)]
+                      for t in ticks])
+  ax.set_xlabel("gradient factor k on a fixed random half\n"
+                "of each BN-followed layer's neurons")
+  ax.legend(fontsize=8, loc="upper left")
   ax.set_ylabel("accuracy vs k = 1 (points)\nsame seed, ±1 s.e.")
   ax.set_title("Dense control: the cost of turning imbalance alone",
                fontsize=10)
