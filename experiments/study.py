@@ -392,10 +392,16 @@ def plot_dense_control(rows, path: str) -> None:
   sems = np.array([100 * r["sem"] if np.isfinite(r["sem"]) else 0.0
                    for r in dense])[order]
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  # The control itself, k = 1, is 0 by construction; the line runs through it.
+  line_k = np.append(ks[order], 1.0)
+  line_order = np.argsort(line_k)
+  ax.plot(line_k[line_order], np.append(diffs, 0.0)[line_order],
+          color="tab:purple")
   ax.errorbar(ks[order], diffs, yerr=sems, marker="o", capsize=3,
-              color="tab:purple")
+              color="tab:purple", ls="none")
   ax.axhline(0, color="k", lw=0.8)
-  ax.plot([1.0], [0.0], marker="s", color="k", label="k = 1 (control)")
+  ax.plot([1.0], [0.0], marker="s", color="k", ls="none",
+          label="k = 1 (control)")
   ax.set_xscale("log")
   ax.minorticks_off()
   labels = [r["comparison"].label.rsplit("x", 1)[1]
