@@ -1,8 +1,9 @@
 """Shared benchmark plumbing: synthetic parameter trees and interleaved timing.
 
 Timings are medians over interleaved rounds (every candidate runs once per
-round, in turn) after compilation and warm-up, so slow drifts of the machine
-hit every candidate alike and ratios are measured side by side.
+round, in an order that rotates from round to round) after compilation and
+warm-up, so slow drifts of the machine hit every candidate alike and ratios
+are measured side by side.
 """
 
 from __future__ import annotations
