@@ -53,11 +53,15 @@ def candidates(params, masks, grads):
   zero_state = zero.init(params)
   zero_fn = jax.jit(lambda g, s, p, m: zero.update(g, s, p, masks=m)[0])
 
-  sgd = optax.sgd(0.1, momentum=0.9)
+  def carrying(tx, state, fix=lambda out: out):
+    """``tx.update`` as a donating candidate: (state, updates) out."""
+    def step(state, g, p):
+      updates, state = tx.update(g, state, p)
+      return state, updates
+    return common.donating(step, (state, grads, params), carried=(0,),
+                           fix=fix)
 
-  def sgd_step(state, g, p):
-    updates, state = sgd.update(g, state, p)
-    return state, updates
+  sgd = optax.sgd(0.1, momentum=0.9)
 
   def dst(method, count):
     # As in a train step: the state is donated and carried from call to
@@ -68,14 +72,8 @@ def candidates(params, masks, grads):
         masks, method=method, update_every=100, end_step=10_000,
         key=jax.random.key(0))
     state = tx.init(params)._replace(count=jnp.int32(count))
-
-    def step(state, g, p):
-      updates, state = tx.update(g, state, p)
-      return state, updates
-
-    return common.donating(
-        step, (state, grads, params), carried=(0,),
-        fix=lambda out: (out[0]._replace(count=jnp.int32(count)),))
+    return carrying(tx, state, fix=lambda out: (
+        out[0]._replace(count=jnp.int32(count)),))
 
   out = {
       "floor": (floor, (grads, masks)),
@@ -83,8 +81,7 @@ def candidates(params, masks, grads):
       "scale_by_sparseopt_cached": (
           cached_fn, (grads, scale_state, params, masks, counts)),
       "zero_masked_updates": (zero_fn, (grads, zero_state, params, masks)),
-      "sgd_momentum": common.donating(sgd_step, (sgd.init(params), grads,
-                                                 params), carried=(0,)),
+      "sgd_momentum": carrying(sgd, sgd.init(params)),
       "dst_step": dst("rigl", 1),
       "rigl_update": dst("rigl", 100),
       "set_update": dst("set", 100),

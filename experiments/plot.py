@@ -31,18 +31,19 @@ _IGNORED = frozenset({"seed", "optimizer"}) | train.RESUMABLE_FIELDS
 
 
 def load_runs(root: str) -> list[dict[str, Any]]:
-  """Every run under ``root``: its config, eval curve and finished flag."""
+  """Every run under ``root``: config, metrics records, eval curve, finished."""
   runs = []
   for name in sorted(os.listdir(root)):
     workdir = os.path.join(root, name)
     if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
       continue
     config = train.load_saved_config(workdir)
-    evals = [r for r in train.read_metrics(workdir) if "test_accuracy" in r]
+    records = train.read_metrics(workdir)
+    evals = [r for r in records if "test_accuracy" in r]
     if not evals:
       continue
     runs.append({
-        "name": name, "config": config,
+        "name": name, "config": config, "records": records,
         "steps": np.array([r["step"] for r in evals]),
         "accuracy": np.array([r["test_accuracy"] for r in evals]),
         "finished": os.path.exists(os.path.join(workdir, "summary.json")),

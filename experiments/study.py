@@ -16,6 +16,7 @@ report can be drawn while the sweep runs.
 """
 
 import dataclasses
+import fractions
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -25,7 +26,6 @@ from absl import flags
 import numpy as np
 
 from experiments import plot as plot_lib
-from experiments import train
 
 # The default recipe of the study; every comparison overrides some fields.
 BASE = {"method": "rigl", "sparsity": 0.97, "optimizer": "sgd",
@@ -148,11 +148,11 @@ def _bn_layers(record: dict[str, Any], prefix: str, stat: str) -> list[str]:
                 and k.endswith("/" + stat) and not k.startswith(prefix + "head"))
 
 
-def layer_mean_curve(workdir: str, prefix: str, stat: str
+def layer_mean_curve(run: dict[str, Any], prefix: str, stat: str
                      ) -> tuple[np.ndarray, np.ndarray]:
   """(steps, mean over BN-followed layers of ``prefix L/stat``)."""
   steps, values = [], []
-  for record in train.read_metrics(workdir):
+  for record in run["records"]:
     keys = _bn_layers(record, prefix, stat)
     if keys:
       steps.append(record["step"])
@@ -166,7 +166,7 @@ def turning_summary(runs, overrides, stat: str, prefix: str = "turn/"
   chosen = select(runs, overrides)
   means = []
   for run in chosen.values():
-    _, values = layer_mean_curve(run["workdir"], prefix, stat)
+    _, values = layer_mean_curve(run, prefix, stat)
     if values.size:
       means.append(values.mean())
   return float(np.mean(means)) if means else None
@@ -177,7 +177,7 @@ def final_value(runs, overrides, suffix: str, reduce=sum) -> Optional[float]:
   chosen = select(runs, overrides)
   totals = []
   for run in chosen.values():
-    last = train.read_metrics(run["workdir"])[-1]
+    last = run["records"][-1]
     keys = [k for k in last if k.endswith("/" + suffix) and "/" in k
             and not k.startswith(("turn/", "jump/", "update_turn/"))]
     if keys:
@@ -219,9 +219,9 @@ def mechanism_markdown(runs) -> str:
   return "\n".join(lines)
 
 
-FAN_IN_BINS = (("0", lambda lo: lo == 0), ("1", lambda lo: lo == 1),
-               ("2-3", lambda lo: lo == 2), ("4-7", lambda lo: lo == 4),
-               (">= 8", lambda lo: lo >= 8))
+# Coarse bins over the logged power-of-two ones: a logged bin starting at
+# ``lo`` goes to bin ``min(lo.bit_length(), 4)`` (0, 1, 2-3, 4-7, >= 8).
+FAN_IN_BINS = ("0", "1", "2-3", "4-7", ">= 8")
 
 
 def fan_in_fractions(record: dict[str, Any]) -> Optional[np.ndarray]:
@@ -235,13 +235,13 @@ def fan_in_fractions(record: dict[str, Any]) -> Optional[np.ndarray]:
     if "/fan_in/" not in key or key.startswith("head/"):
       continue
     lo = int(key.rsplit("/", 1)[1].split("-")[0])
-    counts[[i for i, (_, f) in enumerate(FAN_IN_BINS) if f(lo)][0]] += value
+    counts[min(lo.bit_length(), len(FAN_IN_BINS) - 1)] += value
   return counts / counts.sum() if counts.sum() else None
 
 
 def final_fan_in(runs, overrides) -> Optional[np.ndarray]:
   """`fan_in_fractions` at the end, mean over seeds (None if not logged)."""
-  fractions = [fan_in_fractions(train.read_metrics(r["workdir"])[-1])
+  fractions = [fan_in_fractions(r["records"][-1])
                for r in select(runs, overrides).values()]
   fractions = [f for f in fractions if f is not None]
   return np.mean(fractions, axis=0) if fractions else None
@@ -255,7 +255,7 @@ TOPOLOGY_SETTINGS = (("97%, 3 epochs", {}), ("95%, 3 epochs", {"sparsity": 0.95}
 
 def topology_markdown(runs) -> str:
   """ITOP, ablated neurons and fan-in histogram at the end, per arm."""
-  bins = " | ".join(f"fan-in {name}" for name, _ in FAN_IN_BINS)
+  bins = " | ".join(f"fan-in {name}" for name in FAN_IN_BINS)
   lines = ["| setting | correction | seeds | ITOP at end | ablated neurons at end "
            f"(all layers) | {bins} |",
            "|---|---|---|---|---|" + "---|" * len(FAN_IN_BINS)]
@@ -265,8 +265,7 @@ def topology_markdown(runs) -> str:
       chosen = select(runs, o)
       if not chosen:
         continue
-      itop = [train.read_metrics(r["workdir"])[-1].get("itop")
-              for r in chosen.values()]
+      itop = [r["records"][-1].get("itop") for r in chosen.values()]
       itop = [x for x in itop if x is not None]
       dead = final_value(runs, o, "dead")
       hist = final_fan_in(runs, o)
@@ -305,7 +304,7 @@ def plot_turning(runs, path: str) -> None:
       if not chosen:
         continue
       for j, stat in enumerate(("imbalance", "angle_mean")):
-        curves = [layer_mean_curve(r["workdir"], "turn/", stat)
+        curves = [layer_mean_curve(r, "turn/", stat)
                   for r in chosen.values()]
         n = min(len(s) for s, _ in curves)
         steps = curves[0][0][:n]
@@ -385,31 +384,27 @@ def plot_dense_control(rows, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  dense = [r for r in rows if r["comparison"].section == "dense control"]
+  dense = sorted((r for r in rows if r["comparison"].section == "dense control"),
+                 key=lambda r: r["comparison"].treatment["grad_scale"])
   ks = np.array([r["comparison"].treatment["grad_scale"] for r in dense])
-  order = np.argsort(ks)
-  diffs = np.array([100 * r["diff"] for r in dense])[order]
+  diffs = np.array([100 * r["diff"] for r in dense])
   sems = np.array([100 * r["sem"] if np.isfinite(r["sem"]) else 0.0
-                   for r in dense])[order]
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+                   for r in dense])
   # The control itself, k = 1, is 0 by construction; the line runs through it.
-  line_k = np.append(ks[order], 1.0)
-  line_order = np.argsort(line_k)
-  ax.plot(line_k[line_order], np.append(diffs, 0.0)[line_order],
-          color="tab:purple")
-  ax.errorbar(ks[order], diffs, yerr=sems, marker="o", capsize=3,
+  line = sorted([*zip(ks, diffs), (1.0, 0.0)])
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  ax.plot(*zip(*line), color="tab:purple")
+  ax.errorbar(ks, diffs, yerr=sems, marker="o", capsize=3,
               color="tab:purple", ls="none")
   ax.axhline(0, color="k", lw=0.8)
   ax.plot([1.0], [0.0], marker="s", color="k", ls="none",
           label="k = 1 (control)")
   ax.set_xscale("log")
   ax.minorticks_off()
-  labels = [r["comparison"].label.rsplit("x", 1)[1]
-            for r in np.array(dense, dtype=object)[order]]
-  ticks = sorted([*ks[order], 1.0])
+  ticks = [k for k, _ in line]
   ax.set_xticks(ticks)
-  ax.set_xticklabels(["1" if t == 1.0 else labels[list(ks[order]).index(t)]
-                      for t in ticks])
+  ax.set_xticklabels([str(fractions.Fraction(k).limit_denominator(10))
+                      for k in ticks])
   ax.set_xlabel("gradient factor k on a fixed random half\n"
                 "of each BN-followed layer's neurons")
   ax.legend(fontsize=8, loc="upper left")
@@ -422,8 +417,8 @@ def plot_dense_control(rows, path: str) -> None:
   plt.close(fig)
 
 
-def plot_fan_in(runs, path: str) -> bool:
-  """Fan-in histograms at the end, per setting and correction."""
+def plot_fan_in(runs, path: str) -> None:
+  """Fan-in histograms at the end, per setting and correction (if logged)."""
   panels = []
   for name, setting in TOPOLOGY_SETTINGS:
     arms = [(arm, final_fan_in(runs, {**setting, **o})) for arm, o in ARMS]
@@ -431,7 +426,7 @@ def plot_fan_in(runs, path: str) -> bool:
     if arms:
       panels.append((name, arms))
   if not panels:
-    return False
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -446,7 +441,7 @@ def plot_fan_in(runs, path: str) -> bool:
       ax.bar(x + (i - (len(arms) - 1) / 2) * width, 100 * hist, width,
              color=colors[arm], label=arm)
     ax.set_xticks(x)
-    ax.set_xticklabels([b for b, _ in FAN_IN_BINS])
+    ax.set_xticklabels(FAN_IN_BINS)
     ax.set_xlabel("active incoming weights per neuron")
     ax.set_ylabel("% of neurons (BN-followed layers)")
     ax.set_title(f"RigL {name}, end of training", fontsize=10)
@@ -455,7 +450,6 @@ def plot_fan_in(runs, path: str) -> bool:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-  return True
 
 
 def load(root: str) -> list[dict[str, Any]]:

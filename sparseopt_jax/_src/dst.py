@@ -354,12 +354,16 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
                        "params): mask updates rank weights by magnitude and "
                        "the emitted updates zero pruned weights.")
     extra_args.pop("masks", None)  # The live masks are ours to forward.
-    extra_args.pop("neuron_counts", None)
     old = state.masks
     tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
+    masked_grads = tree_lib.zero_masked(old, grads)
+    extra_args.pop("neuron_counts", None)
+    inner_updates, inner_state = inner.update(
+        masked_grads, state.inner_state, params, masks=old,
+        neuron_counts=state.neuron_counts, **extra_args)
 
-    new, num_changed, counts, key = (old, state.num_changed,
-                                     state.neuron_counts, state.key)
+    new, num_changed, key = old, state.num_changed, state.key
+    counts = state.neuron_counts
     if method != "static":
       count = state.count
       is_update = ((count > 0) & (count % update_every == 0)
@@ -370,9 +374,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
       # copied at its boundary on every step (benchmarks/results/).
       def change_topology(key):
         key, step_key = jax.random.split(key)
+        fraction = fraction_at(count)
         scores = grow_scores(grads, old, state.neuron_counts, params,
                              step_key)
-        fraction = fraction_at(count)
         pairs = tree_lib.map_masked(
             lambda m, w, s, kmax: None if m is None else _update_layer(
                 m, w, s, fraction, kmax), old, params, scores, k_max)
@@ -388,12 +392,6 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
 
       new, num_changed, counts, key = jax.lax.cond(
           is_update, change_topology, keep, state.key)
-
-    masked_grads = tree_lib.zero_masked(old, grads)
-    inner_updates, inner_state = inner.update(
-        masked_grads, state.inner_state, params, masks=old,
-        neuron_counts=state.neuron_counts, **extra_args)
-    if method != "static":
       # Elementwise; all-False on normal steps.
       changed = tree_lib.map_masked(
           lambda o, n: None if o is None else o ^ n, old, new)
