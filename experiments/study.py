@@ -9,14 +9,16 @@ a treatment run by seed (same init, masks and data order) and reports the
 mean final test accuracy of each and their paired difference, mean ± standard
 error over seeds. Writes ``study.md`` (the tables), ``paired.png`` (every
 paired difference with its standard error), ``turning.png`` (imbalance
-exponent and mean turning angle vs step, mask updates marked) and
-``dense_control.png`` and ``fan_in.png`` (fan-in histograms at the end)
-under ``--root``. Unfinished runs are left out, so the
+exponent and mean turning angle vs step, mask updates marked),
+``dense_control.png``, ``fan_in.png`` (fan-in histograms at the end) and
+``budget.png`` (the paired gap over training, 3 vs 12 epochs) under
+``--root``. Unfinished runs are left out, so the
 report can be drawn while the sweep runs.
 """
 
 import dataclasses
 import fractions
+import functools
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -193,7 +195,11 @@ def mechanism_markdown(runs) -> str:
   settings = [("97%, masked dense init", {}),
               ("97%, fan-in init", {"init": "fan_in"}),
               ("97%, wd 0", {"weight_decay": 0.0}),
-              ("95%, masked dense init", {"sparsity": 0.95})]
+              ("97%, wd 5e-3", {"weight_decay": 5e-3}),
+              ("95%, masked dense init", {"sparsity": 0.95}),
+              ("97%, 12 epochs", {"num_epochs": 12.0}),
+              ("97%, 12 epochs, wd 5e-3",
+               {"num_epochs": 12.0, "weight_decay": 5e-3})]
   lines = ["| setting | correction | imbalance exponent (mean over training) "
            "| mean angle per step (mrad) | norm jump at updates "
            "| factor jump at updates | dead neurons at end (all layers) "
@@ -343,6 +349,79 @@ def plot_turning(runs, path: str) -> None:
   plt.close(fig)
 
 
+def paired_curve(runs, control, treatment
+                 ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+  """Same-seed accuracy difference at every eval step both arms logged.
+
+  Returns ``(fraction of training, mean difference, standard error, seeds)``
+  over the finished seeds of both arms (None if no seed has both), or the
+  standard error NaN for a single seed.
+  """
+  control, treatment = select(runs, control), select(runs, treatment)
+  seeds = sorted(set(control) & set(treatment))
+  if not seeds:
+    return None
+  steps = functools.reduce(
+      np.intersect1d, [r["steps"] for s in seeds
+                       for r in (control[s], treatment[s])])
+  diffs = []
+  for s in seeds:
+    c, t = control[s], treatment[s]
+    diffs.append(t["accuracy"][np.searchsorted(t["steps"], steps)]
+                 - c["accuracy"][np.searchsorted(c["steps"], steps)])
+  diffs = np.array(diffs)
+  sem = (diffs.std(axis=0, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1
+         else np.full(steps.shape, np.nan))
+  total = control[seeds[0]]["steps"][-1]
+  return steps / total, diffs.mean(axis=0), sem, len(seeds)
+
+
+BUDGETS = (("3 epochs", 3.0, "tab:orange"), ("12 epochs", 12.0, "tab:blue"))
+
+
+def plot_budget(runs, path: str) -> bool:
+  """Paired gap (paper's factor - none) over training, short vs long budget.
+
+  One panel per weight decay that has a 12-epoch pair; returns whether it
+  drew anything.
+  """
+  panels = []
+  for wd in (5e-4, 5e-3):
+    lines = []
+    for name, epochs, color in BUDGETS:
+      o = {"num_epochs": epochs, "weight_decay": wd}
+      curve = paired_curve(runs, o, {**o, **SPARSEOPT})
+      if curve is not None:
+        lines.append((name, color, curve))
+    if any(name == "12 epochs" for name, _, _ in lines):
+      panels.append((wd, lines))
+  if not panels:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8),
+                           squeeze=False, sharey=True)
+  for ax, (wd, lines) in zip(axes[0], panels):
+    for name, color, (x, diff, sem, n) in lines:
+      ax.plot(x, 100 * diff, color=color, marker="o", ms=3,
+              label=f"{name} ({n} seeds)")
+      ax.fill_between(x, 100 * (diff - sem), 100 * (diff + sem),
+                      color=color, alpha=0.2)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("fraction of training")
+    ax.set_title(f"RigL 97%, SGD, wd {wd:g}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel("test accuracy, paper's factor - none\n"
+                        "(points, same seed, ±1 s.e.)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def plot_paired(rows, path: str) -> None:
   """Every paired difference with its standard error, one bar each."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -477,6 +556,7 @@ def report(roots: Sequence[str], out_dir: str) -> str:
   if any(r["comparison"].section == "dense control" for r in rows):
     plot_dense_control(rows, os.path.join(out_dir, "dense_control.png"))
   plot_fan_in(runs, os.path.join(out_dir, "fan_in.png"))
+  plot_budget(runs, os.path.join(out_dir, "budget.png"))
   if select(runs, {}):
     plot_turning(runs, os.path.join(out_dir, "turning.png"))
   return "\n".join(text)

@@ -239,3 +239,36 @@ def test_factors_on_the_live_masks_of_a_run_match_numpy(tmp_path, fmnist_dir):
     np.testing.assert_allclose(applied[layer]["kernel"],
                                np.broadcast_to(want, masks[layer]["kernel"].shape),
                                rtol=1e-6)
+
+
+def _fake_run(seed, optimizer, epochs, steps, accuracy):
+  config = {**study.BASE, "seed": seed, "num_epochs": epochs}
+  if optimizer == "sparseopt":
+    config.update(study.SPARSEOPT)
+  return {"config": config, "finished": True, "steps": np.array(steps),
+          "accuracy": np.array(accuracy, dtype=float), "records": [{}]}
+
+
+def test_paired_curve_aligns_eval_steps_and_pairs_by_seed(tmp_path):
+  rng = np.random.default_rng(0)
+  steps = [100, 200, 400]
+  acc = {(o, s): rng.uniform(0.5, 0.9, 3) for o in ("sgd", "sparseopt")
+         for s in range(3)}
+  runs = [_fake_run(s, o, 12.0, steps, acc[o, s]) for (o, s) in acc]
+  # An extra eval step in one run, and a seed with only one arm: both ignored.
+  runs[0]["steps"] = np.array([50, 100, 200, 400])
+  runs[0]["accuracy"] = np.concatenate([[0.1], runs[0]["accuracy"]])
+  runs.append(_fake_run(7, "sgd", 12.0, steps, [0.1, 0.2, 0.3]))
+  long = {"num_epochs": 12.0}
+  x, diff, sem, n = study.paired_curve(runs, long, {**long, **study.SPARSEOPT})
+  d = np.array([acc["sparseopt", s] - acc["sgd", s] for s in range(3)])
+  assert n == 3
+  np.testing.assert_allclose(x, np.array(steps) / 400)
+  np.testing.assert_allclose(diff, d.mean(0))
+  np.testing.assert_allclose(sem, d.std(0, ddof=1) / math.sqrt(3))
+  assert study.paired_curve(runs, {"num_epochs": 3.0},
+                            {"num_epochs": 3.0, **study.SPARSEOPT}) is None
+  path = str(tmp_path / "budget.png")
+  assert study.plot_budget(runs, path)
+  assert os.path.getsize(path) > 10_000
+  assert not study.plot_budget(runs[:0], str(tmp_path / "none.png"))
