@@ -11,7 +11,8 @@ error over seeds. Writes ``study.md`` (the tables), ``paired.png`` (every
 paired difference with its standard error), ``turning.png`` (imbalance
 exponent and mean turning angle vs step, mask updates marked),
 ``dense_control.png``, ``fan_in.png`` (fan-in histograms at the end) and
-``budget.png`` (the paired gap over training, 3 vs 12 epochs) under
+``budget.png`` (the paired gap over training, 3 vs 12 epochs) and
+``topology.png`` (ablated neurons and ITOP over the 12-epoch runs) under
 ``--root``. Unfinished runs are left out, so the
 report can be drawn while the sweep runs.
 """
@@ -422,6 +423,64 @@ def plot_budget(runs, path: str) -> bool:
   return True
 
 
+def topology_curve(run, stat: str) -> tuple[np.ndarray, np.ndarray]:
+  """``itop``, or ``dead`` summed over layers, at every step that logged it."""
+  steps, values = [], []
+  for r in run["records"]:
+    if stat == "itop":
+      value = r.get("itop")
+    else:
+      keys = [k for k in r if k.endswith("/" + stat)
+              and not k.startswith(("turn/", "jump/", "update_turn/"))]
+      value = sum(r[k] for k in keys) if keys else None
+    if value is not None:
+      steps.append(r["step"])
+      values.append(value)
+  return np.array(steps), np.array(values, dtype=float)
+
+
+LONG_SETTINGS = (("wd 5e-4", {"num_epochs": 12.0}, "-"),
+                 ("wd 5e-3", {"num_epochs": 12.0, "weight_decay": 5e-3}, "--"))
+
+
+def plot_topology(runs, path: str) -> bool:
+  """Ablated neurons and ITOP over the 12-epoch runs, per arm (seed mean)."""
+  lines = []
+  for name, setting, style in LONG_SETTINGS:
+    for arm, overrides in ARMS:
+      chosen = select(runs, {**setting, **overrides})
+      if chosen:
+        lines.append((f"{arm}, {name} ({len(chosen)} seeds)", arm, style,
+                      list(chosen.values())))
+  if not lines:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  colors = {"none (SGD)": "tab:gray", "fan_in": "tab:blue", "norm": "tab:red"}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for ax, stat, ylabel, scale in (
+      (axes[0], "dead", "ablated neurons (all layers)", 1.0),
+      (axes[1], "itop", "ITOP (% of weights ever active)", 100.0)):
+    for label, arm, style, chosen in lines:
+      curves = [topology_curve(r, stat) for r in chosen]
+      steps = functools.reduce(np.intersect1d, [c[0] for c in curves])
+      if not steps.size:
+        continue
+      mean = np.mean([v[np.searchsorted(t, steps)] for t, v in curves], 0)
+      ax.plot(steps, scale * mean, color=colors[arm], ls=style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle("RigL 97%, 12 epochs: topology over training", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def plot_paired(rows, path: str) -> None:
   """Every paired difference with its standard error, one bar each."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -557,6 +616,7 @@ def report(roots: Sequence[str], out_dir: str) -> str:
     plot_dense_control(rows, os.path.join(out_dir, "dense_control.png"))
   plot_fan_in(runs, os.path.join(out_dir, "fan_in.png"))
   plot_budget(runs, os.path.join(out_dir, "budget.png"))
+  plot_topology(runs, os.path.join(out_dir, "topology.png"))
   if select(runs, {}):
     plot_turning(runs, os.path.join(out_dir, "turning.png"))
   return "\n".join(text)

@@ -272,3 +272,24 @@ def test_paired_curve_aligns_eval_steps_and_pairs_by_seed(tmp_path):
   assert study.plot_budget(runs, path)
   assert os.path.getsize(path) > 10_000
   assert not study.plot_budget(runs[:0], str(tmp_path / "none.png"))
+
+
+def test_topology_curves_sum_dead_over_layers_and_plot(tmp_path):
+  records = [{"step": 10, "a/kernel/dead": 1.0, "b/kernel/dead": 2.0,
+              "turn/a/kernel/dead": 50.0, "itop": 0.1},
+             {"step": 15, "test_accuracy": 0.5},
+             {"step": 20, "a/kernel/dead": 0.0, "b/kernel/dead": 4.0,
+              "itop": 0.2}]
+  steps, dead = study.topology_curve({"records": records}, "dead")
+  np.testing.assert_array_equal(steps, [10, 20])
+  np.testing.assert_array_equal(dead, [3.0, 4.0])
+  np.testing.assert_array_equal(
+      study.topology_curve({"records": records}, "itop")[1], [0.1, 0.2])
+  runs = [_fake_run(s, o, 12.0, [20], [0.5]) for s in (0, 1)
+          for o in ("sgd", "sparseopt")]
+  for run in runs:
+    run["records"] = records
+  path = str(tmp_path / "topology.png")
+  assert study.plot_topology(runs, path)
+  assert os.path.getsize(path) > 10_000
+  assert not study.plot_topology(runs[:0], str(tmp_path / "none.png"))
