@@ -10,7 +10,7 @@ mean final test accuracy of each and their paired difference, mean ± standard
 error over seeds. Writes ``study.md`` (the tables), ``paired.png`` (every
 paired difference with its standard error), ``turning.png`` (imbalance
 exponent and mean turning angle vs step, mask updates marked),
-``dense_control.png``, ``fan_in.png`` (fan-in histograms at the end) and
+``dense_control.png``, ``fan_in.png`` (fan-in histograms at the end),
 ``budget.png`` (the paired gap over training, 3 vs 12 epochs) and
 ``topology.png`` (ablated neurons and ITOP over the 12-epoch runs) under
 ``--root``. Unfinished runs are left out, so the
@@ -175,14 +175,19 @@ def turning_summary(runs, overrides, stat: str, prefix: str = "turn/"
   return float(np.mean(means)) if means else None
 
 
+def layer_keys(record: dict[str, Any], suffix: str) -> list[str]:
+  """The per-layer ``L/suffix`` keys of a record (not the turning ones)."""
+  return [k for k in record if k.endswith("/" + suffix)
+          and not k.startswith(("turn/", "jump/", "update_turn/"))]
+
+
 def final_value(runs, overrides, suffix: str, reduce=sum) -> Optional[float]:
   """Mean over seeds of ``reduce`` over layers of ``L/suffix`` at the end."""
   chosen = select(runs, overrides)
   totals = []
   for run in chosen.values():
     last = run["records"][-1]
-    keys = [k for k in last if k.endswith("/" + suffix) and "/" in k
-            and not k.startswith(("turn/", "jump/", "update_turn/"))]
+    keys = layer_keys(last, suffix)
     if keys:
       totals.append(reduce(last[k] for k in keys))
   return float(np.mean(totals)) if totals else None
@@ -430,8 +435,7 @@ def topology_curve(run, stat: str) -> tuple[np.ndarray, np.ndarray]:
     if stat == "itop":
       value = r.get("itop")
     else:
-      keys = [k for k in r if k.endswith("/" + stat)
-              and not k.startswith(("turn/", "jump/", "update_turn/"))]
+      keys = layer_keys(r, stat)
       value = sum(r[k] for k in keys) if keys else None
     if value is not None:
       steps.append(r["step"])
