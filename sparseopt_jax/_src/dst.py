@@ -353,17 +353,18 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
       raise ValueError("dynamic_sparse needs params in update(grads, state, "
                        "params): mask updates rank weights by magnitude and "
                        "the emitted updates zero pruned weights.")
-    extra_args.pop("masks", None)  # The live masks are ours to forward.
+    # The live masks and their counts are ours to forward.
+    extra_args.pop("masks", None)
+    extra_args.pop("neuron_counts", None)
     old = state.masks
     tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
     masked_grads = tree_lib.zero_masked(old, grads)
-    extra_args.pop("neuron_counts", None)
     inner_updates, inner_state = inner.update(
         masked_grads, state.inner_state, params, masks=old,
         neuron_counts=state.neuron_counts, **extra_args)
 
-    new, num_changed, key = old, state.num_changed, state.key
-    counts = state.neuron_counts
+    new, num_changed, counts, key = (old, state.num_changed,
+                                     state.neuron_counts, state.key)
     if method != "static":
       count = state.count
       is_update = ((count > 0) & (count % update_every == 0)
