@@ -194,6 +194,8 @@ def final_value(runs, overrides, suffix: str, reduce=sum) -> Optional[float]:
 
 
 ARMS = (("none (SGD)", {}), ("fan_in", SPARSEOPT), ("norm", NORM))
+ARM_COLORS = {"none (SGD)": "tab:gray", "fan_in": "tab:blue",
+              "norm": "tab:red"}
 
 
 def mechanism_markdown(runs) -> str:
@@ -306,7 +308,6 @@ def plot_turning(runs, path: str) -> None:
   rows = [(name, setting) for name, setting in
           (("masked dense init", {}), ("fan-in init", {"init": "fan_in"}))
           if any(select(runs, {**setting, **o}) for _, o in ARMS)]
-  colors = {"none (SGD)": "tab:gray", "fan_in": "tab:blue", "norm": "tab:red"}
   fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)),
                            squeeze=False)
   for i, (row, setting) in enumerate(rows):
@@ -316,19 +317,16 @@ def plot_turning(runs, path: str) -> None:
       if not chosen:
         continue
       for j, stat in enumerate(("imbalance", "angle_mean")):
-        curves = [layer_mean_curve(r, "turn/", stat)
-                  for r in chosen.values()]
-        n = min(len(s) for s, _ in curves)
-        steps = curves[0][0][:n]
-        values = np.stack([v[:n] for _, v in curves])
+        steps, values = on_common_steps([layer_mean_curve(r, "turn/", stat)
+                                         for r in chosen.values()])
         scale = 1e3 if stat == "angle_mean" else 1.0
         mean = scale * values.mean(0)
         ax = axes[i, j]
-        ax.plot(steps, mean, color=colors[arm],
-                label=f"{arm} ({len(curves)} seeds)")
-        if len(curves) > 1:
+        ax.plot(steps, mean, color=ARM_COLORS[arm],
+                label=f"{arm} ({len(values)} seeds)")
+        if len(values) > 1:
           sd = scale * values.std(0)
-          ax.fill_between(steps, mean - sd, mean + sd, color=colors[arm],
+          ax.fill_between(steps, mean - sd, mean + sd, color=ARM_COLORS[arm],
                           alpha=0.15)
       updates = _mask_update_steps(next(iter(chosen.values())))
     for j, ylabel in enumerate(
@@ -355,6 +353,16 @@ def plot_turning(runs, path: str) -> None:
   plt.close(fig)
 
 
+def on_common_steps(curves) -> tuple[np.ndarray, np.ndarray]:
+  """``(steps, values)`` curves restricted to the steps all of them have.
+
+  Returns the common steps and the values stacked, one row per curve.
+  """
+  steps = functools.reduce(np.intersect1d, [t for t, _ in curves])
+  return steps, np.stack([np.asarray(v)[np.searchsorted(t, steps)]
+                          for t, v in curves])
+
+
 def paired_curve(runs, control, treatment
                  ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
   """Same-seed accuracy difference at every eval step both arms logged.
@@ -367,15 +375,10 @@ def paired_curve(runs, control, treatment
   seeds = sorted(set(control) & set(treatment))
   if not seeds:
     return None
-  steps = functools.reduce(
-      np.intersect1d, [r["steps"] for s in seeds
-                       for r in (control[s], treatment[s])])
-  diffs = []
-  for s in seeds:
-    c, t = control[s], treatment[s]
-    diffs.append(t["accuracy"][np.searchsorted(t["steps"], steps)]
-                 - c["accuracy"][np.searchsorted(c["steps"], steps)])
-  diffs = np.array(diffs)
+  steps, acc = on_common_steps(
+      [(r["steps"], r["accuracy"]) for s in seeds
+       for r in (control[s], treatment[s])])
+  diffs = acc[1::2] - acc[0::2]  # Treatment - control, one row per seed.
   sem = (diffs.std(axis=0, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1
          else np.full(steps.shape, np.nan))
   total = control[seeds[0]]["steps"][-1]
@@ -462,18 +465,17 @@ def plot_topology(runs, path: str) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  colors = {"none (SGD)": "tab:gray", "fan_in": "tab:blue", "norm": "tab:red"}
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
   for ax, stat, ylabel, scale in (
       (axes[0], "dead", "ablated neurons (all layers)", 1.0),
       (axes[1], "itop", "ITOP (% of weights ever active)", 100.0)):
     for label, arm, style, chosen in lines:
-      curves = [topology_curve(r, stat) for r in chosen]
-      steps = functools.reduce(np.intersect1d, [c[0] for c in curves])
+      steps, values = on_common_steps([topology_curve(r, stat)
+                                       for r in chosen])
       if not steps.size:
         continue
-      mean = np.mean([v[np.searchsorted(t, steps)] for t, v in curves], 0)
-      ax.plot(steps, scale * mean, color=colors[arm], ls=style, label=label)
+      ax.plot(steps, scale * values.mean(0), color=ARM_COLORS[arm], ls=style,
+              label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -573,7 +575,6 @@ def plot_fan_in(runs, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  colors = {"none (SGD)": "tab:gray", "fan_in": "tab:blue", "norm": "tab:red"}
   fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6),
                            squeeze=False)
   x = np.arange(len(FAN_IN_BINS))
@@ -581,7 +582,7 @@ def plot_fan_in(runs, path: str) -> None:
     width = 0.8 / len(arms)
     for i, (arm, hist) in enumerate(arms):
       ax.bar(x + (i - (len(arms) - 1) / 2) * width, 100 * hist, width,
-             color=colors[arm], label=arm)
+             color=ARM_COLORS[arm], label=arm)
     ax.set_xticks(x)
     ax.set_xticklabels(FAN_IN_BINS)
     ax.set_xlabel("active incoming weights per neuron")
