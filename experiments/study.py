@@ -561,8 +561,12 @@ def plot_dense_control(rows, path: str) -> None:
   plt.close(fig)
 
 
-def plot_fan_in(runs, path: str) -> None:
-  """Fan-in histograms at the end, per setting and correction (if logged)."""
+def plot_fan_in(runs, path: str) -> bool:
+  """Fan-in histograms at the end, per setting and correction (if logged).
+
+  Returns:
+    Whether any run logged a histogram (and so whether the PNG was written).
+  """
   panels = []
   for name, setting in TOPOLOGY_SETTINGS:
     arms = [(arm, final_fan_in(runs, {**setting, **o})) for arm, o in ARMS]
@@ -570,7 +574,7 @@ def plot_fan_in(runs, path: str) -> None:
     if arms:
       panels.append((name, arms))
   if not panels:
-    return
+    return False
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -593,6 +597,7 @@ def plot_fan_in(runs, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return True
 
 
 def load(root: str) -> list[dict[str, Any]]:

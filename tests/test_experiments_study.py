@@ -293,3 +293,21 @@ def test_topology_curves_sum_dead_over_layers_and_plot(tmp_path):
   assert study.plot_topology(runs, path)
   assert os.path.getsize(path) > 10_000
   assert not study.plot_topology(runs[:0], str(tmp_path / "none.png"))
+
+
+def test_plot_fan_in_draws_only_when_histograms_were_logged(tmp_path):
+  runs = [_fake_run(s, o, 3.0, [20], [0.5]) for s in (0, 1)
+          for o in ("sgd", "sparseopt")]
+  for run in runs:
+    run["records"] = [{"step": 20, "conv/kernel/fan_in/0": 3.0,
+                       "conv/kernel/fan_in/4-7": 5.0}]
+  np.testing.assert_allclose(
+      study.final_fan_in(runs, study.SPARSEOPT),
+      [3 / 8, 0, 0, 5 / 8, 0])
+  path = str(tmp_path / "fan_in.png")
+  assert study.plot_fan_in(runs, path)
+  assert os.path.getsize(path) > 10_000
+  for run in runs:
+    run["records"] = [{"step": 20, "itop": 0.5}]  # Predates the histograms.
+  assert not study.plot_fan_in(runs, str(tmp_path / "none.png"))
+  assert not os.path.exists(tmp_path / "none.png")
