@@ -1,13 +1,14 @@
-r"""Test-accuracy curves and a comparison table from a folder of workdirs.
+r"""Test-accuracy curves and a comparison table from folders of workdirs.
 
   python -m experiments.plot --root=experiments/results/quickstart
 
-Reads every workdir under ``--root`` that holds ``config.json`` and
-``metrics.jsonl``. Runs are grouped by the config fields that vary between
+Reads every workdir under each ``--root`` (the flag repeats) that holds
+``config.json`` and ``metrics.jsonl``, keeping those whose config matches
+every ``--where field=value`` (for example ``--where num_epochs=3.0``). Runs are grouped by the config fields that vary between
 them: one panel per sparsity (columns) and per value of the other varying
 fields (rows), one curve per optimizer, mean over seeds with a +-std band;
 baselines (``sgd``, ``adam``) dashed, SparseOpt solid. Writes the PNG
-(default ``<root>/accuracy.png``) and prints a markdown table: final test
+(default ``<first root>/accuracy.png``) and prints a markdown table: final test
 accuracy mean +- std over seeds, and the first step at which each run reaches
 its baseline's mean final accuracy (mean over the seeds that reach it).
 """
@@ -15,12 +16,14 @@ its baseline's mean final accuracy (mean over the seeds that reach it).
 import collections
 import json
 import os
-from typing import Any, Optional
+import textwrap
+from typing import Any, Optional, Sequence, Union
 
 from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import sweep
 from experiments import train
 
 # Which optimizer each optimizer is compared against.
@@ -48,6 +51,29 @@ def load_runs(root: str) -> list[dict[str, Any]]:
         "accuracy": np.array([r["test_accuracy"] for r in evals]),
         "finished": os.path.exists(os.path.join(workdir, "summary.json")),
     })
+  return runs
+
+
+def matches(config: dict[str, Any], where: dict[str, Any]) -> bool:
+  """Whether ``config`` has every ``field: value`` of ``where`` (3 == 3.0)."""
+  return all(field in config and config[field] == value
+             for field, value in where.items())
+
+
+def load_all(roots: Union[str, Sequence[str]],
+             where: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+  """`load_runs` over several roots, filtered by ``where``.
+
+  A workdir reached twice (a run linked into a second root) counts once.
+  """
+  roots = [roots] if isinstance(roots, str) else list(roots)
+  runs, seen = [], set()
+  for root in roots:
+    for run in load_runs(root):
+      real = os.path.realpath(os.path.join(root, run["name"]))
+      if real not in seen and matches(run["config"], where or {}):
+        seen.add(real)
+        runs.append(run)
   return runs
 
 
@@ -199,19 +225,28 @@ def plot(groups, path: str, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
   if title:
-    fig.suptitle(title)
+    # Wrapped to the figure's width (about 9 characters per inch).
+    fig.suptitle(textwrap.fill(title, int(9 * 4.2 * len(sparsities))))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def report(root: str, out: Optional[str] = None, title: str = "") -> str:
-  """Plots ``root``'s runs to ``out`` and returns the markdown table."""
-  runs = load_runs(root)
+def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
+           title: str = "", where: Optional[dict[str, Any]] = None) -> str:
+  """Plots the runs under ``roots`` (see `load_all`) to ``out``.
+
+  Returns:
+    The markdown table (and the paired differences, where seeds pair up).
+  """
+  runs = load_all(roots, where)
   if not runs:
-    raise FileNotFoundError(f"No runs with test metrics under {root}.")
+    raise FileNotFoundError(
+        f"No runs with test metrics under {roots}"
+        + (f" matching {where}." if where else "."))
   groups = group_runs(runs)
-  out = out or os.path.join(root, "accuracy.png")
+  first = roots if isinstance(roots, str) else roots[0]
+  out = out or os.path.join(first, "accuracy.png")
   plot(groups, out, title)
   table = markdown_table(summarize(groups))
   paired = paired_differences(groups)
@@ -225,13 +260,18 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  table = report(FLAGS.root, FLAGS.out, FLAGS.title)
+  table = report(FLAGS.root, FLAGS.out, FLAGS.title,
+                 where=sweep.parse_sets(FLAGS.where))
   print(table)
-  print(f"\nPlot written to {FLAGS.out or os.path.join(FLAGS.root, 'accuracy.png')}")
+  print(f"\nPlot written to "
+        f"{FLAGS.out or os.path.join(FLAGS.root[0], 'accuracy.png')}")
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("root", None, "Folder whose subfolders are workdirs.")
+  flags.DEFINE_multi_string("root", None,
+                            "Folder whose subfolders are workdirs (repeats).")
+  flags.DEFINE_multi_string("where", [],
+                            "field=value: keep runs whose config has it.")
   flags.DEFINE_string("out", None, "PNG path (default <root>/accuracy.png).")
   flags.DEFINE_string("title", "", "Figure title.")
   flags.mark_flags_as_required(["root"])

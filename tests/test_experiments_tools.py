@@ -77,6 +77,28 @@ def test_panels_follow_varying_fields(tmp_path):
   assert sorted(groups) == [("", 0.9), ("", 0.95)]
 
 
+def test_report_reads_several_roots_filters_and_counts_links_once(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  _fake_run(a, "b0", "sgd", 0, [0.5, 0.70])
+  _fake_run(a, "s0", "sparseopt", 0, [0.5, 0.74])
+  _fake_run(a, "x0", "sgd", 0, [0.5, 0.10], sparsity=0.9)  # filtered out
+  _fake_run(b, "b1", "sgd", 1, [0.5, 0.80])
+  _fake_run(b, "s1", "sparseopt", 1, [0.5, 0.78])
+  os.symlink(os.path.join(a, "b0"), os.path.join(b, "linked_b0"))
+  where = sweep.parse_sets(["sparsity=0.95", "method=rigl"])
+  runs = plot.load_all([a, b], where)
+  assert sorted(r["name"] for r in runs) == ["b0", "b1", "s0", "s1"]
+  assert plot.matches({"num_epochs": 3.0}, {"num_epochs": 3})
+  assert not plot.matches({"sparsity": 0.9}, {"num_epochs": 3})
+  table = plot.report([a, b], where=where)
+  assert "| - | 0.95 | sgd | 2 | 75.00 ± 5.00 |" in table
+  # Paired by seed across roots: (0.74 - 0.70, 0.78 - 0.80).
+  assert "| - | 0.95 | sparseopt - sgd | 2 | +1.00 ± 3.00 |" in table
+  assert os.path.getsize(os.path.join(a, "accuracy.png")) > 10_000
+  with pytest.raises(FileNotFoundError, match="matching"):
+    plot.report([a, b], where={"sparsity": 0.5})
+
+
 def test_sweep_names_runs_by_their_overrides():
   runs = sweep.expand(sweep.SWEEPS["fmnist_convergence"])
   names = [name for name, _ in runs]
@@ -85,6 +107,22 @@ def test_sweep_names_runs_by_their_overrides():
   for name in sweep.SWEEPS:
     for _, overrides in sweep.expand(sweep.SWEEPS[name]):
       sweep.make_config(sweep.SWEEPS[name].config, overrides)  # All valid.
+
+
+def test_sweep_select_filters_within_a_fixed_shard():
+  conv = sweep.SWEEPS["fmnist_convergence"]
+  everything = sweep.expand(conv)
+  short = sweep.select(conv, where={"num_epochs": 3, "method": "rigl"})
+  assert [n for n, _ in short] == [
+      n for n, o in everything
+      if o["num_epochs"] == 3.0 and o["method"] == "rigl"]
+  assert len(short) == 4 * 2 * 3  # 90/95/97/99% x 2 optimizers x 3 seeds
+  # A run's shard does not depend on the filter.
+  shard1 = sweep.select(conv, shard=(1, 2))
+  assert sweep.select(conv, shard=(1, 2), where={"num_epochs": 3.0}) == [
+      (n, o) for n, o in shard1 if o["num_epochs"] == 3.0]
+  assert {n for n, _ in shard1} == {n for n, _ in everything[1::2]}
+  assert not sweep.select(conv, where={"num_epochs": 6.0})
 
 
 def test_sweep_skips_finished_and_resumes(tmp_path, monkeypatch):
