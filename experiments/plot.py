@@ -4,20 +4,24 @@ r"""Test-accuracy curves and a comparison table from folders of workdirs.
 
 Reads every workdir under each ``--root`` (the flag repeats) that holds
 ``config.json`` and ``metrics.jsonl``, keeping those whose config matches
-every ``--where field=value`` (for example ``--where num_epochs=3.0``). Runs are grouped by the config fields that vary between
-them: one panel per sparsity (columns) and per value of the other varying
-fields (rows), one curve per optimizer, mean over seeds with a +-std band;
-baselines (``sgd``, ``adam``) dashed, SparseOpt solid. Writes the PNG
-(default ``<first root>/accuracy.png``) and prints a markdown table: final test
-accuracy mean +- std over seeds, and the first step at which each run reaches
-its baseline's mean final accuracy (mean over the seeds that reach it).
+every ``--where field=value`` (for example ``--where num_epochs=3.0``).
+Runs are grouped by the config fields that vary between them: one panel per
+sparsity (columns) and per value of the other varying fields (rows), one
+curve per optimizer, mean over seeds with a +-std band; baselines (``sgd``,
+``adam``) dashed, SparseOpt solid. Writes the PNG (default
+``<first root>/accuracy.png``) and, next to it (``accuracy_skew.png``), the
+logged skew diagnostics over training: largest SparseOpt factor, spread of
+neuron sparsity, dead neurons. Prints a markdown table: final test accuracy
+mean +- std over seeds, and the first step at which each run reaches its
+baseline's mean final accuracy (mean over the seeds that reach it).
 """
 
 import collections
+import functools
 import json
 import os
 import textwrap
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from absl import app
 from absl import flags
@@ -192,6 +196,95 @@ def paired_table(rows) -> str:
   return "\n".join(lines)
 
 
+def layer_keys(record: dict[str, Any], suffix: str) -> list[str]:
+  """The per-layer ``L/suffix`` keys of a record (not the turning ones)."""
+  return [k for k in record if k.endswith("/" + suffix)
+          and not k.startswith(("turn/", "jump/", "update_turn/"))]
+
+
+def layer_curve(run, stat: str, reduce: Callable[[list[float]], float]
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """``reduce`` over layers of ``L/stat``, at every step that logged it."""
+  steps, values = [], []
+  for record in run["records"]:
+    keys = layer_keys(record, stat)
+    if keys:
+      steps.append(record["step"])
+      values.append(reduce([record[k] for k in keys]))
+  return np.array(steps), np.array(values, dtype=float)
+
+
+def on_common_steps(curves) -> tuple[np.ndarray, np.ndarray]:
+  """``(steps, values)`` curves restricted to the steps all of them have.
+
+  Returns the common steps and the values stacked, one row per curve.
+  """
+  steps = functools.reduce(np.intersect1d, [t for t, _ in curves])
+  return steps, np.stack([np.asarray(v)[np.searchsorted(t, steps)]
+                          for t, v in curves])
+
+
+# What `plot_skew` draws: (y label, per-layer stat, reduction over layers).
+SKEW_PANELS = (
+    ("largest SparseOpt factor\n(max over neurons and layers)", "max_scale",
+     max),
+    ("spread of neuron sparsity\n(std of s_i, mean over layers)", "s_std",
+     np.mean),
+    ("dead neurons\n(all incoming pruned, all layers)", "dead", sum),
+)
+
+
+def plot_skew(groups, path: str, title: str = "") -> bool:
+  """The logged skew diagnostics over training, per sparsity (columns).
+
+  Rows follow `SKEW_PANELS`; one curve per (group, optimizer), mean over
+  seeds, baselines dashed. ``max_scale`` is the factor SparseOpt would apply
+  on the live masks, logged for baseline runs too.
+
+  Returns:
+    Whether any run logged the diagnostics (and so whether the PNG exists).
+  """
+  curves = collections.defaultdict(dict)
+  for (row, sparsity), by_opt in groups.items():
+    for opt, rs in by_opt.items():
+      for label, stat, reduce in SKEW_PANELS:
+        per_seed = [layer_curve(r, stat, reduce) for r in rs]
+        per_seed = [c for c in per_seed if c[0].size]
+        if per_seed:
+          curves[sparsity][label, row, opt] = on_common_steps(per_seed)
+  if not curves:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  sparsities = sorted(curves)
+  rows = sorted({row for row, _ in groups})
+  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig, axes = plt.subplots(
+      len(SKEW_PANELS), len(sparsities), squeeze=False,
+      figsize=(4.2 * len(sparsities), 2.9 * len(SKEW_PANELS)))
+  for col, sparsity in enumerate(sparsities):
+    for (label, row, opt), (steps, values) in sorted(curves[sparsity].items()):
+      ax = axes[[p[0] for p in SKEW_PANELS].index(label), col]
+      ax.plot(steps, values.mean(0), "--" if opt in ("sgd", "adam") else "-",
+              color=palette[rows.index(row) % len(palette)],
+              label=", ".join(x for x in (row, opt) if x))
+    for i, (label, _, _) in enumerate(SKEW_PANELS):
+      ax = axes[i, col]
+      ax.set_title(f"sparsity {sparsity}", fontsize=9)
+      ax.set_xlabel("step")
+      ax.set_ylabel(label, fontsize=8)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(textwrap.fill(title, int(9 * 4.2 * len(sparsities))))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def plot(groups, path: str, title: str = "") -> None:
   """Test accuracy vs step; one panel per (row label, sparsity)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -248,6 +341,7 @@ def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
   first = roots if isinstance(roots, str) else roots[0]
   out = out or os.path.join(first, "accuracy.png")
   plot(groups, out, title)
+  plot_skew(groups, os.path.splitext(out)[0] + "_skew.png", title)
   table = markdown_table(summarize(groups))
   paired = paired_differences(groups)
   if paired:

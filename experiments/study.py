@@ -19,7 +19,6 @@ report can be drawn while the sweep runs.
 
 import dataclasses
 import fractions
-import functools
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -175,10 +174,7 @@ def turning_summary(runs, overrides, stat: str, prefix: str = "turn/"
   return float(np.mean(means)) if means else None
 
 
-def layer_keys(record: dict[str, Any], suffix: str) -> list[str]:
-  """The per-layer ``L/suffix`` keys of a record (not the turning ones)."""
-  return [k for k in record if k.endswith("/" + suffix)
-          and not k.startswith(("turn/", "jump/", "update_turn/"))]
+layer_keys = plot_lib.layer_keys
 
 
 def final_value(runs, overrides, suffix: str, reduce=sum) -> Optional[float]:
@@ -353,14 +349,7 @@ def plot_turning(runs, path: str) -> None:
   plt.close(fig)
 
 
-def on_common_steps(curves) -> tuple[np.ndarray, np.ndarray]:
-  """``(steps, values)`` curves restricted to the steps all of them have.
-
-  Returns the common steps and the values stacked, one row per curve.
-  """
-  steps = functools.reduce(np.intersect1d, [t for t, _ in curves])
-  return steps, np.stack([np.asarray(v)[np.searchsorted(t, steps)]
-                          for t, v in curves])
+on_common_steps = plot_lib.on_common_steps
 
 
 def paired_curve(runs, control, treatment
@@ -433,17 +422,11 @@ def plot_budget(runs, path: str) -> bool:
 
 def topology_curve(run, stat: str) -> tuple[np.ndarray, np.ndarray]:
   """``itop``, or ``dead`` summed over layers, at every step that logged it."""
-  steps, values = [], []
-  for r in run["records"]:
-    if stat == "itop":
-      value = r.get("itop")
-    else:
-      keys = layer_keys(r, stat)
-      value = sum(r[k] for k in keys) if keys else None
-    if value is not None:
-      steps.append(r["step"])
-      values.append(value)
-  return np.array(steps), np.array(values, dtype=float)
+  if stat != "itop":
+    return plot_lib.layer_curve(run, stat, sum)
+  logged = [r for r in run["records"] if "itop" in r]
+  return (np.array([r["step"] for r in logged]),
+          np.array([r["itop"] for r in logged], dtype=float))
 
 
 LONG_SETTINGS = (("wd 5e-4", {"num_epochs": 12.0}, "-"),

@@ -99,6 +99,39 @@ def test_report_reads_several_roots_filters_and_counts_links_once(tmp_path):
     plot.report([a, b], where={"sparsity": 0.5})
 
 
+def test_layer_curves_reduce_over_layers_and_skip_turning_keys():
+  records = [{"step": 50, "a/kernel/max_scale": 1.5, "b/kernel/max_scale": 2.5,
+              "turn/a/kernel/max_scale": 99.0, "a/kernel/s_std": 0.1,
+              "b/kernel/s_std": 0.3},
+             {"step": 100, "test_accuracy": 0.5},
+             {"step": 150, "a/kernel/max_scale": 3.0, "b/kernel/max_scale": 1.0,
+              "a/kernel/s_std": 0.2, "b/kernel/s_std": 0.2}]
+  steps, top = plot.layer_curve({"records": records}, "max_scale", max)
+  np.testing.assert_array_equal(steps, [50, 150])
+  np.testing.assert_array_equal(top, [2.5, 3.0])
+  np.testing.assert_allclose(
+      plot.layer_curve({"records": records}, "s_std", np.mean)[1], [0.2, 0.2])
+  steps, values = plot.on_common_steps(
+      [(np.array([50, 100, 150]), [1, 2, 3]), (np.array([100, 150]), [4, 5])])
+  np.testing.assert_array_equal(steps, [100, 150])
+  np.testing.assert_array_equal(values, [[2, 3], [4, 5]])
+
+
+def test_report_draws_skew_diagnostics_when_logged(tmp_path):
+  root = str(tmp_path)
+  for seed, opt in ((0, "sgd"), (0, "sparseopt")):
+    _fake_run(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
+  plot.report(root)
+  assert not os.path.exists(tmp_path / "accuracy_skew.png")  # Not logged.
+  with open(tmp_path / "sgd0" / "metrics.jsonl", "a") as f:
+    for step in (100, 200):
+      f.write(json.dumps({"step": step, "conv/kernel/max_scale": 2.0,
+                          "conv/kernel/s_std": 0.1,
+                          "conv/kernel/dead": 1.0}) + "\n")
+  plot.report(root)
+  assert os.path.getsize(tmp_path / "accuracy_skew.png") > 10_000
+
+
 def test_sweep_names_runs_by_their_overrides():
   runs = sweep.expand(sweep.SWEEPS["fmnist_convergence"])
   names = [name for name, _ in runs]
@@ -183,4 +216,5 @@ def test_colab_notebook_runs_on_mock_data(tmp_path, monkeypatch):
                          if not l.lstrip().startswith(("!", "%")))
       exec(compile(source, "colab.ipynb", "exec"), namespace)
   assert os.path.exists(tmp_path / "accuracy.png")
-  assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "sgd", "sparseopt"]
+  assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "accuracy_skew.png",
+                                         "sgd", "sparseopt"]
