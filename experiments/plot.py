@@ -261,25 +261,31 @@ def plot_skew(groups, path: str, title: str = "") -> bool:
   sparsities = sorted(curves)
   rows = sorted({row for row, _ in groups})
   palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  fig, axes = plt.subplots(
-      len(SKEW_PANELS), len(sparsities), squeeze=False,
-      figsize=(4.2 * len(sparsities), 2.9 * len(SKEW_PANELS)))
+  width = 4.2 * max(len(sparsities), 2)
+  fig, axes = plt.subplots(len(SKEW_PANELS), len(sparsities), squeeze=False,
+                           figsize=(width, 2.9 * len(SKEW_PANELS) + 0.8))
+  handles = {}
   for col, sparsity in enumerate(sparsities):
     for (label, row, opt), (steps, values) in sorted(curves[sparsity].items()):
       ax = axes[[p[0] for p in SKEW_PANELS].index(label), col]
-      ax.plot(steps, values.mean(0), "--" if opt in ("sgd", "adam") else "-",
-              color=palette[rows.index(row) % len(palette)],
-              label=", ".join(x for x in (row, opt) if x))
+      handles[", ".join(x for x in (row, opt) if x)], = ax.plot(
+          steps, values.mean(0), "--" if opt in ("sgd", "adam") else "-",
+          color=palette[rows.index(row) % len(palette)])
     for i, (label, _, _) in enumerate(SKEW_PANELS):
       ax = axes[i, col]
       ax.set_title(f"sparsity {sparsity}", fontsize=9)
       ax.set_xlabel("step")
       ax.set_ylabel(label, fontsize=8)
       ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
+  # One legend for all panels, below them (seed means; baselines dashed).
+  ncol = max(1, min(len(handles), int(width // 3.2)))
+  legend_rows = -(-len(handles) // ncol)
+  fig.legend(list(handles.values()), list(handles), loc="lower center",
+             ncol=ncol, fontsize=8, frameon=False)
+  bottom = (0.25 * legend_rows + 0.1) / fig.get_figheight()
   if title:
-    fig.suptitle(textwrap.fill(title, int(9 * 4.2 * len(sparsities))))
-  fig.tight_layout()
+    fig.suptitle(textwrap.fill(title, int(9 * width)))
+  fig.tight_layout(rect=(0, bottom, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return True
