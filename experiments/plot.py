@@ -323,6 +323,10 @@ def plot(groups, path: str, title: str = "") -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+  for i, row in enumerate(row_labels):  # No runs in that (row, sparsity).
+    for j, sparsity in enumerate(sparsities):
+      if (row, sparsity) not in groups:
+        axes[i, j].set_visible(False)
   if title:
     # Wrapped to the figure's width (about 9 characters per inch).
     fig.suptitle(textwrap.fill(title, int(9 * 4.2 * len(sparsities))))
