@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,3 +220,20 @@ def test_colab_notebook_runs_on_mock_data(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / "accuracy.png")
   assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "accuracy_skew.png",
                                          "sgd", "sparseopt"]
+
+
+def test_quickstart_main_writes_table_and_plots(tmp_path):
+  data = fake_data.write_fashion_mnist(str(tmp_path / "data"), 64, 16)
+  root = tmp_path / "quickstart"
+  sets = [f"data_dir={data}", "num_train_steps=4", "eval_every=2",
+          "checkpoint_every=2", "log_every=2", "batch_size=16",
+          "eval_batch_size=16", "update_every=2", "model=fmnist_mlp",
+          "progress_bar=False"]
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.quickstart", f"--root={root}"]
+      + [f"--set={s}" for s in sets],
+      cwd=_REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| - | 0.95 | sparseopt - sgd | 1 |" in result.stdout
+  for name in ("table.md", "accuracy.png", "accuracy_skew.png"):
+    assert os.path.getsize(root / name) > 0, name
