@@ -84,7 +84,7 @@ def comparisons() -> list[Comparison]:
     long = {"num_epochs": 12.0, "weight_decay": wd}
     out.append(Comparison("budget", f"12 epochs, wd {wd:g}: fan_in vs none",
                           long, {**long, **SPARSEOPT},
-                          _tau_note(0.05, wd, steps=5624)))
+                          _tau_note(0.05, wd, steps=5625)))
   dense = {"method": "dense"}
   for k, name in ((1 / 3, "1/3"), (0.5, "1/2"), (2.0, "2"), (3.0, "3")):
     out.append(Comparison("dense control", f"half the neurons x{name}",

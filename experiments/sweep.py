@@ -126,7 +126,7 @@ SWEEPS = {
             {"sparsity": [0.95], "optimizer": ["sgd"], "seed": [0, 1, 2]},
             {"sparsity": [0.95], "optimizer": ["sparseopt"],
              "correction": ["norm", "fan_in"], "seed": [0, 1, 2]},
-            # A 4x longer budget (12 epochs, 5624 steps) for the default and
+            # A 4x longer budget (12 epochs, 5625 steps) for the default and
             # the best setting (wd 5e-3), with fan-in histograms, dead
             # neurons and ITOP logged. (The default's 12-epoch arm is the
             # same recipe as fmnist_convergence's RigL 97% 12-epoch cell.)
