@@ -4,7 +4,8 @@ r"""The main job: RigL at 95% on Fashion-MNIST, baseline SGD vs SparseOpt.
 
 Trains the small BN ResNet twice (same seed, data order, masks and
 hyperparameters; only the optimizer differs), about 7 minutes on 2 CPU
-cores, then prints the comparison table and writes the accuracy plot.
+cores, then prints the comparison table and writes the accuracy and skew
+plots.
 Interrupted? Run the same command again: finished runs are skipped and
 unfinished ones resume from their last checkpoint.
 """
@@ -34,7 +35,8 @@ def main(argv):
   with open(os.path.join(FLAGS.root, "table.md"), "w") as f:
     f.write(table + "\n")
   print("\n" + table)
-  print(f"\nPlot written to {os.path.abspath(out)}")
+  print(f"\nPlots written to {os.path.abspath(out)} and "
+        f"{os.path.abspath(out)[:-4]}_skew.png")
 
 
 if __name__ == "__main__":
