@@ -367,8 +367,10 @@ def main(argv):
   table = report(FLAGS.root, FLAGS.out, FLAGS.title,
                  where=sweep.parse_sets(FLAGS.where))
   print(table)
-  print(f"\nPlot written to "
-        f"{FLAGS.out or os.path.join(FLAGS.root[0], 'accuracy.png')}")
+  out = FLAGS.out or os.path.join(FLAGS.root[0], "accuracy.png")
+  skew = os.path.splitext(out)[0] + "_skew.png"
+  print(f"\nPlot written to {out}"
+        + (f" (skew diagnostics: {skew})" if os.path.exists(skew) else ""))
 
 
 if __name__ == "__main__":
