@@ -335,6 +335,11 @@ def plot(groups, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
+def skew_path(out: str) -> str:
+  """Where `report` writes the skew plot for accuracy plot ``out``."""
+  return os.path.splitext(out)[0] + "_skew.png"
+
+
 def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
            title: str = "", where: Optional[dict[str, Any]] = None) -> str:
   """Plots the runs under ``roots`` (see `load_all`) to ``out``.
@@ -351,7 +356,7 @@ def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
   first = roots if isinstance(roots, str) else roots[0]
   out = out or os.path.join(first, "accuracy.png")
   plot(groups, out, title)
-  plot_skew(groups, os.path.splitext(out)[0] + "_skew.png", title)
+  plot_skew(groups, skew_path(out), title)
   table = markdown_table(summarize(groups))
   paired = paired_differences(groups)
   if paired:
@@ -368,7 +373,7 @@ def main(argv):
                  where=sweep.parse_sets(FLAGS.where))
   print(table)
   out = FLAGS.out or os.path.join(FLAGS.root[0], "accuracy.png")
-  skew = os.path.splitext(out)[0] + "_skew.png"
+  skew = skew_path(out)
   print(f"\nPlot written to {out}"
         + (f" (skew diagnostics: {skew})" if os.path.exists(skew) else ""))
 

@@ -36,7 +36,7 @@ def main(argv):
     f.write(table + "\n")
   print("\n" + table)
   print(f"\nPlots written to {os.path.abspath(out)} and "
-        f"{os.path.abspath(out)[:-4]}_skew.png")
+        f"{os.path.abspath(plot.skew_path(out))}")
 
 
 if __name__ == "__main__":

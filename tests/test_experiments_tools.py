@@ -131,6 +131,8 @@ def test_report_draws_skew_diagnostics_when_logged(tmp_path):
                           "conv/kernel/s_std": 0.1,
                           "conv/kernel/dead": 1.0}) + "\n")
   plot.report(root)
+  assert plot.skew_path(str(tmp_path / "accuracy.png")) == str(
+      tmp_path / "accuracy_skew.png")
   assert os.path.getsize(tmp_path / "accuracy_skew.png") > 10_000
 
 
