@@ -174,16 +174,13 @@ def turning_summary(runs, overrides, stat: str, prefix: str = "turn/"
   return float(np.mean(means)) if means else None
 
 
-layer_keys = plot_lib.layer_keys
-
-
 def final_value(runs, overrides, suffix: str, reduce=sum) -> Optional[float]:
   """Mean over seeds of ``reduce`` over layers of ``L/suffix`` at the end."""
   chosen = select(runs, overrides)
   totals = []
   for run in chosen.values():
     last = run["records"][-1]
-    keys = layer_keys(last, suffix)
+    keys = plot_lib.layer_keys(last, suffix)
     if keys:
       totals.append(reduce(last[k] for k in keys))
   return float(np.mean(totals)) if totals else None
@@ -313,8 +310,8 @@ def plot_turning(runs, path: str) -> None:
       if not chosen:
         continue
       for j, stat in enumerate(("imbalance", "angle_mean")):
-        steps, values = on_common_steps([layer_mean_curve(r, "turn/", stat)
-                                         for r in chosen.values()])
+        steps, values = plot_lib.on_common_steps(
+            [layer_mean_curve(r, "turn/", stat) for r in chosen.values()])
         scale = 1e3 if stat == "angle_mean" else 1.0
         mean = scale * values.mean(0)
         ax = axes[i, j]
@@ -349,9 +346,6 @@ def plot_turning(runs, path: str) -> None:
   plt.close(fig)
 
 
-on_common_steps = plot_lib.on_common_steps
-
-
 def paired_curve(runs, control, treatment
                  ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
   """Same-seed accuracy difference at every eval step both arms logged.
@@ -364,7 +358,7 @@ def paired_curve(runs, control, treatment
   seeds = sorted(set(control) & set(treatment))
   if not seeds:
     return None
-  steps, acc = on_common_steps(
+  steps, acc = plot_lib.on_common_steps(
       [(r["steps"], r["accuracy"]) for s in seeds
        for r in (control[s], treatment[s])])
   diffs = acc[1::2] - acc[0::2]  # Treatment - control, one row per seed.
@@ -453,8 +447,8 @@ def plot_topology(runs, path: str) -> bool:
       (axes[0], "dead", "ablated neurons (all layers)", 1.0),
       (axes[1], "itop", "ITOP (% of weights ever active)", 100.0)):
     for label, arm, style, chosen in lines:
-      steps, values = on_common_steps([topology_curve(r, stat)
-                                       for r in chosen])
+      steps, values = plot_lib.on_common_steps(
+          [topology_curve(r, stat) for r in chosen])
       if not steps.size:
         continue
       ax.plot(steps, scale * values.mean(0), color=ARM_COLORS[arm], ls=style,
