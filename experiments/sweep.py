@@ -97,6 +97,15 @@ SWEEPS = {
                # SparseOpt's best of {0.025, 0.05, 0.1} was the edge, 0.1.
                {"learning_rate": [0.2], "optimizer": _BOTH,
                 "seed": [0, 1, 2]}]),
+    "fmnist_churn": Sweep(
+        "fmnist_resnet",
+        "Do dead neurons come back? RigL vs SET at 97%, 3 epochs, SGD vs "
+        "SparseOpt, logging per mask update how many neurons die and how "
+        "many revive (jump/L/died, jump/L/revived). One seed at a time, "
+        "seed 0 first.",
+        base={"sparsity": 0.97},
+        grids=[{"method": ["rigl", "set"], "optimizer": _BOTH,
+                "seed": [seed]} for seed in (0, 1, 2)]),
     "fmnist_when": Sweep(
         "fmnist_resnet",
         "When and why SparseOpt helps (issue 7): from the default recipe "

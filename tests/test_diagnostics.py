@@ -138,6 +138,9 @@ def test_mask_update_jump_matches_reference():
   m1[:5, 0] = True  # neuron 0 gains inputs ...
   m1[:, 1] = False
   m1[:3, 1] = True  # ... neuron 1 changes its topology
+  m0[:, 2] = False
+  m1[:2, 2] = True  # neuron 2 comes back to life ...
+  m1[:, 3] = False  # ... and neuron 3 dies
   w0 = rng.standard_normal((40, 8)).astype(np.float32) * m0
   w1 = np.where(m1 & ~m0, 0.0, w0).astype(np.float32) * m1
   out = jax.jit(sparseopt.mask_update_jump)({"k": w0}, {"k": w1}, {"k": m0},
@@ -157,6 +160,9 @@ def test_mask_update_jump_matches_reference():
                              mean_abs_log(ref.sparseopt_factor(m0),
                                           ref.sparseopt_factor(m1)),
                              rtol=1e-4)
+  live0, live1 = m0.any(axis=0), m1.any(axis=0)
+  assert out["k/died"] == np.sum(live0 & ~live1) == 1
+  assert out["k/revived"] == np.sum(~live0 & live1) == 1
 
 
 @pytest.mark.parametrize("shape", [(400, 6), (5, 5, 16, 6)])

@@ -258,7 +258,10 @@ def mask_update_jump(params_before: PyTree, params_after: PyTree,
     \lVert w_i^-\rVert)|` over neurons with nonzero norm before and after;
   * ``L/factor_jump``: mean :math:`|\log(c_i^+ / c_i^-)|` of the fan-in
     factor :math:`c_i = \sqrt{1-s_i}/\sqrt{1-\bar s}` over neurons with
-    nonzero factor before and after.
+    nonzero factor before and after;
+  * ``L/died``: neurons with an active incoming weight before and none after;
+  * ``L/revived``: neurons with no active incoming weight before and some
+    after (``dead`` of `skew_diagnostics` only shows the net of the two).
 
   BatchNorm's amplification follows the norm; if the factor jumps much more
   than the norm, the paper's correction over-reacts to mask updates.
@@ -295,6 +298,9 @@ def mask_update_jump(params_before: PyTree, params_after: PyTree,
       w = jnp.where(m, p, 0).astype(jnp.float32)
       return jnp.sqrt(jnp.sum(w * w, axis=axes))
 
+    live_b, live_a = jnp.any(mb, axis=axes), jnp.any(ma, axis=axes)
+    out[f"{name}/died"] = jnp.sum(live_b & ~live_a).astype(jnp.float32)
+    out[f"{name}/revived"] = jnp.sum(~live_b & live_a).astype(jnp.float32)
     out[f"{name}/norm_jump"] = log_jump(norm(pb, mb), norm(pa, ma))
     out[f"{name}/factor_jump"] = log_jump(
         transform.fan_in_scale(mb, neuron_axis, name=name),
