@@ -196,6 +196,50 @@ def paired_table(rows) -> str:
   return "\n".join(lines)
 
 
+def neuron_churn(groups) -> list[dict[str, Any]]:
+  """Dead neurons at the start and end, and how many died and revived.
+
+  ``died``/``revived`` sum ``jump/L/died`` and ``jump/L/revived`` (logged at
+  every mask update, see `sparseopt.mask_update_jump`) over layers and
+  updates; ``dead_start``/``dead_end`` sum ``L/dead`` over layers at the
+  first and last log step, so ``dead_end = dead_start + died - revived``.
+  One row per (group, optimizer) whose runs logged them: means over seeds.
+  """
+  rows = []
+  for (row, sparsity), by_opt in sorted(groups.items()):
+    for opt, rs in sorted(by_opt.items()):
+      rs = [r for r in rs
+            if any(k.startswith("jump/") and k.endswith("/died")
+                   for rec in r["records"] for k in rec)]
+      if not rs:
+        continue
+      stats = collections.defaultdict(list)
+      for r in rs:
+        dead = layer_curve(r, "dead", sum)[1]
+        stats["dead_start"].append(dead[0])
+        stats["dead_end"].append(dead[-1])
+        for stat in ("died", "revived"):
+          stats[stat].append(sum(
+              v for rec in r["records"] for k, v in rec.items()
+              if k.startswith("jump/") and k.endswith("/" + stat)))
+      rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
+                   "seeds": len(rs),
+                   **{k: float(np.mean(v)) for k, v in stats.items()}})
+  return rows
+
+
+def churn_table(rows) -> str:
+  """The rows of `neuron_churn` as markdown."""
+  lines = ["| setting | sparsity | optimizer | seeds | dead at start "
+           "| died at mask updates | revived at mask updates | dead at end |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['group'] or '-'} | {r['sparsity']} | {r['optimizer']} "
+                 f"| {r['seeds']} | {r['dead_start']:.1f} | {r['died']:.1f} "
+                 f"| {r['revived']:.1f} | {r['dead_end']:.1f} |")
+  return "\n".join(lines)
+
+
 def layer_keys(record: dict[str, Any], suffix: str) -> list[str]:
   """The per-layer ``L/suffix`` keys of a record (not the turning ones)."""
   return [k for k in record if k.endswith("/" + suffix)
@@ -361,6 +405,10 @@ def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
   paired = paired_differences(groups)
   if paired:
     table += "\n\nPaired by seed:\n\n" + paired_table(paired)
+  churn = neuron_churn(groups)
+  if churn:
+    table += ("\n\nDead neurons (all incoming weights pruned), mean over "
+              "seeds:\n\n" + churn_table(churn))
   return table
 
 

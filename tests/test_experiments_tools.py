@@ -119,6 +119,42 @@ def test_layer_curves_reduce_over_layers_and_skip_turning_keys():
   np.testing.assert_array_equal(values, [[2, 3], [4, 5]])
 
 
+def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
+  root = str(tmp_path)
+  for seed, opt in ((0, "sgd"), (1, "sgd"), (0, "sparseopt")):
+    _fake_run(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
+  # sgd seed 0: two layers, 3 dead at the start; update 1 kills 2 and
+  # revives 1, update 2 revives 1: 3 dead at the end. sgd seed 1: 5 -> 9.
+  logs = {"sgd0": [(50, {"a/kernel/dead": 2.0, "b/kernel/dead": 1.0}),
+                   (150, {"jump/a/kernel/died": 2.0,
+                          "jump/a/kernel/revived": 1.0,
+                          "jump/b/kernel/died": 0.0,
+                          "jump/b/kernel/revived": 0.0,
+                          "a/kernel/dead": 3.0, "b/kernel/dead": 1.0}),
+                   (250, {"jump/a/kernel/died": 0.0,
+                          "jump/a/kernel/revived": 0.0,
+                          "jump/b/kernel/died": 0.0,
+                          "jump/b/kernel/revived": 1.0,
+                          "a/kernel/dead": 3.0, "b/kernel/dead": 0.0})],
+          "sgd1": [(50, {"a/kernel/dead": 5.0}),
+                   (150, {"jump/a/kernel/died": 4.0,
+                          "jump/a/kernel/revived": 0.0,
+                          "a/kernel/dead": 9.0})]}
+  for name, records in logs.items():
+    with open(tmp_path / name / "metrics.jsonl", "a") as f:
+      for step, record in records:
+        f.write(json.dumps({"step": step, **record}) + "\n")
+  # sparseopt0 logged no churn: no row.
+  (row,) = plot.neuron_churn(plot.group_runs(plot.load_runs(root)))
+  assert (row["optimizer"], row["seeds"]) == ("sgd", 2)
+  assert row["dead_start"] == pytest.approx(4.0)  # (3 + 5) / 2
+  assert row["died"] == pytest.approx(3.0)  # (2 + 4) / 2
+  assert row["revived"] == pytest.approx(1.0)  # (2 + 0) / 2
+  assert row["dead_end"] == pytest.approx(6.0)  # (3 + 9) / 2
+  assert ("| - | 0.95 | sgd | 2 | 4.0 | 3.0 | 1.0 | 6.0 |"
+          in plot.report(root))
+
+
 def test_report_draws_skew_diagnostics_when_logged(tmp_path):
   root = str(tmp_path)
   for seed, opt in ((0, "sgd"), (0, "sparseopt")):
