@@ -203,13 +203,14 @@ def neuron_churn(groups) -> list[dict[str, Any]]:
   every mask update, see `sparseopt.mask_update_jump`) over layers and
   updates; ``dead_start``/``dead_end`` sum ``L/dead`` over layers at the
   first and last log step, so ``dead_end = dead_start + died - revived``.
-  One row per (group, optimizer) whose runs logged them: means over seeds.
+  One row per (group, optimizer) with finished runs that logged them: means
+  over seeds.
   """
   rows = []
   for (row, sparsity), by_opt in sorted(groups.items()):
     for opt, rs in sorted(by_opt.items()):
-      rs = [r for r in rs
-            if any(k.startswith("jump/") and k.endswith("/died")
+      rs = [r for r in rs if r["finished"]
+            and any(k.startswith("jump/") and k.endswith("/died")
                    for rec in r["records"] for k in rec)]
       if not rs:
         continue

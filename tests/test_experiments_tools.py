@@ -123,6 +123,7 @@ def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
   root = str(tmp_path)
   for seed, opt in ((0, "sgd"), (1, "sgd"), (0, "sparseopt")):
     _fake_run(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
+  _fake_run(root, "sgd2", "sgd", 2, [0.5], finished=False)  # Left out.
   # sgd seed 0: two layers, 3 dead at the start; update 1 kills 2 and
   # revives 1, update 2 revives 1: 3 dead at the end. sgd seed 1: 5 -> 9.
   logs = {"sgd0": [(50, {"a/kernel/dead": 2.0, "b/kernel/dead": 1.0}),
@@ -136,6 +137,8 @@ def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
                           "jump/b/kernel/died": 0.0,
                           "jump/b/kernel/revived": 1.0,
                           "a/kernel/dead": 3.0, "b/kernel/dead": 0.0})],
+          "sgd2": [(50, {"a/kernel/dead": 50.0}),
+                   (150, {"jump/a/kernel/died": 40.0, "a/kernel/dead": 90.0})],
           "sgd1": [(50, {"a/kernel/dead": 5.0}),
                    (150, {"jump/a/kernel/died": 4.0,
                           "jump/a/kernel/revived": 0.0,
