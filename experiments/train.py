@@ -21,8 +21,10 @@ checkpoint; because the data order and every random key are functions of
 """
 
 import functools
+from importlib import metadata
 import json
 import os
+import platform
 import time
 from typing import Any
 
@@ -490,6 +492,26 @@ def _to_float(tree) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
+def environment() -> dict[str, Any]:
+  """What produced a run besides its config: package versions and machine.
+
+  Recorded in ``summary.json``: floating-point results depend on the XLA
+  version and flags, so two runs of one config compare bit for bit only
+  under the same environment.
+  """
+  versions = {}
+  for package in ("jax", "jaxlib", "optax", "flax", "numpy", "sparseopt-jax"):
+    try:
+      versions[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      versions[package] = None
+  return {"versions": versions,
+          "python": platform.python_version(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "device_kind": jax.devices()[0].device_kind,
+          "cpu_count": os.cpu_count()}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
@@ -612,6 +634,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "resumed_from": start_step,
       "devices": jax.device_count(),
       "platform": jax.devices()[0].platform,
+      "environment": environment(),
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -78,6 +79,18 @@ def test_every_method_and_optimizer_trains(tmp_path, fmnist_dir, method,
                    _checkpoint(str(tmp_path), 6)["params"]) if x.ndim >= 2}
     assert hist and all(hist[layer] == neurons[layer] for layer in hist)
   assert os.path.exists(tmp_path / "summary.json")
+
+
+def test_summary_records_environment(tmp_path, fmnist_dir):
+  summary = train.train_and_evaluate(_mlp(fmnist_dir, num_train_steps=2),
+                                     str(tmp_path))
+  with open(tmp_path / "summary.json") as f:
+    written = json.load(f)
+  assert written["environment"] == summary["environment"]
+  versions = written["environment"]["versions"]
+  assert versions["jax"] == jax.__version__
+  assert versions["optax"] == optax.__version__
+  assert written["environment"]["device_kind"] == jax.devices()[0].device_kind
 
 
 def test_learns_on_separable_data(tmp_path, fmnist_dir):
