@@ -203,15 +203,14 @@ def neuron_churn(groups) -> list[dict[str, Any]]:
   every mask update, see `sparseopt.mask_update_jump`) over layers and
   updates; ``dead_start``/``dead_end`` sum ``L/dead`` over layers at the
   first and last log step, so ``dead_end = dead_start + died - revived``.
-  One row per (group, optimizer) with finished runs that logged them: means
-  over seeds.
+  One row per (group, optimizer) with finished runs that logged them at
+  every mask update (a run resumed across the change that added them logs
+  only its tail, and its sums would not add up): means over seeds.
   """
   rows = []
   for (row, sparsity), by_opt in sorted(groups.items()):
     for opt, rs in sorted(by_opt.items()):
-      rs = [r for r in rs if r["finished"]
-            and any(k.startswith("jump/") and k.endswith("/died")
-                   for rec in r["records"] for k in rec)]
+      rs = [r for r in rs if r["finished"] and _logs_churn(r["records"])]
       if not rs:
         continue
       stats = collections.defaultdict(list)
@@ -227,6 +226,14 @@ def neuron_churn(groups) -> list[dict[str, Any]]:
                    "seeds": len(rs),
                    **{k: float(np.mean(v)) for k, v in stats.items()}})
   return rows
+
+
+def _logs_churn(records) -> bool:
+  """Whether every mask-update record (one with ``jump/`` keys) has died."""
+  updates = [rec for rec in records if any(k.startswith("jump/") for k in rec)]
+  return bool(updates) and all(
+      any(k.startswith("jump/") and k.endswith("/died") for k in rec)
+      for rec in updates)
 
 
 def churn_table(rows) -> str:

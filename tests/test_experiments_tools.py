@@ -121,7 +121,8 @@ def test_layer_curves_reduce_over_layers_and_skip_turning_keys():
 
 def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
   root = str(tmp_path)
-  for seed, opt in ((0, "sgd"), (1, "sgd"), (0, "sparseopt")):
+  for seed, opt in ((0, "sgd"), (1, "sgd"), (0, "sparseopt"),
+                    (1, "sparseopt")):
     _fake_run(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
   _fake_run(root, "sgd2", "sgd", 2, [0.5], finished=False)  # Left out.
   # sgd seed 0: two layers, 3 dead at the start; update 1 kills 2 and
@@ -139,6 +140,15 @@ def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
                           "a/kernel/dead": 3.0, "b/kernel/dead": 0.0})],
           "sgd2": [(50, {"a/kernel/dead": 50.0}),
                    (150, {"jump/a/kernel/died": 40.0, "a/kernel/dead": 90.0})],
+          # Resumed across the change that added the counts: its first
+          # update has jump keys but no died/revived. Left out.
+          "sparseopt1": [(50, {"a/kernel/dead": 1.0}),
+                         (150, {"jump/a/kernel/norm_jump": 0.1,
+                                "a/kernel/dead": 4.0}),
+                         (250, {"jump/a/kernel/norm_jump": 0.1,
+                                "jump/a/kernel/died": 0.0,
+                                "jump/a/kernel/revived": 1.0,
+                                "a/kernel/dead": 3.0})],
           "sgd1": [(50, {"a/kernel/dead": 5.0}),
                    (150, {"jump/a/kernel/died": 4.0,
                           "jump/a/kernel/revived": 0.0,
@@ -147,7 +157,7 @@ def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
     with open(tmp_path / name / "metrics.jsonl", "a") as f:
       for step, record in records:
         f.write(json.dumps({"step": step, **record}) + "\n")
-  # sparseopt0 logged no churn: no row.
+  # sparseopt0 logged no churn, sparseopt1 only part of it: no row.
   (row,) = plot.neuron_churn(plot.group_runs(plot.load_runs(root)))
   assert (row["optimizer"], row["seeds"]) == ("sgd", 2)
   assert row["dead_start"] == pytest.approx(4.0)  # (3 + 5) / 2
