@@ -136,11 +136,17 @@ def summarize(groups) -> list[dict[str, Any]]:
   return rows
 
 
+def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
+  """A markdown table: a header of ``columns`` and one line per row."""
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |"
+            for row in rows]
+  return "\n".join(lines)
+
+
 def markdown_table(rows) -> str:
   """The rows of `summarize` as a markdown table (accuracies in %)."""
-  lines = ["| setting | sparsity | optimizer | seeds | final test acc (%) "
-           "| first step at baseline's final acc |",
-           "|---|---|---|---|---|---|"]
+  cells = []
   for r in rows:
     if r["steps_to_baseline"] is None:
       reach = "never"
@@ -149,12 +155,12 @@ def markdown_table(rows) -> str:
       if r["seeds_reaching"] < r["seeds"]:
         reach += f" ({r['seeds_reaching']}/{r['seeds']} seeds)"
     unfinished = "" if r["finished"] else " (unfinished)"
-    lines.append(
-        f"| {r['group'] or '-'} | {r['sparsity']} | {r['optimizer']} "
-        f"| {r['seeds']} | {100 * r['final_mean']:.2f} ± "
-        f"{100 * r['final_std']:.2f}{unfinished} | {reach} / "
-        f"{r['final_step']} |")
-  return "\n".join(lines)
+    cells.append([r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"],
+                  f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
+                  f"{unfinished}", f"{reach} / {r['final_step']}"])
+  return _markdown(["setting", "sparsity", "optimizer", "seeds",
+                    "final test acc (%)", "first step at baseline's final acc"],
+                   cells)
 
 
 def paired_differences(groups) -> list[dict[str, Any]]:
@@ -186,14 +192,14 @@ def paired_differences(groups) -> list[dict[str, Any]]:
 
 def paired_table(rows) -> str:
   """The rows of `paired_differences` as markdown (percentage points)."""
-  lines = ["| setting | sparsity | comparison | paired seeds "
-           "| difference (points, mean ± s.e.) |", "|---|---|---|---|---|"]
+  cells = []
   for r in rows:
     sem = "n/a" if r["sem"] is None else f"{100 * r['sem']:.2f}"
-    lines.append(f"| {r['group'] or '-'} | {r['sparsity']} | "
-                 f"{r['optimizer']} - {r['baseline']} | {r['n']} | "
-                 f"{100 * r['mean']:+.2f} ± {sem} |")
-  return "\n".join(lines)
+    cells.append([r["group"] or "-", r["sparsity"],
+                  f"{r['optimizer']} - {r['baseline']}", r["n"],
+                  f"{100 * r['mean']:+.2f} ± {sem}"])
+  return _markdown(["setting", "sparsity", "comparison", "paired seeds",
+                    "difference (points, mean ± s.e.)"], cells)
 
 
 def neuron_churn(groups) -> list[dict[str, Any]]:
@@ -238,14 +244,12 @@ def _logs_churn(records) -> bool:
 
 def churn_table(rows) -> str:
   """The rows of `neuron_churn` as markdown."""
-  lines = ["| setting | sparsity | optimizer | seeds | dead at start "
-           "| died at mask updates | revived at mask updates | dead at end |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['group'] or '-'} | {r['sparsity']} | {r['optimizer']} "
-                 f"| {r['seeds']} | {r['dead_start']:.1f} | {r['died']:.1f} "
-                 f"| {r['revived']:.1f} | {r['dead_end']:.1f} |")
-  return "\n".join(lines)
+  return _markdown(
+      ["setting", "sparsity", "optimizer", "seeds", "dead at start",
+       "died at mask updates", "revived at mask updates", "dead at end"],
+      [[r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"]]
+       + [f"{r[k]:.1f}" for k in ("dead_start", "died", "revived", "dead_end")]
+       for r in rows])
 
 
 def layer_keys(record: dict[str, Any], suffix: str) -> list[str]:
