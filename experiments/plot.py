@@ -235,7 +235,7 @@ def neuron_churn(groups) -> list[dict[str, Any]]:
 
 
 def _logs_churn(records) -> bool:
-  """Whether every mask-update record (one with ``jump/`` keys) has died."""
+  """Whether every mask-update record (one with ``jump/`` keys) counts died."""
   updates = [rec for rec in records if any(k.startswith("jump/") for k in rec)]
   return bool(updates) and all(
       any(k.startswith("jump/") and k.endswith("/died") for k in rec)
