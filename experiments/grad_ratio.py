@@ -40,6 +40,7 @@ import optax
 import sparseopt_jax as sparseopt
 
 from experiments import input_pipeline
+from experiments import markdown
 from experiments import models
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
@@ -157,15 +158,13 @@ def measure(images: np.ndarray, labels: np.ndarray, *,
 
 
 def markdown_table(results) -> str:
-  lines = ["| sparsity s | 1/sqrt(1-s) | with BN | without BN | BN + SparseOpt "
-           "| neuron slope, BN | neuron slope, BN + SparseOpt |",
-           "|---|---|---|---|---|---|---|"]
-  for s, r in results.items():
-    lines.append(
-        f"| {s} | {1 / np.sqrt(1 - s):.2f} | {r['bn']:.2f} | {r['no_bn']:.2f} "
-        f"| {r['bn_sparseopt']:.2f} | {r['slope_bn']:.2f} "
-        f"| {r['slope_bn_sparseopt']:.2f} |")
-  return "\n".join(lines)
+  """The ratios of `measure` per sparsity, next to 1/sqrt(1-s)."""
+  keys = ("bn", "no_bn", "bn_sparseopt", "slope_bn", "slope_bn_sparseopt")
+  return markdown.table(
+      ["sparsity s", "1/sqrt(1-s)", "with BN", "without BN", "BN + SparseOpt",
+       "neuron slope, BN", "neuron slope, BN + SparseOpt"],
+      [[s, f"{1 / np.sqrt(1 - s):.2f}", *(f"{r[k]:.2f}" for k in keys)]
+       for s, r in results.items()])
 
 
 def plot(results, path: str, detail_sparsity: float = 0.9) -> None:

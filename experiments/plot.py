@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import markdown
 from experiments import sweep
 from experiments import train
 
@@ -136,14 +137,6 @@ def summarize(groups) -> list[dict[str, Any]]:
   return rows
 
 
-def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
-  """A markdown table: a header of ``columns`` and one line per row."""
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(str(cell) for cell in row) + " |"
-            for row in rows]
-  return "\n".join(lines)
-
-
 def markdown_table(rows) -> str:
   """The rows of `summarize` as a markdown table (accuracies in %)."""
   cells = []
@@ -158,7 +151,7 @@ def markdown_table(rows) -> str:
     cells.append([r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"],
                   f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
                   f"{unfinished}", f"{reach} / {r['final_step']}"])
-  return _markdown(["setting", "sparsity", "optimizer", "seeds",
+  return markdown.table(["setting", "sparsity", "optimizer", "seeds",
                     "final test acc (%)", "first step at baseline's final acc"],
                    cells)
 
@@ -198,7 +191,7 @@ def paired_table(rows) -> str:
     cells.append([r["group"] or "-", r["sparsity"],
                   f"{r['optimizer']} - {r['baseline']}", r["n"],
                   f"{100 * r['mean']:+.2f} ± {sem}"])
-  return _markdown(["setting", "sparsity", "comparison", "paired seeds",
+  return markdown.table(["setting", "sparsity", "comparison", "paired seeds",
                     "difference (points, mean ± s.e.)"], cells)
 
 
@@ -244,7 +237,7 @@ def _logs_churn(records) -> bool:
 
 def churn_table(rows) -> str:
   """The rows of `neuron_churn` as markdown."""
-  return _markdown(
+  return markdown.table(
       ["setting", "sparsity", "optimizer", "seeds", "dead at start",
        "died at mask updates", "revived at mask updates", "dead at end"],
       [[r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"]]

@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import markdown
 from experiments import plot as plot_lib
 
 # The default recipe of the study; every comparison overrides some fields.
@@ -130,18 +131,17 @@ def paired(runs, comparison: Comparison) -> Optional[dict[str, Any]]:
 
 
 def paired_markdown(rows) -> str:
-  lines = ["| factor | comparison | seeds | control acc (%) | treatment acc (%) "
-           "| paired difference (points, mean ± s.e.) | note |",
-           "|---|---|---|---|---|---|---|"]
-  for r in rows:
-    c = r["comparison"]
-    lines.append(
-        f"| {c.section} | {c.label} | {r['n']} "
-        f"| {100 * r['control'].mean():.2f} ± {100 * r['control'].std():.2f} "
-        f"| {100 * r['treatment'].mean():.2f} ± "
-        f"{100 * r['treatment'].std():.2f} "
-        f"| {100 * r['diff']:+.2f} ± {100 * r['sem']:.2f} | {c.note} |")
-  return "\n".join(lines)
+  """The rows of `paired` as markdown (accuracies in %)."""
+  def acc(x):
+    return f"{100 * x.mean():.2f} ± {100 * x.std():.2f}"
+
+  return markdown.table(
+      ["factor", "comparison", "seeds", "control acc (%)", "treatment acc (%)",
+       "paired difference (points, mean ± s.e.)", "note"],
+      [[r["comparison"].section, r["comparison"].label, r["n"],
+        acc(r["control"]), acc(r["treatment"]),
+        f"{100 * r['diff']:+.2f} ± {100 * r['sem']:.2f}", r["comparison"].note]
+       for r in rows])
 
 
 def _bn_layers(record: dict[str, Any], prefix: str, stat: str) -> list[str]:
@@ -201,29 +201,29 @@ def mechanism_markdown(runs) -> str:
               ("97%, 12 epochs", {"num_epochs": 12.0}),
               ("97%, 12 epochs, wd 5e-3",
                {"num_epochs": 12.0, "weight_decay": 5e-3})]
-  lines = ["| setting | correction | imbalance exponent (mean over training) "
-           "| mean angle per step (mrad) | norm jump at updates "
-           "| factor jump at updates | dead neurons at end (all layers) "
-           "| largest factor at end (max over layers; the fan-in factor for SGD) |",
-           "|---|---|---|---|---|---|---|---|"]
 
   def fmt(x, scale=1.0, digits=3):
     return "n/a" if x is None else f"{scale * x:.{digits}f}"
 
+  rows = []
   for name, setting in settings:
     for arm, overrides in ARMS:
       o = {**setting, **overrides}
       if not select(runs, o):
         continue
-      max_scale = final_value(runs, o, "max_scale", max)
-      lines.append(
-          f"| {name} | {arm} | {fmt(turning_summary(runs, o, 'imbalance'))} "
-          f"| {fmt(turning_summary(runs, o, 'angle_mean'), 1e3, 2)} "
-          f"| {fmt(turning_summary(runs, o, 'norm_jump', 'jump/'))} "
-          f"| {fmt(turning_summary(runs, o, 'factor_jump', 'jump/'))} "
-          f"| {fmt(final_value(runs, o, 'dead'), digits=1)} "
-          f"| {fmt(max_scale, digits=2)} |")
-  return "\n".join(lines)
+      rows.append(
+          [name, arm, fmt(turning_summary(runs, o, "imbalance")),
+           fmt(turning_summary(runs, o, "angle_mean"), 1e3, 2),
+           fmt(turning_summary(runs, o, "norm_jump", "jump/")),
+           fmt(turning_summary(runs, o, "factor_jump", "jump/")),
+           fmt(final_value(runs, o, "dead"), digits=1),
+           fmt(final_value(runs, o, "max_scale", max), digits=2)])
+  return markdown.table(
+      ["setting", "correction", "imbalance exponent (mean over training)",
+       "mean angle per step (mrad)", "norm jump at updates",
+       "factor jump at updates", "dead neurons at end (all layers)",
+       "largest factor at end (max over layers; the fan-in factor for SGD)"],
+      rows)
 
 
 # Coarse bins over the logged power-of-two ones: a logged bin starting at
@@ -262,10 +262,7 @@ TOPOLOGY_SETTINGS = (("97%, 3 epochs", {}), ("95%, 3 epochs", {"sparsity": 0.95}
 
 def topology_markdown(runs) -> str:
   """ITOP, ablated neurons and fan-in histogram at the end, per arm."""
-  bins = " | ".join(f"fan-in {name}" for name in FAN_IN_BINS)
-  lines = ["| setting | correction | seeds | ITOP at end | ablated neurons at end "
-           f"(all layers) | {bins} |",
-           "|---|---|---|---|---|" + "---|" * len(FAN_IN_BINS)]
+  rows = []
   for name, setting in TOPOLOGY_SETTINGS:
     for arm, overrides in ARMS:
       o = {**setting, **overrides}
@@ -276,13 +273,16 @@ def topology_markdown(runs) -> str:
       itop = [x for x in itop if x is not None]
       dead = final_value(runs, o, "dead")
       hist = final_fan_in(runs, o)
-      cells = (" | ".join(f"{100 * x:.1f}%" for x in hist) if hist is not None
-               else " | ".join(["n/a"] * len(FAN_IN_BINS)))
-      lines.append(
-          f"| {name} | {arm} | {len(chosen)} "
-          f"| {f'{100 * np.mean(itop):.1f}%' if itop else 'n/a'} "
-          f"| {'n/a' if dead is None else f'{dead:.1f}'} | {cells} |")
-  return "\n".join(lines)
+      rows.append(
+          [name, arm, len(chosen),
+           f"{100 * np.mean(itop):.1f}%" if itop else "n/a",
+           "n/a" if dead is None else f"{dead:.1f}",
+           *(["n/a"] * len(FAN_IN_BINS) if hist is None
+             else (f"{100 * x:.1f}%" for x in hist))])
+  return markdown.table(
+      ["setting", "correction", "seeds", "ITOP at end",
+       "ablated neurons at end (all layers)",
+       *(f"fan-in {name}" for name in FAN_IN_BINS)], rows)
 
 
 def _mask_update_steps(run) -> list[int]:

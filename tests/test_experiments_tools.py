@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from experiments import fake_data
 from experiments import grad_ratio
+from experiments import markdown
 from experiments import plot
 from experiments import sweep
 
@@ -288,3 +289,11 @@ def test_quickstart_main_writes_table_and_plots(tmp_path):
   assert "| - | 0.95 | sparseopt - sgd | 1 |" in result.stdout
   for name in ("table.md", "accuracy.png", "accuracy_skew.png"):
     assert os.path.getsize(root / name) > 0, name
+
+
+def test_markdown_table_layout_and_ragged_rows():
+  assert markdown.table(["a", "b"], [[1, "x"], [2.5, None]]) == (
+      "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | None |")
+  assert markdown.table(["a"], []) == "| a |\n|---|"
+  with pytest.raises(ValueError, match="row 1 has 1 cells, the header has 2"):
+    markdown.table(["a", "b"], [[1, 2], [3]])
