@@ -151,9 +151,9 @@ def markdown_table(rows) -> str:
     cells.append([r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"],
                   f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
                   f"{unfinished}", f"{reach} / {r['final_step']}"])
-  return markdown.table(["setting", "sparsity", "optimizer", "seeds",
-                    "final test acc (%)", "first step at baseline's final acc"],
-                   cells)
+  return markdown.table(
+      ["setting", "sparsity", "optimizer", "seeds", "final test acc (%)",
+       "first step at baseline's final acc"], cells)
 
 
 def paired_differences(groups) -> list[dict[str, Any]]:
@@ -191,8 +191,9 @@ def paired_table(rows) -> str:
     cells.append([r["group"] or "-", r["sparsity"],
                   f"{r['optimizer']} - {r['baseline']}", r["n"],
                   f"{100 * r['mean']:+.2f} ± {sem}"])
-  return markdown.table(["setting", "sparsity", "comparison", "paired seeds",
-                    "difference (points, mean ± s.e.)"], cells)
+  return markdown.table(
+      ["setting", "sparsity", "comparison", "paired seeds",
+       "difference (points, mean ± s.e.)"], cells)
 
 
 def neuron_churn(groups) -> list[dict[str, Any]]:
