@@ -341,6 +341,19 @@ def plot_skew(groups, path: str, title: str = "") -> bool:
   return True
 
 
+def full_length_curves(rs) -> tuple[np.ndarray, np.ndarray]:
+  """The eval steps of the longest run and the accuracy curves covering them.
+
+  A run still in progress (or killed) has a shorter curve; averaging it in
+  would bend the mean where it stops, so it is left out of the curve (the
+  plot's legend says so) while the table still reports it as unfinished.
+  """
+  steps = max((r["steps"] for r in rs), key=len)
+  curves = np.stack([r["accuracy"][:len(steps)] for r in rs
+                     if len(r["accuracy"]) >= len(steps)])
+  return steps, curves
+
+
 def plot(groups, path: str, title: str = "") -> None:
   """Test accuracy vs step; one panel per (row label, sparsity)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -357,14 +370,13 @@ def plot(groups, path: str, title: str = "") -> None:
   for (row, sparsity), by_opt in groups.items():
     ax = axes[row_labels.index(row), sparsities.index(sparsity)]
     for opt, rs in sorted(by_opt.items()):
-      steps = rs[0]["steps"]
-      curves = np.stack([r["accuracy"][:len(steps)] for r in rs
-                         if len(r["accuracy"]) >= len(steps)])
+      steps, curves = full_length_curves(rs)
       mean, std = 100 * curves.mean(0), 100 * curves.std(0)
       style = "--" if opt in ("sgd", "adam") else "-"
       color = colors.get(opt)
-      ax.plot(steps, mean, style, color=color,
-              label=f"{opt} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+      seeds = (f"{len(curves)} of {len(rs)} seeds" if len(curves) < len(rs)
+               else f"{len(rs)} seed{'s' * (len(rs) > 1)}")
+      ax.plot(steps, mean, style, color=color, label=f"{opt} ({seeds})")
       if len(curves) > 1:
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
     ax.set_title(f"sparsity {sparsity}" + (f"\n{row}" if row else ""),

@@ -56,6 +56,19 @@ def test_table_and_plot(tmp_path):
   assert os.path.getsize(tmp_path / "accuracy.png") > 10_000
 
 
+def test_curves_follow_the_longest_run_whatever_the_order(tmp_path):
+  root = str(tmp_path)
+  # The partial run sorts first: its short curve must not truncate the rest.
+  _fake_run(root, "a_partial", "sgd", 0, [0.5, 0.6], finished=False)
+  _fake_run(root, "b_full", "sgd", 1, [0.5, 0.6, 0.70])
+  _fake_run(root, "c_full", "sgd", 2, [0.5, 0.7, 0.90])
+  ((_, by_opt),) = plot.group_runs(plot.load_runs(root)).items()
+  assert [r["name"] for r in by_opt["sgd"]][0] == "a_partial"
+  steps, curves = plot.full_length_curves(by_opt["sgd"])
+  np.testing.assert_array_equal(steps, [100, 200, 300])
+  np.testing.assert_allclose(curves, [[0.5, 0.6, 0.7], [0.5, 0.7, 0.9]])
+
+
 def test_paired_differences_pair_finished_runs_by_seed(tmp_path):
   root = str(tmp_path)
   for seed, (b, s) in enumerate([(0.70, 0.75), (0.80, 0.81), (0.60, 0.58)]):
