@@ -196,6 +196,80 @@ def paired_table(rows) -> str:
        "difference (points, mean ± s.e.)"], cells)
 
 
+def tuned_differences(runs, field: str = "learning_rate"
+                      ) -> list[dict[str, Any]]:
+  """Each optimizer at its own best ``field`` value minus its baseline at its.
+
+  Fair tuning: where ``field`` (a hyperparameter swept for every method)
+  varies, each optimizer's value with the best mean final accuracy over its
+  finished seeds is chosen within each (setting, sparsity), and the two
+  choices are compared seed by seed. Choosing on the same seeds that are
+  compared flatters both arms alike; ``edge`` flags a choice at the end of
+  its grid, where the true optimum may lie outside it. Only comparisons in
+  which both optimizers tried more than one value are returned.
+  """
+  fields = varying_fields(runs)
+  if field not in fields:
+    return []
+  outer = [k for k in fields if k not in ("sparsity", field)]
+  tree = collections.defaultdict(
+      lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
+  for run in runs:
+    if run["finished"]:
+      config = run["config"]
+      key = (_label(config, outer), config["sparsity"])
+      tree[key][config["optimizer"]][_key(config[field])].append(run)
+
+  def mean_final(rs):
+    return np.mean([r["accuracy"][-1] for r in rs])
+
+  rows = []
+  for (row, sparsity), by_opt in sorted(tree.items()):
+    best = {opt: max(by_value, key=lambda v: mean_final(by_value[v]))
+            for opt, by_value in by_opt.items()}
+    for opt, by_value in sorted(by_opt.items()):
+      baseline = BASELINE_OF.get(opt)
+      if (baseline == opt or baseline not in by_opt or len(by_value) < 2
+          or len(by_opt[baseline]) < 2):
+        continue
+      base = {r["config"]["seed"]: r["accuracy"][-1]
+              for r in by_opt[baseline][best[baseline]]}
+      diffs = np.array([r["accuracy"][-1] - base[r["config"]["seed"]]
+                        for r in by_value[best[opt]]
+                        if r["config"]["seed"] in base])
+      if not diffs.size:
+        continue
+      sem = diffs.std(ddof=1) / np.sqrt(diffs.size) if diffs.size > 1 else None
+      edge = any(best[o] in (min(by_opt[o], key=json.loads),
+                             max(by_opt[o], key=json.loads))
+                 for o in (opt, baseline))
+      rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
+                   "baseline": baseline, "field": field,
+                   "value": json.loads(best[opt]),
+                   "baseline_value": json.loads(best[baseline]),
+                   "edge": edge, "n": int(diffs.size),
+                   "diffs": [float(d) for d in diffs],
+                   "mean": float(diffs.mean()),
+                   "sem": None if sem is None else float(sem)})
+  return rows
+
+
+def tuned_table(rows) -> str:
+  """The rows of `tuned_differences` as markdown (percentage points)."""
+  cells = []
+  for r in rows:
+    sem = "n/a" if r["sem"] is None else f"{100 * r['sem']:.2f}"
+    seeds = ", ".join(f"{100 * d:+.2f}" for d in r["diffs"])
+    cells.append([r["group"] or "-", r["sparsity"],
+                  f"{r['optimizer']} at {r['value']} - "
+                  f"{r['baseline']} at {r['baseline_value']}"
+                  + (" (edge of grid)" if r["edge"] else ""),
+                  r["n"], f"{100 * r['mean']:+.2f} ± {sem}", seeds])
+  return markdown.table(
+      ["setting", "sparsity", "comparison", "paired seeds",
+       "difference (points, mean ± s.e.)", "by seed"], cells)
+
+
 def neuron_churn(groups) -> list[dict[str, Any]]:
   """Dead neurons at the start and end, and how many died and revived.
 
@@ -423,6 +497,10 @@ def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
   paired = paired_differences(groups)
   if paired:
     table += "\n\nPaired by seed:\n\n" + paired_table(paired)
+  tuned = tuned_differences(runs)
+  if tuned:
+    table += ("\n\nEach optimizer at its own best learning rate, paired by "
+              "seed:\n\n" + tuned_table(tuned))
   churn = neuron_churn(groups)
   if churn:
     table += ("\n\nDead neurons (all incoming weights pruned), mean over "

@@ -18,11 +18,12 @@ from experiments import sweep
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _fake_run(root, name, optimizer, seed, curve, sparsity=0.95, finished=True):
+def _fake_run(root, name, optimizer, seed, curve, sparsity=0.95, finished=True,
+              learning_rate=0.05):
   workdir = os.path.join(root, name)
   os.makedirs(workdir)
   config = {"method": "rigl", "sparsity": sparsity, "optimizer": optimizer,
-            "seed": seed, "learning_rate": 0.05, "log_every": 10}
+            "seed": seed, "learning_rate": learning_rate, "log_every": 10}
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config, f)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
@@ -67,6 +68,43 @@ def test_curves_follow_the_longest_run_whatever_the_order(tmp_path):
   steps, curves = plot.full_length_curves(by_opt["sgd"])
   np.testing.assert_array_equal(steps, [100, 200, 300])
   np.testing.assert_allclose(curves, [[0.5, 0.6, 0.7], [0.5, 0.7, 0.9]])
+
+
+def test_tuned_differences_pair_each_optimizer_at_its_best_lr(tmp_path):
+  root = str(tmp_path)
+  finals = {"sgd": {0.05: [0.80, 0.82], 0.1: [0.78, 0.79], 0.2: [0.70, 0.71]},
+            "sparseopt": {0.05: [0.75, 0.77], 0.1: [0.79, 0.83],
+                          0.2: [0.60, 0.60]}}
+  for opt, by_lr in finals.items():
+    for lr, accs in by_lr.items():
+      for seed, acc in enumerate(accs):
+        _fake_run(root, f"{opt}_{lr}_{seed}", opt, seed, [0.5, acc],
+                  learning_rate=lr)
+  # Unfinished runs take no part, however good their last evaluation.
+  _fake_run(root, "sparseopt_0.2_9", "sparseopt", 9, [0.5, 0.99],
+            finished=False, learning_rate=0.2)
+  (row,) = plot.tuned_differences(plot.load_runs(root))
+  # SGD is best at 0.05 (the grid's low end), SparseOpt at 0.1.
+  diffs = np.array([0.79 - 0.80, 0.83 - 0.82])
+  assert (row["value"], row["baseline_value"], row["edge"]) == (0.1, 0.05, True)
+  assert row["n"] == 2
+  np.testing.assert_allclose(row["diffs"], diffs)
+  assert row["mean"] == pytest.approx(diffs.mean(), abs=1e-12)
+  assert row["sem"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(2))
+  table = plot.report(root)
+  assert ("| - | 0.95 | sparseopt at 0.1 - sgd at 0.05 (edge of grid) | 2 | "
+          "+0.00 ± 1.00 | -1.00, +1.00 |") in table
+
+
+def test_tuned_differences_need_a_grid_for_both_optimizers(tmp_path):
+  root = str(tmp_path)
+  for seed in (0, 1):
+    _fake_run(root, f"b{seed}", "sgd", seed, [0.5, 0.8])
+    _fake_run(root, f"s{seed}", "sparseopt", seed, [0.5, 0.7])
+  assert plot.tuned_differences(plot.load_runs(root)) == []
+  # A grid for SparseOpt alone is no fair comparison either.
+  _fake_run(root, "s0_lr", "sparseopt", 0, [0.5, 0.9], learning_rate=0.1)
+  assert plot.tuned_differences(plot.load_runs(root)) == []
 
 
 def test_paired_differences_pair_finished_runs_by_seed(tmp_path):
