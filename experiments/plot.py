@@ -173,24 +173,31 @@ def paired_differences(groups) -> list[dict[str, Any]]:
       diffs = np.array([r["accuracy"][-1] - base[r["config"]["seed"]]["accuracy"][-1]
                         for r in rs
                         if r["finished"] and r["config"]["seed"] in base])
-      if not diffs.size:
-        continue
-      sem = diffs.std(ddof=1) / np.sqrt(diffs.size) if diffs.size > 1 else None
-      rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
-                   "baseline": baseline, "n": int(diffs.size),
-                   "mean": float(diffs.mean()),
-                   "sem": None if sem is None else float(sem)})
+      if diffs.size:
+        rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
+                     "baseline": baseline, **difference_stats(diffs)})
   return rows
+
+
+def difference_stats(diffs: np.ndarray) -> dict[str, Any]:
+  """n, mean and standard error (std / sqrt(n), ddof=1; None for n = 1)."""
+  sem = diffs.std(ddof=1) / np.sqrt(diffs.size) if diffs.size > 1 else None
+  return {"n": int(diffs.size), "mean": float(diffs.mean()),
+          "sem": None if sem is None else float(sem)}
+
+
+def _points(row) -> str:
+  """A `difference_stats` row's mean ± s.e. in percentage points."""
+  sem = "n/a" if row["sem"] is None else f"{100 * row['sem']:.2f}"
+  return f"{100 * row['mean']:+.2f} ± {sem}"
 
 
 def paired_table(rows) -> str:
   """The rows of `paired_differences` as markdown (percentage points)."""
   cells = []
   for r in rows:
-    sem = "n/a" if r["sem"] is None else f"{100 * r['sem']:.2f}"
     cells.append([r["group"] or "-", r["sparsity"],
-                  f"{r['optimizer']} - {r['baseline']}", r["n"],
-                  f"{100 * r['mean']:+.2f} ± {sem}"])
+                  f"{r['optimizer']} - {r['baseline']}", r["n"], _points(r)])
   return markdown.table(
       ["setting", "sparsity", "comparison", "paired seeds",
        "difference (points, mean ± s.e.)"], cells)
@@ -239,7 +246,6 @@ def tuned_differences(runs, field: str = "learning_rate"
                         if r["config"]["seed"] in base])
       if not diffs.size:
         continue
-      sem = diffs.std(ddof=1) / np.sqrt(diffs.size) if diffs.size > 1 else None
       edge = any(best[o] in (min(by_opt[o], key=json.loads),
                              max(by_opt[o], key=json.loads))
                  for o in (opt, baseline))
@@ -247,10 +253,8 @@ def tuned_differences(runs, field: str = "learning_rate"
                    "baseline": baseline, "field": field,
                    "value": json.loads(best[opt]),
                    "baseline_value": json.loads(best[baseline]),
-                   "edge": edge, "n": int(diffs.size),
-                   "diffs": [float(d) for d in diffs],
-                   "mean": float(diffs.mean()),
-                   "sem": None if sem is None else float(sem)})
+                   "edge": edge, "diffs": [float(d) for d in diffs],
+                   **difference_stats(diffs)})
   return rows
 
 
@@ -258,13 +262,12 @@ def tuned_table(rows) -> str:
   """The rows of `tuned_differences` as markdown (percentage points)."""
   cells = []
   for r in rows:
-    sem = "n/a" if r["sem"] is None else f"{100 * r['sem']:.2f}"
     seeds = ", ".join(f"{100 * d:+.2f}" for d in r["diffs"])
     cells.append([r["group"] or "-", r["sparsity"],
                   f"{r['optimizer']} at {r['value']} - "
                   f"{r['baseline']} at {r['baseline_value']}"
                   + (" (edge of grid)" if r["edge"] else ""),
-                  r["n"], f"{100 * r['mean']:+.2f} ± {sem}", seeds])
+                  r["n"], _points(r), seeds])
   return markdown.table(
       ["setting", "sparsity", "comparison", "paired seeds",
        "difference (points, mean ± s.e.)", "by seed"], cells)
