@@ -205,7 +205,7 @@ def paired_table(rows) -> str:
 
 def tuned_differences(runs, field: str = "learning_rate"
                       ) -> list[dict[str, Any]]:
-  """Each optimizer at its own best ``field`` value minus its baseline at its.
+  """Each optimizer at its best ``field`` value minus its baseline at its own.
 
   Fair tuning: where ``field`` (a hyperparameter swept for every method)
   varies, each optimizer's value with the best mean final accuracy over its
