@@ -97,9 +97,14 @@ def _label(config, fields) -> str:
   return ", ".join(f"{k}={config.get(k)}" for k in fields)
 
 
-def group_runs(runs):
-  """{(row label, sparsity): {optimizer: [runs over seeds]}}."""
-  row_fields = [k for k in varying_fields(runs) if k != "sparsity"]
+def group_runs(runs, ignore: Sequence[str] = ()):
+  """{(row label, sparsity): {optimizer: [runs over seeds]}}.
+
+  Fields in ``ignore`` stay out of the row label, so runs that differ only
+  in them share a group.
+  """
+  row_fields = [k for k in varying_fields(runs)
+                if k != "sparsity" and k not in ignore]
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   for run in runs:
     config = run["config"]
@@ -169,14 +174,20 @@ def paired_differences(groups) -> list[dict[str, Any]]:
       baseline = BASELINE_OF.get(opt)
       if baseline == opt or baseline not in by_opt:
         continue
-      base = {r["config"]["seed"]: r for r in by_opt[baseline] if r["finished"]}
-      diffs = np.array([r["accuracy"][-1] - base[r["config"]["seed"]]["accuracy"][-1]
-                        for r in rs
-                        if r["finished"] and r["config"]["seed"] in base])
+      diffs = seed_differences(rs, by_opt[baseline])
       if diffs.size:
         rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
                      "baseline": baseline, **difference_stats(diffs)})
   return rows
+
+
+def seed_differences(rs, base_rs) -> np.ndarray:
+  """Final accuracy of each finished run in ``rs`` minus the finished run of
+  ``base_rs`` with the same seed; runs without such a partner are skipped."""
+  base = {r["config"]["seed"]: r["accuracy"][-1]
+          for r in base_rs if r["finished"]}
+  return np.array([r["accuracy"][-1] - base[r["config"]["seed"]] for r in rs
+                   if r["finished"] and r["config"]["seed"] in base])
 
 
 def difference_stats(diffs: np.ndarray) -> dict[str, Any]:
@@ -215,39 +226,31 @@ def tuned_differences(runs, field: str = "learning_rate"
   its grid, where the true optimum may lie outside it. Only comparisons in
   which both optimizers tried more than one value are returned.
   """
-  fields = varying_fields(runs)
-  if field not in fields:
+  if field not in varying_fields(runs):
     return []
-  outer = [k for k in fields if k not in ("sparsity", field)]
-  tree = collections.defaultdict(
-      lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
-  for run in runs:
-    if run["finished"]:
-      config = run["config"]
-      key = (_label(config, outer), config["sparsity"])
-      tree[key][config["optimizer"]][_key(config[field])].append(run)
 
   def mean_final(rs):
     return np.mean([r["accuracy"][-1] for r in rs])
 
   rows = []
-  for (row, sparsity), by_opt in sorted(tree.items()):
-    best = {opt: max(by_value, key=lambda v: mean_final(by_value[v]))
-            for opt, by_value in by_opt.items()}
-    for opt, by_value in sorted(by_opt.items()):
+  groups = group_runs([r for r in runs if r["finished"]], ignore=(field,))
+  for (row, sparsity), by_opt in sorted(groups.items()):
+    grids = {opt: collections.defaultdict(list) for opt in by_opt}
+    for opt, rs in by_opt.items():
+      for r in rs:
+        grids[opt][_key(r["config"][field])].append(r)
+    best = {opt: max(grid, key=lambda v: mean_final(grid[v]))
+            for opt, grid in grids.items()}
+    for opt, grid in sorted(grids.items()):
       baseline = BASELINE_OF.get(opt)
-      if (baseline == opt or baseline not in by_opt or len(by_value) < 2
-          or len(by_opt[baseline]) < 2):
+      if (baseline == opt or baseline not in grids or len(grid) < 2
+          or len(grids[baseline]) < 2):
         continue
-      base = {r["config"]["seed"]: r["accuracy"][-1]
-              for r in by_opt[baseline][best[baseline]]}
-      diffs = np.array([r["accuracy"][-1] - base[r["config"]["seed"]]
-                        for r in by_value[best[opt]]
-                        if r["config"]["seed"] in base])
+      diffs = seed_differences(grid[best[opt]], grids[baseline][best[baseline]])
       if not diffs.size:
         continue
-      edge = any(best[o] in (min(by_opt[o], key=json.loads),
-                             max(by_opt[o], key=json.loads))
+      edge = any(best[o] in (min(grids[o], key=json.loads),
+                             max(grids[o], key=json.loads))
                  for o in (opt, baseline))
       rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
                    "baseline": baseline, "field": field,
