@@ -50,11 +50,7 @@ CORRECT_FILTERS = ("all", "bn_only")
 SCHEDULES = ("cosine", "step", "constant")
 INITS = ("masked_dense", "fan_in")
 
-# Fields that may change when a run resumes: they do not change the numbers.
-RESUMABLE_FIELDS = frozenset({
-    "data_dir", "num_data_threads", "log_every", "eval_every",
-    "checkpoint_every", "keep_checkpoints", "progress_bar",
-    "turning_diagnostics", "fan_in_histogram"})
+RESUMABLE_FIELDS = default_config.RESUMABLE_FIELDS
 
 
 class TrainState(flax.struct.PyTreeNode):

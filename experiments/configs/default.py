@@ -7,6 +7,12 @@ what their setting needs. Override any field on the command line:
 
 import ml_collections
 
+# Fields that may change when a run resumes: they do not change the numbers.
+RESUMABLE_FIELDS = frozenset({
+    "data_dir", "num_data_threads", "log_every", "eval_every",
+    "checkpoint_every", "keep_checkpoints", "progress_bar",
+    "turning_diagnostics", "fan_in_histogram"})
+
 
 def get_config() -> ml_collections.ConfigDict:
   """The defaults: small BN ResNet, Fashion-MNIST, RigL at 95%, SparseOpt."""
