@@ -7,8 +7,9 @@ For each parameter tree (90% sparse masks, ERK), times one jitted update of:
 * ``floor``: ``jax.tree.map`` reading grads + masks and writing one output,
   the memory-bound floor of any mask-aware transform (9 bytes/param);
 * ``scale_by_sparseopt`` (masks as an update keyword, counted every call);
-* ``scale_by_sparseopt_cached`` (masks plus the per-neuron counts that
-  ``dynamic_sparse`` keeps in its state and forwards as ``neuron_counts=``);
+* ``scale_by_sparseopt_cached`` (masks plus ``masks_updated=False``, as
+  ``dynamic_sparse`` forwards between mask updates: the factors cached in
+  the transform's state are reused);
 * ``zero_masked_updates`` (the apply-masks transform);
 * ``sgd_momentum``: plain ``optax.sgd(0.1, momentum=0.9)``;
 * ``dst_step``: ``dynamic_sparse(chain(scale_by_sparseopt(), sgd))`` on a
@@ -45,9 +46,9 @@ def candidates(params, masks, grads):
   scale = sparseopt.scale_by_sparseopt()
   scale_state = scale.init(params)
   scale_fn = jax.jit(lambda g, s, p, m: scale.update(g, s, p, masks=m)[0])
-  counts = sparseopt.count_neurons(masks)
-  cached_fn = jax.jit(lambda g, s, p, m, c: scale.update(
-      g, s, p, masks=m, neuron_counts=c)[0])
+  cached_state = scale.update(grads, scale_state, params, masks=masks)[1]
+  cached_fn = jax.jit(lambda g, s, p, m: scale.update(
+      g, s, p, masks=m, masks_updated=False)[0])
 
   zero = sparseopt.zero_masked_updates()
   zero_state = zero.init(params)
@@ -79,7 +80,7 @@ def candidates(params, masks, grads):
       "floor": (floor, (grads, masks)),
       "scale_by_sparseopt": (scale_fn, (grads, scale_state, params, masks)),
       "scale_by_sparseopt_cached": (
-          cached_fn, (grads, scale_state, params, masks, counts)),
+          cached_fn, (grads, cached_state, params, masks)),
       "zero_masked_updates": (zero_fn, (grads, zero_state, params, masks)),
       "sgd_momentum": carrying(sgd, sgd.init(params)),
       "dst_step": dst("rigl", 1),

@@ -1,7 +1,9 @@
 """One shared suite that every public transform passes (as optax's
 ``contrib/_common_test.py``): jit, finite outputs, shapes and dtypes kept
-(bf16 too), no recompile, and composition with ``chain``, ``MultiSteps``,
-``inject_hyperparams`` and ``lax.scan``.
+(bf16 too), no recompile, composition with ``chain``, ``MultiSteps``,
+``inject_hyperparams``, ``optax.tree.map_params`` and ``lax.scan``, donated
+states, and convergence on small targets wherever the base optimizer
+converges.
 """
 
 import functools
@@ -218,23 +220,194 @@ def test_in_front_of_adaptive_optimizers(opt, method):
     params = optax.apply_updates(params, u)
 
 
+def _sparse_states(state):
+  return [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, sparseopt.ScaleBySparseOptState))
+          if isinstance(s, sparseopt.ScaleBySparseOptState)]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_tree_map_params(name):
   # optax.tree.map_params reaches the params-shaped parts of a state without
-  # knowing its classes (e.g. to cast moments or shard them like params).
+  # knowing its classes (e.g. to cast moments or shard them like params); it
+  # calls init with a leafless placeholder to find them.
   params, masks, grads_at = problem()
   tx, kw = make_tx(name, masks)
   state = tx.init(params)
   cast = optax.tree.map_params(tx.init, lambda p: p.astype(jnp.bfloat16),
                                state)
-  n_params_like = 0
+  assert jax.tree.structure(cast) == jax.tree.structure(state)
+  shapes = {p.shape for p in jax.tree.leaves(params)}
+  n_cast = 0
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(cast)):
-    if a.dtype == jnp.float32 and a.ndim:
-      assert b.dtype == jnp.bfloat16
-      n_params_like += 1
-    else:
-      assert b.dtype == a.dtype
+    if b.dtype != a.dtype:
+      assert a.dtype == jnp.float32 and b.dtype == jnp.bfloat16
+      assert a.shape in shapes  # only params-like leaves are reached
+      n_cast += 1
   if name in ("sparseopt",) or name.startswith("dst"):
-    assert n_params_like > 0  # the momentum trace was reached
+    assert n_cast > 0  # the momentum trace was reached
+  # SparseOpt's cache of per-neuron factors is not params-like: left alone.
+  for a in _sparse_states(cast):
+    for leaf in jax.tree.leaves(a.scales):
+      assert leaf.dtype == jnp.float32
   u, _ = tx.update(grads_at(0), cast, params, **kw)
   check_tree(u, params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_donated_state(name):
+  # A train step that donates its optimizer state (the usual jit setup) must
+  # give the same result as one that does not: no buffer shared between
+  # state leaves, or with what the transform's closure holds.
+  params, masks, grads_at = problem()
+  tx, kw = make_tx(name, masks)
+
+  def step(state, params, grads, kw):
+    updates, state = tx.update(grads, state, params, **kw)
+    return state, optax.apply_updates(params, updates)
+
+  plain = jax.jit(step)
+  donating = jax.jit(step, donate_argnums=0)
+  s1, s2, p1, p2 = tx.init(params), tx.init(params), params, params
+  for t in range(5):  # DST mask updates at steps 2 and 4
+    s1, p1 = plain(s1, p1, grads_at(t), kw)
+    s2, p2 = donating(s2, p2, grads_at(t), kw)
+  def data(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key_data(x)
+    return x
+
+  for a, b in zip(jax.tree.leaves((s1, p1)), jax.tree.leaves((s2, p2))):
+    np.testing.assert_array_equal(data(a), data(b))
+  # A fresh init after donating states still works (nothing it holds was
+  # donated away).
+  s3 = tx.init(params)
+  donating(s3, params, grads_at(0), kw)
+
+
+# ------------------------------------------------------------ convergence
+#
+# As optax's contrib suite: on small targets the wrapped optimizer must reach
+# the optimum whenever the base optimizer does. Most targets start at zero,
+# which is where masks inferred from ``params != 0`` used to freeze a layer.
+
+
+def parabola():
+  return (jnp.array([-1.0, 10.0, 1.0]), jnp.array([1.0, -1.0, 1.0]))
+
+
+def rosenbrock():
+  return jnp.zeros(2), jnp.array([1.0, 1.0])
+
+
+def rosenbrock_loss(p):
+  return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
+
+
+def matrix_parabola():
+  return jnp.zeros((2, 2)), jnp.array([[3.0, -2.0], [1.0, 4.0]])
+
+
+def mixed_target():
+  # A 1-D and a 2-D leaf; the zero entry of the 2-D target gets no gradient
+  # from a zero start, so masks inferred from params prune it after step 1.
+  return ((jnp.zeros(3), jnp.zeros((2, 2))),
+          (jnp.array([1.0, -1.0, 2.0]), jnp.array([[1.0, 0.0], [-1.0, 1.0]])))
+
+
+def sparse_layer():
+  # A kernel whose optimum has 8 zeros of 24, and its bias. DST masks keep
+  # the support plus 4 slack connections: RigL and SET swap slack entries
+  # (exactly zero, as is the target there) and never lose the support.
+  rng = np.random.default_rng(0)
+  support = np.zeros(24, bool)
+  support[rng.choice(24, 8, replace=False)] = True
+  kernel = np.where(support, rng.choice([-2.0, -1.0, 1.0, 2.0], 24), 0.0)
+  return ({"kernel": jnp.zeros((4, 6)), "bias": jnp.zeros(6)},
+          {"kernel": jnp.asarray(kernel.reshape(4, 6), jnp.float32),
+           "bias": jnp.arange(6.0) - 2.5})
+
+
+def sparse_layer_masks(final):
+  support = np.asarray(final["kernel"]).reshape(-1) != 0
+  slack = np.flatnonzero(~support)[:4]
+  mask = support.copy()
+  mask[slack] = True
+  return {"kernel": jnp.asarray(mask.reshape(4, 6)), "bias": None}
+
+
+def squared_distance(final):
+  return lambda p: sum(jnp.sum((a - b) ** 2) for a, b in
+                       zip(jax.tree.leaves(p), jax.tree.leaves(final)))
+
+
+# name -> (init and optimum, loss, SGD learning rate, steps). The base
+# optimizer is SGD with momentum 0.9 at that learning rate.
+TARGETS = {
+    "parabola": (parabola, None, 0.1, 200),
+    "rosenbrock": (rosenbrock, rosenbrock_loss, 1e-3, 3000),
+    "matrix_parabola": (matrix_parabola, None, 0.1, 200),
+    "mixed": (mixed_target, None, 0.1, 200),
+    "sparse_layer": (sparse_layer, None, 0.1, 300),
+}
+
+
+def dst_masks(final):
+  """Masks for dynamic_sparse: dense kernels unless the target is sparse."""
+  if isinstance(final, dict):
+    return sparse_layer_masks(final)
+  return jax.tree.map(lambda f: jnp.ones(f.shape, bool) if f.ndim >= 2
+                      else None, final)
+
+
+def optimizer(name, lr, final):
+  """The transform under test with (or as) SGD with momentum at ``lr``."""
+  base = optax.sgd(lr, momentum=0.9)
+  if name == "scale_by_sparseopt":
+    return optax.chain(sparseopt.scale_by_sparseopt(), base)
+  if name == "scale_by_sparseopt_norm":
+    return optax.chain(sparseopt.scale_by_sparseopt(correction="norm"), base)
+  if name == "zero_masked_updates":
+    return optax.chain(base, sparseopt.zero_masked_updates())
+  if name == "sparseopt":
+    return sparseopt.sparseopt(lr, momentum=0.9)
+  return sparseopt.dynamic_sparse(
+      optax.chain(sparseopt.scale_by_sparseopt(), base), dst_masks(final),
+      method=name.removeprefix("dst_"), update_every=10, end_step=150,
+      key=jax.random.key(3))
+
+
+def run_target(tx, init, loss, steps):
+  @jax.jit
+  def solve(params):
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return (optax.apply_updates(p, u), s), None
+    return jax.lax.scan(body, (params, tx.init(params)), length=steps)[0]
+  return solve(init)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_base_optimizer_converges(target):
+  setup, loss, lr, steps = TARGETS[target]
+  init, final = setup()
+  got, _ = run_target(optax.sgd(lr, momentum=0.9), init,
+                      loss or squared_distance(final), steps)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(final)):
+    np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("name", NAMES)
+def test_converges_where_the_base_optimizer_does(name, target):
+  setup, loss, lr, steps = TARGETS[target]
+  init, final = setup()
+  tx = optimizer(name, lr, final)
+  got, state = run_target(tx, init, loss or squared_distance(final), steps)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(final)):
+    np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2)
+  if target == "sparse_layer" and name in ("dst_rigl", "dst_set"):
+    # The topology did change on the way (slack connections were swapped).
+    density = float(jnp.mean(dst_masks(final)["kernel"]))
+    assert float(sparseopt.itop_rate(state)) > density

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import sparseopt_jax as sparseopt
+from sparseopt_jax import diagnostics
 import reference as ref
 
 
@@ -27,7 +28,7 @@ def _layer(shape, sparsity, seed, axis=-1):
                                         ((1, 1, 16, 5), -1), ((12, 20), 0)])
 def test_neuron_turning_matches_reference(shape, axis):
   mask, before, after = _layer(shape, 0.8, seed=len(shape) + axis)
-  angle, norm, live = jax.jit(sparseopt.neuron_turning, static_argnums=3)(
+  angle, norm, live = jax.jit(diagnostics.neuron_turning, static_argnums=3)(
       before, after, mask, axis)
   r_angle, r_norm, r_live = ref.turning(before, after, mask, axis)
   np.testing.assert_array_equal(live, r_live)
@@ -42,7 +43,7 @@ def test_tiny_angles_are_accurate():
   mask = np.ones_like(w, bool)
   after = w.copy()
   after[0] += 1e-5
-  angle, _, _ = sparseopt.neuron_turning(w, after, mask)
+  angle, _, _ = diagnostics.neuron_turning(w, after, mask)
   r_angle, _, _ = ref.turning(w, after, mask)
   assert np.all(r_angle > 0)
   np.testing.assert_allclose(angle, r_angle, rtol=1e-2)
@@ -53,7 +54,7 @@ def test_turning_diagnostics_matches_reference():
   params_b = {"dense": {"kernel": before, "bias": np.zeros(16, np.float32)}}
   params_a = {"dense": {"kernel": after, "bias": np.ones(16, np.float32)}}
   masks = {"dense": {"kernel": mask, "bias": None}}
-  out = jax.jit(sparseopt.turning_diagnostics)(params_b, params_a, masks)
+  out = jax.jit(diagnostics.turning_diagnostics)(params_b, params_a, masks)
   assert set(out) == {"dense/kernel/angle_mean", "dense/kernel/imbalance",
                       "dense/kernel/norm_mean"}
   expected = ref.turning_summary(before, after, mask)
@@ -84,9 +85,9 @@ def test_imbalance_recovers_the_bn_skew():
   masks = {"k": mask}
   skewed = rotate(0.01 / np.sqrt(mask.mean(0)))
   balanced = rotate(np.full(n_out, 0.01))
-  d = sparseopt.turning_diagnostics({"k": w}, {"k": skewed}, masks)
+  d = diagnostics.turning_diagnostics({"k": w}, {"k": skewed}, masks)
   np.testing.assert_allclose(d["k/imbalance"], -0.5, atol=0.02)
-  d = sparseopt.turning_diagnostics({"k": w}, {"k": balanced}, masks)
+  d = diagnostics.turning_diagnostics({"k": w}, {"k": balanced}, masks)
   np.testing.assert_allclose(d["k/imbalance"], 0.0, atol=0.02)
 
 
@@ -103,7 +104,7 @@ def test_single_weight_neurons_and_rounding_noise_are_excluded():
   after[:, 0] = w[:, 0] * (1 + 1e-7)  # rounding-level change
   after[:, 1] = -w[:, 1]  # a sign flip: angle pi in exact arithmetic
   after[:, 2] = w[:, 2] + 1e-9 * np.abs(w[:, 2])  # unresolved
-  out = jax.jit(sparseopt.turning_diagnostics)({"k": w}, {"k": after},
+  out = jax.jit(diagnostics.turning_diagnostics)({"k": w}, {"k": after},
                                                {"k": mask})
   expected = ref.turning_summary(w, after, mask)
   np.testing.assert_allclose(out["k/imbalance"], expected["imbalance"],
@@ -120,12 +121,12 @@ def test_dead_neurons_and_zero_layers_are_not_nan():
   mask = np.ones((8, 4), bool)
   mask[:, 0] = False  # a dead neuron
   w = np.ones((8, 4), np.float32) * mask
-  out = sparseopt.turning_diagnostics({"k": w}, {"k": w * 1.5}, {"k": mask})
+  out = diagnostics.turning_diagnostics({"k": w}, {"k": w * 1.5}, {"k": mask})
   assert all(np.isfinite(v) for v in jax.tree.leaves(out))
   # Scaling a neuron does not turn it.
   np.testing.assert_allclose(out["k/angle_mean"], 0.0, atol=1e-6)
   zeros = np.zeros((8, 4), np.float32)
-  out = sparseopt.turning_diagnostics({"k": zeros}, {"k": zeros},
+  out = diagnostics.turning_diagnostics({"k": zeros}, {"k": zeros},
                                       {"k": mask})
   assert all(np.isfinite(v) for v in jax.tree.leaves(out))
   assert float(out["k/angle_mean"]) == 0.0
@@ -143,7 +144,7 @@ def test_mask_update_jump_matches_reference():
   m1[:, 3] = False  # ... and neuron 3 dies
   w0 = rng.standard_normal((40, 8)).astype(np.float32) * m0
   w1 = np.where(m1 & ~m0, 0.0, w0).astype(np.float32) * m1
-  out = jax.jit(sparseopt.mask_update_jump)({"k": w0}, {"k": w1}, {"k": m0},
+  out = jax.jit(diagnostics.mask_update_jump)({"k": w0}, {"k": w1}, {"k": m0},
                                             {"k": m1})
 
   def norms(w, m):

@@ -6,12 +6,14 @@ import math
 import hypothesis
 import hypothesis.strategies as st
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import sparseopt_jax as sparseopt
+from sparseopt_jax import diagnostics
 import reference as ref
 
 IS_NONE = lambda x: x is None  # noqa: E731
@@ -69,7 +71,7 @@ def test_rigl_hand_checked_drop_grow_and_ties():
   want, k = ref.drop_grow(mask, w, np.abs(g), 0.5)
   assert k == 2
   np.testing.assert_array_equal(new, want.reshape(-1))
-  diag = sparseopt.dst_diagnostics(hist[1][5])
+  diag = diagnostics.dst_diagnostics(hist[1][5])
   assert float(diag["changed"]) == 2.0 and float(diag["w/changed"]) == 2.0
   # ITOP: 6 of 8 entries have been active.
   assert float(sparseopt.itop_rate(hist[1][5])) == pytest.approx(6 / 8)
@@ -223,7 +225,8 @@ def scan_dst(params, masks, grads, key, fraction, *, method, update_every):
     new_p = optax.apply_updates(p, u)
     trace = s.inner_state[1][0].trace
     return (new_p, s), (s.masks, new_p, trace, sparseopt.itop_rate(s),
-                        s.num_changed, p, s.neuron_counts.counts)
+                        s.num_changed, p, s.masks_updated,
+                        s.inner_state[0].scales)
 
   _, hist = jax.lax.scan(body, (params, tx.init(params)), grads)
   return hist
@@ -248,7 +251,8 @@ def test_property_dst_invariants(seed, density, frac16, method, update_every):
                   jnp.float32(fraction), method=method,
                   update_every=update_every)
   hist = jax.tree.map(np.asarray, hist)
-  masks_h, params_h, trace_h, itop_h, changed_h, params_in, counts_h = hist
+  (masks_h, params_h, trace_h, itop_h, changed_h, params_in, updated_h,
+   scales_h) = hist
   counts0 = {n: int(m.sum()) for n, m in flat(masks0).items()
              if m is not None}
   total = sum(math.prod(s) for s in SHAPES.values())
@@ -258,15 +262,17 @@ def test_property_dst_invariants(seed, density, frac16, method, update_every):
   ever = {n: m.copy() for n, m in prev_masks.items()}
   for t in range(N_STEPS):
     is_update = t > 0 and t % update_every == 0 and t < END_STEP
+    assert bool(updated_h[t]) == (is_update and method != "static"), t
     for name in SHAPES:
       n = f"{name}/kernel"
       new = masks_h[name]["kernel"][t]
       old = prev_masks[n]
       assert int(new.sum()) == counts0[n], (t, n)  # exact counts
-      # The cached per-neuron counts follow the live masks.
-      np.testing.assert_array_equal(
-          counts_h[name]["kernel"][t],
-          new.reshape(-1, new.shape[-1]).sum(0), err_msg=f"{t} {n}")
+      # SparseOpt's cached factors follow the masks it was given (those
+      # before this step's mask update), refreshed by masks_updated=.
+      np.testing.assert_allclose(scales_h[name]["kernel"][t],
+                                 ref.sparseopt_factor(old), rtol=1e-6,
+                                 err_msg=f"{t} {n}")
       p_after = params_h[name]["kernel"][t]
       # Inactive weights (incl. just dropped) are exactly zero.
       assert np.all(p_after[~new] == 0), (t, n)
@@ -371,6 +377,83 @@ def test_reset_changed_moments_generic():
   assert int(out.mini_step) == int(state.mini_step)
 
 
+# ------------------------------------------------ the mask-update flag
+
+
+def _recorder():
+  """An inner transform whose state is the last ``masks_updated=`` seen."""
+  def update(updates, state, params=None, *, masks_updated=None, **extra):
+    del state, params, extra
+    return updates, jnp.asarray(masks_updated, bool)
+  return optax.GradientTransformationExtraArgs(
+      lambda params: jnp.zeros([], bool), update)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "static"])
+def test_masks_updated_follows_the_schedule(method):
+  params, masks, grads = mlp_problem()
+  update_every, end_step, n = 3, 10, 13
+  dst = make_tx(masks, method, inner=optax.chain(_recorder(), optax.sgd(0.1)),
+                update_every=update_every, end_step=end_step)
+  # Nested in a chain, as in a training script: the accessor finds it.
+  tx = optax.chain(optax.clip_by_global_norm(10.0), dst)
+  state = tx.init(params)
+  assert not bool(sparseopt.masks_updated(state))
+  step = jax.jit(tx.update)
+  flags, forwarded, masks_seen = [], [], [sparseopt.get_masks(state)]
+  for t in range(n):
+    u, state = step(grads[t % len(grads)], state, params)
+    params = optax.apply_updates(params, u)
+    flags.append(bool(sparseopt.masks_updated(state)))
+    forwarded.append(bool(state[1].inner_state[0]))
+    masks_seen.append(sparseopt.get_masks(state))
+  # The update called with count t produced a mask update iff t is on the
+  # schedule; the state it returns says so.
+  want = [method != "static" and 0 < t < end_step and t % update_every == 0
+          for t in range(n)]
+  assert flags == want
+  # The inner transform is told at the first step and after each update.
+  assert forwarded == [t == 0 or want[t - 1] for t in range(n)]
+  if method != "static":
+    # The flag marks real changes here (drop fraction > 0 on every update).
+    for t in range(n):
+      changed = not np.array_equal(masks_seen[t]["a"]["kernel"],
+                                   masks_seen[t + 1]["a"]["kernel"])
+      assert changed == want[t], t
+
+
+def _eqns(jaxpr, inside_cond=False):
+  """(primitive name, operand avals, inside a cond branch) for every eqn."""
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name, [v.aval for v in eqn.invars], inside_cond
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _eqns(sub, inside_cond or eqn.primitive.name == "cond")
+
+
+def test_normal_step_never_counts_masks():
+  # Counting masks (SparseOpt's factors) and ranking weights (RigL) must
+  # only happen inside the lax.cond branches taken at mask updates.
+  params, masks, grads = mlp_problem()
+  tx = make_tx(masks, "rigl", update_every=100, end_step=1000,
+               inner=optax.chain(sparseopt.scale_by_sparseopt(),
+                                 optax.sgd(0.1, momentum=0.9)))
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(tx.update)(grads[0], state, params).jaxpr
+  # RigL ranks flattened layers, so their flat shapes count too.
+  mask_shapes = {s for m in jax.tree.leaves(masks)
+                 for s in (m.shape, (m.size,))}
+  costly = ("reduce_sum", "reduce_or", "reduce_and", "reduce_max",
+            "reduce_min", "argmax", "argmin", "top_k", "sort", "cumsum")
+  found = [(name, inside) for name, avals, inside in _eqns(jaxpr)
+           if name in costly
+           and any(getattr(a, "shape", None) in mask_shapes for a in avals)]
+  assert found, "no reductions over masks at all: the check is vacuous"
+  assert all(inside for _, inside in found), found
+  # Both caches are in play: SparseOpt's counts and RigL's top-k.
+  names = {name for name, _ in found}
+  assert "reduce_sum" in names and "top_k" in names
+
+
 # --------------------------------------------------------- equivalence
 
 
@@ -462,9 +545,9 @@ def test_accessors_inside_outside_jit_and_nested():
     u, state = step(g, state, params)
     params = optax.apply_updates(params, u)
   outside = (sparseopt.get_masks(state), sparseopt.itop_rate(state),
-             sparseopt.dst_diagnostics(state))
+             diagnostics.dst_diagnostics(state))
   inside = jax.jit(lambda s: (sparseopt.get_masks(s), sparseopt.itop_rate(s),
-                              sparseopt.dst_diagnostics(s)))(state)
+                              diagnostics.dst_diagnostics(s)))(state)
   for a, b in zip(jax.tree.leaves(outside), jax.tree.leaves(inside)):
     # Not bitwise: XLA turns count / fan_in into count * (1 / fan_in) under
     # jit, so a full neuron's s_i is -3e-8 instead of 0 (see
@@ -499,7 +582,7 @@ def test_skew_diagnostics_vs_reference():
   masks = {"conv": jnp.asarray(conv), "dense": jnp.asarray(dense), "b": None,
            "all_dead": jnp.zeros((3, 2), bool),
            "vec": jnp.ones((4,), bool)}  # 1-D sparse leaf: no neurons, skipped
-  out = jax.jit(sparseopt.skew_diagnostics)(masks)
+  out = jax.jit(diagnostics.skew_diagnostics)(masks)
   assert not any(k.startswith("vec/") or k.startswith("b/") for k in out)
   for name, m in (("conv", conv), ("dense", dense),
                   ("all_dead", np.zeros((3, 2), bool))):
@@ -510,7 +593,7 @@ def test_skew_diagnostics_vs_reference():
   assert float(out["conv/dead"]) >= 1 and float(out["conv/amp_spread"]) > 1
   assert float(out["all_dead/amp_spread"]) == 1.0
   # neuron_axis is honoured.
-  out0 = sparseopt.skew_diagnostics({"d": jnp.asarray(dense)}, neuron_axis=0)
+  out0 = diagnostics.skew_diagnostics({"d": jnp.asarray(dense)}, neuron_axis=0)
   assert float(out0["d/s_std"]) == pytest.approx(
       ref.skew_stats(dense, 0)["s_std"], abs=1e-5)
 
@@ -538,7 +621,7 @@ def test_fan_in_histogram_vs_reference():
   dense = rng.random((8, 5)) < 0.5  # fan-in 8 is a power of two: bin 8-15
   masks = {"conv": jnp.asarray(conv), "dense": jnp.asarray(dense), "b": None,
            "vec": jnp.ones((4,), bool)}
-  out = jax.jit(sparseopt.fan_in_histogram)(masks)
+  out = jax.jit(diagnostics.fan_in_histogram)(masks)
   assert not any(k.startswith(("vec/", "b/")) for k in out)
   for name, m in (("conv", conv), ("dense", dense)):
     want = _fan_in_histogram_reference(m)
@@ -549,7 +632,7 @@ def test_fan_in_histogram_vs_reference():
   assert out["conv/fan_in/0"] >= 1 and out["conv/fan_in/32-63"] >= 1
   assert "dense/fan_in/8-15" in out and "dense/fan_in/16-31" not in out
   # neuron_axis is honoured.
-  out0 = sparseopt.fan_in_histogram({"d": jnp.asarray(dense)}, neuron_axis=0)
+  out0 = diagnostics.fan_in_histogram({"d": jnp.asarray(dense)}, neuron_axis=0)
   want0 = _fan_in_histogram_reference(dense, 0)
   assert {k.split("/fan_in/")[1]: float(v) for k, v in out0.items()} == want0
 

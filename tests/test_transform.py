@@ -1,7 +1,5 @@
 """scale_by_sparseopt, zero_masked_updates and the sparseopt alias vs NumPy."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +7,7 @@ import optax
 import pytest
 
 import sparseopt_jax as sparseopt
+from sparseopt_jax import diagnostics
 import reference as ref
 
 
@@ -88,7 +87,7 @@ def test_hand_checked_factor():
   # Neuron sparsities 0, 3/4, 1: s_avg = 7/12, c = sqrt(1-s)/sqrt(5/12).
   m = jnp.array([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]], bool)
   want = np.array([1.0, 0.5, 0.0]) / np.sqrt(5 / 12)
-  np.testing.assert_allclose(sparseopt.fan_in_scale(m), want, rtol=1e-6)
+  np.testing.assert_allclose(diagnostics.fan_in_scale(m), want, rtol=1e-6)
   g = jnp.ones((4, 3))
   out, _ = sparseopt.scale_by_sparseopt().update({"w": g}, None, None,
                                                  masks={"w": m})
@@ -110,42 +109,63 @@ def test_constant_fan_in_masks_are_an_exact_no_op():
   np.testing.assert_array_equal(out["k"], g)
 
 
-def test_cached_neuron_counts_give_the_same_factor():
+def _other_masks(masks):
+  """Every sparse leaf fully dense: factors of exactly 1."""
+  return jax.tree.map(lambda m: None if m is None else jnp.ones_like(m),
+                      masks, is_leaf=lambda m: m is None)
+
+
+def test_cached_factors_follow_masks_updated():
   params, grads, masks = setup()
-  counts = sparseopt.count_neurons(masks)
-  np.testing.assert_array_equal(
-      counts.counts["Conv_0"]["kernel"],
-      np.asarray(masks["Conv_0"]["kernel"]).reshape(-1, 4).sum(0))
-  assert counts.counts["Conv_0"]["bias"] is None
   tx = sparseopt.scale_by_sparseopt()
-  with_counts = run(tx, grads, params, masks=masks, neuron_counts=counts)
-  assert_tree_close(with_counts, expected_fan_in(grads, masks))
-  # The counts are really used (not recounted): stale ones change the result.
-  stale = sparseopt.count_neurons(
-      jax.tree.map(lambda m: None if m is None else jnp.ones_like(m), masks,
-                   is_leaf=lambda m: m is None))
-  out = run(tx, grads, params, masks=masks, neuron_counts=stale)
-  np.testing.assert_array_equal(out["Dense_0"]["kernel"],
-                                grads["Dense_0"]["kernel"])
-  # Counts along another axis, the norm correction, or no forwarded masks:
-  # the masks are counted instead.
-  other_axis = sparseopt.count_neurons(masks, neuron_axis=0)
-  out = run(tx, grads, params, masks=masks, neuron_counts=other_axis)
+  state = tx.init(params)
+  assert isinstance(state, sparseopt.ScaleBySparseOptState)
+  assert not bool(state.valid)
+  step = jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))
+  # An empty cache is filled whatever the flag says.
+  out, state = step(grads, state, params,
+                    {"masks": masks, "masks_updated": False})
   assert_tree_close(out, expected_fan_in(grads, masks))
-  out = run(sparseopt.scale_by_sparseopt(masks), grads, params,
-            neuron_counts=stale)
+  assert bool(state.valid)
+  # masks_updated=False: the cache is used, not the masks (a caller's promise
+  # that they did not change; breaking it shows the cache is really read).
+  dense = _other_masks(masks)
+  out, kept = step(grads, state, params,
+                   {"masks": dense, "masks_updated": False})
   assert_tree_close(out, expected_fan_in(grads, masks))
+  # masks_updated=True recomputes, as does leaving the keyword out.
+  for kw in ({"masks": dense, "masks_updated": jnp.bool_(True)},
+             {"masks": dense}):
+    out, fresh = step(grads, kept, params, kw)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+      np.testing.assert_array_equal(a, b)
+    out, _ = step(grads, fresh, params, {"masks": dense,
+                                         "masks_updated": False})
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+      np.testing.assert_array_equal(a, b)
 
 
-def test_cached_counts_of_the_wrong_shape_name_the_path():
+def test_cache_holds_a_vector_per_neuron_axis():
   params, grads, masks = setup()
-  counts = sparseopt.count_neurons(masks)
-  bad = dataclasses.replace(counts, counts={**counts.counts,
-                                "Dense_0": {"kernel": jnp.ones(3, jnp.int32),
-                                            "bias": None}})
-  with pytest.raises(ValueError, match=r"neuron_counts\['Dense_0/kernel'\]"):
+  for axis in (-1, 0):
+    tx = sparseopt.scale_by_sparseopt(neuron_axis=axis)
+    _, state = tx.update(grads, tx.init(params), params, masks=masks,
+                         masks_updated=True)
+    got = state.scales["Dense_0"]["kernel"]
+    np.testing.assert_allclose(
+        got, ref.sparseopt_factor(np.asarray(masks["Dense_0"]["kernel"]),
+                                  axis), rtol=1e-6)
+    assert state.scales["Dense_0"]["bias"] is None
+  # The norm correction follows the weights: nothing to cache.
+  tx = sparseopt.scale_by_sparseopt(correction="norm")
+  assert tx.init(params).scales is None
+
+
+def test_masks_updated_needs_a_state():
+  params, grads, masks = setup()
+  with pytest.raises(ValueError, match="needs the state"):
     sparseopt.scale_by_sparseopt().update(grads, None, params, masks=masks,
-                                          neuron_counts=bad)
+                                          masks_updated=True)
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (3, 3, 2, 4), (1, 1, 4, 6)])
@@ -159,7 +179,7 @@ def test_neuron_axis_vs_reference(shape, axis):
                                        masks={"k": m})[0])(g, m)
   want = ref.scale_grad(g, ref.sparseopt_factor(m, axis), axis)
   np.testing.assert_allclose(out["k"], want, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(sparseopt.fan_in_scale(jnp.asarray(m), axis),
+  np.testing.assert_allclose(diagnostics.fan_in_scale(jnp.asarray(m), axis),
                              ref.sparseopt_factor(m, axis), rtol=1e-6)
 
 
@@ -189,7 +209,7 @@ def test_fully_pruned_neuron_and_layer():
   np.testing.assert_array_equal(out["Dense_0"]["kernel"], 0.0)
   np.testing.assert_array_equal(out["Conv_0"]["kernel"][..., 0], 0.0)
   assert bool(jnp.all(out["Conv_0"]["kernel"][..., 1:] != 0))
-  np.testing.assert_array_equal(sparseopt.fan_in_scale(
+  np.testing.assert_array_equal(diagnostics.fan_in_scale(
       jnp.zeros((3, 3, 2, 4), bool)), 0.0)
 
 
@@ -296,7 +316,7 @@ def test_filter_fn_and_exclude_paths_leave_leaves_untouched():
   np.testing.assert_array_equal(out["Conv_0"]["kernel"],
                                 grads["Conv_0"]["kernel"])
   assert_tree_close(out, expected_fan_in(grads, masks, skip=("Conv_0/kernel",)))
-  scales = sparseopt.sparseopt_scales(masks, params, filter_fn=flags)
+  scales = diagnostics.sparseopt_scales(masks, params, filter_fn=flags)
   assert scales["Conv_0"]["kernel"] is None
   np.testing.assert_allclose(
       scales["Dense_0"]["kernel"],
@@ -335,7 +355,7 @@ def test_norm_correction_vs_reference():
   assert_tree_close(out, want, rtol=1e-5, atol=1e-6)
   f = ref.norm_factor(m, w)
   assert f[2] == 0.0 and f[1] == 1.0
-  np.testing.assert_allclose(sparseopt.norm_scale(jnp.asarray(m),
+  np.testing.assert_allclose(diagnostics.norm_scale(jnp.asarray(m),
                                                   jnp.asarray(w)),
                              f, rtol=1e-5)
   np.testing.assert_array_equal(out["Conv_1x1"]["kernel"],
@@ -343,7 +363,7 @@ def test_norm_correction_vs_reference():
   for leaf in jax.tree.leaves(out):
     assert bool(jnp.all(jnp.isfinite(leaf)))
   # Scale invariance of the measured factor.
-  np.testing.assert_allclose(sparseopt.norm_scale(jnp.asarray(m),
+  np.testing.assert_allclose(diagnostics.norm_scale(jnp.asarray(m),
                                                   jnp.asarray(7 * w)),
                              f, rtol=1e-5)
 
@@ -354,7 +374,7 @@ def test_norm_needs_params():
     sparseopt.scale_by_sparseopt(correction="norm").update(grads, None,
                                                            masks=masks)
   with pytest.raises(ValueError, match=r"needs params"):
-    sparseopt.sparseopt_scales(masks, correction="norm")
+    diagnostics.sparseopt_scales(masks, correction="norm")
 
 
 # ------------------------------------------------------ zero_masked_updates
@@ -372,9 +392,65 @@ def test_zero_masked_updates():
   np.testing.assert_array_equal(out["Dense_0"]["kernel"],
                                 np.where(masks["Dense_0"]["kernel"],
                                          grads["Dense_0"]["kernel"], 0.0))
-  params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[:].set(0.0)
+  # Inferred from params, zero entries are pruned, but an all-zero kernel is
+  # a dense layer (it must not be frozen).
+  w = params["Dense_0"]["kernel"]
+  params["Dense_0"]["kernel"] = w.at[0].set(0.0).at[1:].set(1.0)
   out = run(sparseopt.zero_masked_updates(), grads, params)
-  np.testing.assert_array_equal(out["Dense_0"]["kernel"], 0.0)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"][0], 0.0)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"][1:],
+                                grads["Dense_0"]["kernel"][1:])
+  params["Dense_0"]["kernel"] = jnp.zeros_like(w)
+  out = run(sparseopt.zero_masked_updates(), grads, params)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"],
+                                grads["Dense_0"]["kernel"])
+
+
+# ------------------------------------------------------ the zero-init trap
+
+
+def _train_zero_init(tx, steps=4):
+  """Updates of ``tx`` on ``{"w": zeros((2, 2))}`` pulled towards a target."""
+  target = jnp.array([[1.0, -2.0], [3.0, 0.5]])
+  params = {"w": jnp.zeros((2, 2))}
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(lambda p: jnp.sum((p["w"] - target) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  history = []
+  for _ in range(steps):
+    params, state, updates = step(params, state)
+    history.append(updates["w"])
+  return history
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1)),
+    lambda: optax.chain(optax.sgd(0.1), sparseopt.zero_masked_updates()),
+], ids=["scale_by_sparseopt", "zero_masked_updates"])
+def test_inferred_masks_never_freeze_a_zero_initialized_kernel(make):
+  # Issue 18 item 5: an all-zero kernel read as a fully pruned layer got
+  # zero updates at every step, so it could never leave zero.
+  for updates in _train_zero_init(make()):
+    assert bool(jnp.all(updates != 0)), updates
+
+
+def test_zero_kernel_is_dense_under_jit():
+  # Decided on values inside jit, not by a Python branch at trace time.
+  tx = sparseopt.scale_by_sparseopt()
+  step = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])
+  g = {"w": jnp.arange(1.0, 5.0).reshape(2, 2)}
+  np.testing.assert_array_equal(step(g, {"w": jnp.zeros((2, 2))})["w"],
+                                g["w"])
+  # One live entry: the other three are pruned, and the live neuron is the
+  # only one left in the layer (c = sqrt(1/2) / sqrt(1/4)).
+  out = step(g, {"w": jnp.array([[0.0, 0.0], [0.0, 1.0]])})["w"]
+  np.testing.assert_allclose(out, [[0.0, 2.0 * np.sqrt(2)],
+                                   [0.0, 4.0 * np.sqrt(2)]], rtol=1e-6)
 
 
 # ---------------------------------------------------------------- alias

@@ -38,10 +38,9 @@ class DynamicSparseState(NamedTuple):
     ever_active: union of every mask so far, for the ITOP rate.
     num_changed: int32 scalar per sparse leaf: connections regrown (equal to
       connections dropped) at the last mask update.
-    neuron_counts: active incoming weights per neuron of ``masks`` (a
-      :class:`NeuronCounts`), recounted only at mask updates and forwarded
-      to the inner transformation so SparseOpt's factors are not recounted
-      every step.
+    masks_updated: bool scalar, ``True`` iff the update that produced this
+      state was a mask-update step (see :func:`masks_updated`); ``False``
+      in the state from ``init``.
     inner_state: the wrapped optimizer's state.
   """
   count: jax.Array
@@ -49,7 +48,7 @@ class DynamicSparseState(NamedTuple):
   masks: PyTree
   ever_active: PyTree
   num_changed: PyTree
-  neuron_counts: transform.NeuronCounts
+  masks_updated: jax.Array
   inner_state: optax.OptState
 
 
@@ -217,9 +216,19 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
 
   Every step, gradients at inactive positions are zeroed, ``inner`` is
   updated with ``masks=<live masks>`` (so a :func:`scale_by_sparseopt` inside
-  it sees the current topology), and the emitted updates keep every inactive
-  weight exactly zero. At steps :math:`t` with :math:`t \bmod \Delta T = 0`
-  and :math:`0 < t < T_{end}`, each sparse layer replaces
+  it sees the current topology) and ``masks_updated=<bool scalar>``, and the
+  emitted updates keep every inactive weight exactly zero. The flag is
+  ``True`` when the forwarded masks differ from those forwarded at the
+  previous step, i.e. on the step after a mask update, and on the first
+  step (count 0), where ``inner`` has not seen any masks yet; a transform
+  that caches what it derives from the masks (as :func:`scale_by_sparseopt`
+  does its factors) recomputes exactly then. A wrapper that skips calls to
+  its inner transformation or drops their state (``optax.MultiSteps``,
+  ``optax.apply_if_finite``) belongs outside ``dynamic_sparse``, not inside
+  ``inner``, where it could swallow the flag.
+
+  At steps :math:`t` with :math:`t \bmod \Delta T = 0` and
+  :math:`0 < t < T_{end}`, each sparse layer replaces
   :math:`k = \lfloor f(t) \cdot n_{active} \rfloor` connections:
 
   * drop the :math:`k` active weights of smallest :math:`|w|`;
@@ -249,15 +258,15 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
     grow_with: RigL's growth score: ``"raw"`` gradient (default; the paper
       finds it explores better) or ``"corrected"`` (SparseOpt-scaled).
     key: PRNG key for SET's random growth.
-    neuron_axis: output-unit axis, for ``grow_with="corrected"`` and for the
-      per-neuron counts forwarded to ``inner`` (``neuron_counts=``; a
-      :func:`scale_by_sparseopt` with another axis recounts its masks).
+    neuron_axis: output-unit axis, for ``grow_with="corrected"`` (whose
+      factors are computed from the masks at the mask update itself).
     correction_filter: which masked leaves the ``"corrected"`` score scales
       (as ``filter_fn`` of :func:`scale_by_sparseopt`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
-    ``params``; its state is a :class:`DynamicSparseState`. Call ``update``
+    ``params``; its state is a :class:`DynamicSparseState`
+    (:func:`get_masks` and :func:`masks_updated` read it). Call ``update``
     inside ``jax.jit`` (as part of the train step): un-jitted, the
     ``lax.cond`` is traced again at every call.
 
@@ -327,10 +336,10 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         masks=jax.tree.map(jnp.copy, masks),
         ever_active=jax.tree.map(jnp.copy, masks),
         num_changed=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), masks),
-        neuron_counts=transform.count_neurons(masks, neuron_axis),
+        masks_updated=jnp.zeros([], bool),
         inner_state=inner.init(params))
 
-  def grow_scores(grads, old_masks, counts, params, step_key):
+  def grow_scores(grads, old_masks, params, step_key):
     if method == "set":
       leaves = tree_lib.mask_leaves_with_path(old_masks)
       index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
@@ -341,8 +350,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
           old_masks, grads, with_path=True)
     if grow_with == "corrected":
       flags = transform.correction_flags(correction_filter, old_masks, params)
+      # Counted here, inside the mask update's cond: never on normal steps.
       scales = transform.scales_from_flags(old_masks, flags, None,
-                                           neuron_axis, "fan_in", counts)
+                                           neuron_axis, "fan_in")
       grads = transform.apply_scales(grads, scales, neuron_axis=neuron_axis)
     return tree_lib.map_masked(
         lambda m, g: None if m is None else _finite_magnitude(g),
@@ -353,31 +363,33 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
       raise ValueError("dynamic_sparse needs params in update(grads, state, "
                        "params): mask updates rank weights by magnitude and "
                        "the emitted updates zero pruned weights.")
-    # The live masks and their counts are ours to forward.
+    # The live masks and whether they just changed are ours to forward.
     extra_args.pop("masks", None)
-    extra_args.pop("neuron_counts", None)
+    extra_args.pop("masks_updated", None)
     old = state.masks
     tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
     masked_grads = tree_lib.zero_masked(old, grads)
+    # ``old`` differs from the masks forwarded last step iff that step was a
+    # mask update; at count 0 nothing was forwarded yet.
+    forwarded_new = state.masks_updated | (state.count == 0)
     inner_updates, inner_state = inner.update(
         masked_grads, state.inner_state, params, masks=old,
-        neuron_counts=state.neuron_counts, **extra_args)
+        masks_updated=forwarded_new, **extra_args)
 
-    new, num_changed, counts, key = (old, state.num_changed,
-                                     state.neuron_counts, state.key)
+    new, num_changed, key = old, state.num_changed, state.key
+    is_update = jnp.zeros([], bool)
     if method != "static":
       count = state.count
       is_update = ((count > 0) & (count % update_every == 0)
                    & (count < end_step))
 
-      # Only the topology choice goes through the cond (masks, counts, key).
+      # Only the topology choice goes through the cond (masks, key).
       # The optimizer state stays out of it: a state passed through a cond is
       # copied at its boundary on every step (benchmarks/results/).
       def change_topology(key):
         key, step_key = jax.random.split(key)
         fraction = fraction_at(count)
-        scores = grow_scores(grads, old, state.neuron_counts, params,
-                             step_key)
+        scores = grow_scores(grads, old, params, step_key)
         pairs = tree_lib.map_masked(
             lambda m, w, s, kmax: None if m is None else _update_layer(
                 m, w, s, fraction, kmax), old, params, scores, k_max)
@@ -385,13 +397,12 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
                                   old, pairs)
         num = tree_lib.map_masked(lambda m, p: None if m is None else p[1],
                                   old, pairs)
-        # Recounted here, on mask-update steps only.
-        return new, num, transform.count_neurons(new, neuron_axis), key
+        return new, num, key
 
       def keep(key):
-        return old, state.num_changed, state.neuron_counts, key
+        return old, state.num_changed, key
 
-      new, num_changed, counts, key = jax.lax.cond(
+      new, num_changed, key = jax.lax.cond(
           is_update, change_topology, keep, state.key)
       # Elementwise; all-False on normal steps.
       changed = tree_lib.map_masked(
@@ -412,7 +423,7 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         masks=new,
         ever_active=ever_active,
         num_changed=num_changed,
-        neuron_counts=counts,
+        masks_updated=is_update,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -441,6 +452,48 @@ def get_masks(state: optax.OptState) -> PyTree:
     The mask tree (works on concrete states and inside ``jax.jit``).
   """
   return find_state(state).masks
+
+
+def masks_updated(state: optax.OptState) -> jax.Array:
+  r"""Whether the update that produced ``state`` was a mask-update step.
+
+  With ``state`` the result of the update at step :math:`t` (the update
+  called with ``count == t``), this is :math:`t \bmod \Delta T = 0` and
+  :math:`0 < t < T_{end}` for ``"rigl"`` and ``"set"`` (whether or not any
+  connection actually moved), and always ``False`` for ``"static"`` and for
+  the state returned by ``init``. The masks in ``state`` (:func:`get_masks`)
+  are then the new ones; the updates emitted by that same call already
+  zeroed the dropped weights. Use it to log what happens at mask updates
+  without recomputing the schedule.
+
+  Args:
+    state: a :class:`DynamicSparseState`, or any optimizer state containing
+      exactly one.
+
+  Returns:
+    A bool scalar (works on concrete states and inside ``jax.jit``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import sparseopt_jax as sparseopt
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
+    >>> masks = sparseopt.init_masks(jax.random.key(1), params, 0.5, "uniform")
+    >>> params = sparseopt.apply_masks(params, masks)
+    >>> tx = sparseopt.dynamic_sparse(optax.sgd(0.1), masks, update_every=2,
+    ...                               end_step=10, key=jax.random.key(2))
+    >>> state, step = tx.init(params), jax.jit(tx.update)
+    >>> flags = []
+    >>> for _ in range(5):
+    ...   _, state = step(params, state, params)
+    ...   flags.append(bool(sparseopt.masks_updated(state)))
+    >>> flags  # updates at steps 0..4; masks change at steps 2 and 4
+    [False, False, True, False, True]
+
+  References:
+    Evci et al. Rigging the Lottery: Making All Tickets Winners. ICML 2020
+    (the mask-update schedule). https://arxiv.org/abs/1911.11134
+  """
+  return find_state(state).masks_updated
 
 
 def itop_rate(state: optax.OptState) -> jax.Array:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple, Union
 
@@ -26,9 +25,18 @@ def masks_from_params(params: PyTree) -> PyTree:
   """The mask tree implied by params: ``params != 0`` for leaves with ndim >= 2.
 
   Used when no masks are given: a pruned weight is a zero weight. Leaves with
-  ``ndim < 2`` (biases, norm parameters) are dense (``None``).
+  ``ndim < 2`` (biases, norm parameters) are dense (``None``). A leaf whose
+  entries are all zero is dense too (all ``True``): a zero-initialized kernel
+  is not a fully pruned layer, and reading it as one would zero its updates
+  forever. Chosen with ``jnp.where``-style arithmetic, so it holds under jit.
   """
-  return jax.tree.map(lambda p: p != 0 if np.ndim(p) >= 2 else None, params)
+  def infer(p):
+    if np.ndim(p) < 2:
+      return None
+    nonzero = p != 0
+    return nonzero | ~jnp.any(nonzero)
+
+  return jax.tree.map(infer, params)
 
 
 def resolve_masks(updates: PyTree, params: PyTree | None,
@@ -128,97 +136,19 @@ def correction_flags(filter_fn: tree_lib.LeafFilter | None, masks: PyTree,
                              masks, flags)
 
 
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class NeuronCounts:
-  """Active incoming weights per neuron, cached where the masks change.
-
-  :func:`dynamic_sparse` recounts its masks only at mask updates and passes
-  this to its inner transformation as the ``neuron_counts=`` extra argument,
-  so :func:`scale_by_sparseopt` does not recount every step (counting a
-  boolean mask costs several times more than scaling the gradients).
-
-  Attributes:
-    counts: a tree like the masks: an int32 vector per sparse leaf with
-      ``ndim >= 2`` (one count per neuron), ``None`` elsewhere.
-    neuron_axis: the axis the counts are per (static: pytree metadata, so it
-      stays a Python int under ``jit`` and ``lax.cond``).
-  """
-  counts: PyTree
-  neuron_axis: int = -1
-
-  def tree_flatten(self):
-    return (self.counts,), self.neuron_axis
-
-  @classmethod
-  def tree_unflatten(cls, neuron_axis, children):
-    return cls(children[0], neuron_axis)
-
-
-def count_neurons(masks: PyTree, neuron_axis: int = -1) -> NeuronCounts:
-  """Counts each neuron's active incoming weights, once, for reuse.
-
-  Pass the result as ``neuron_counts=`` to the update of
-  :func:`scale_by_sparseopt` (directly or through a chain) in a custom
-  training loop whose masks change only now and then; :func:`dynamic_sparse`
-  does this itself.
-
-  Args:
-    masks: a tree like the params with a boolean mask (or ``None``) per leaf.
-    neuron_axis: the axis indexing neurons (output channels); the counts sum
-      over all other axes. It must match ``scale_by_sparseopt``'s axis for the
-      counts to be used there.
-
-  Returns:
-    A :class:`NeuronCounts`: an int32 vector per mask leaf with ``ndim >= 2``,
-    ``None`` for ``None`` and 0/1-D leaves (which are never scaled).
-
-  Raises:
-    ValueError: ``neuron_axis`` is out of range for a leaf (the error names
-      the leaf's path).
-  """
-  def count(path, mask):
-    if mask is None or np.ndim(mask) < 2:
-      return None
-    return masks_lib.neuron_counts(mask, neuron_axis,
-                                   name=tree_lib.path_str(path))[0]
-  return NeuronCounts(tree_lib.map_masked(count, masks, with_path=True),
-                      neuron_axis)
-
-
 def scales_from_flags(masks: PyTree, flags: PyTree, params: PyTree | None,
-                      neuron_axis: int, correction: str,
-                      counts: NeuronCounts | None = None) -> PyTree:
-  """Per-neuron factors for the leaves ``flags`` selects (internal).
-
-  ``counts`` (fan-in correction only) replaces counting the masks when it is
-  per the same neuron axis.
-  """
-  if counts is not None and (correction != "fan_in"
-                             or counts.neuron_axis != neuron_axis):
-    counts = None  # Not usable here: count the masks (correct, slower).
-  count_tree = (counts.counts if counts is not None
-                else jax.tree.map(lambda _: None, masks))
-
-  def scale(path, mask, flag, param, count):
+                      neuron_axis: int, correction: str) -> PyTree:
+  """Per-neuron factors for the leaves ``flags`` selects (internal)."""
+  def scale(path, mask, flag, param):
     if mask is None or not flag or np.ndim(mask) < 2:
       return None
     name = tree_lib.path_str(path)
     if correction == "norm":
       return norm_scale(mask, param, neuron_axis, name=name)
-    if count is None:
-      return fan_in_scale(mask, neuron_axis, name=name)
-    axis = tree_lib.normalize_axis(neuron_axis, np.ndim(mask), name)
-    if np.shape(count) != (np.shape(mask)[axis],):
-      raise ValueError(
-          f"neuron_counts[{name!r}] has shape {np.shape(count)}, but the "
-          f"mask of shape {np.shape(mask)} has {np.shape(mask)[axis]} "
-          f"neurons along axis {neuron_axis}.")
-    return scale_from_counts(count)
+    return fan_in_scale(mask, neuron_axis, name=name)
 
   reference = masks if params is None else params
-  return tree_lib.map_masked(scale, masks, flags, reference, count_tree,
-                             with_path=True)
+  return tree_lib.map_masked(scale, masks, flags, reference, with_path=True)
 
 
 def _check_correction(correction: str) -> None:
@@ -271,7 +201,31 @@ def apply_scales(updates: PyTree, scales: PyTree, *,
 
 
 class ScaleBySparseOptState(NamedTuple):
-  """State of :func:`scale_by_sparseopt` (stateless: scales follow the masks)."""
+  """State of :func:`scale_by_sparseopt`: its cached per-neuron factors.
+
+  Attributes:
+    scales: a tree like the params with a float32 vector, one fan-in factor
+      per neuron along ``neuron_axis``, for every leaf with ``ndim >= 2``
+      (``None`` elsewhere): the factors of the masks seen last. The vectors
+      of leaves that are not corrected are kept but unused. ``None`` with
+      ``correction="norm"``, whose factors follow the weights at every step.
+      (Built from params without leaves, such as the placeholder
+      ``optax.tree.map_params`` passes to ``init``, it is a float32 scalar.)
+    valid: bool scalar, ``False`` until ``scales`` have been computed once.
+  """
+  scales: PyTree
+  valid: jax.Array
+
+
+def _empty_cache(params: PyTree, neuron_axis: int) -> PyTree:
+  """One float32 vector per leaf with ``ndim >= 2``, sized by its neurons."""
+  def slot(p):
+    ndim = np.ndim(p)
+    if ndim < 2 or not -ndim <= neuron_axis < ndim:
+      return None  # Never corrected (or corrected with an axis error).
+    return jnp.ones(np.shape(p)[neuron_axis], jnp.float32)
+
+  return jax.tree.map(slot, params)
 
 
 def scale_by_sparseopt(masks: MaskSource | None = None, *,
@@ -311,9 +265,21 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
   Masks come, in this order, from the ``masks=`` keyword of ``update``
   (``optax.chain`` and :func:`dynamic_sparse` forward it), from ``masks``
   given here (a mask tree or a callable of params), or from ``params != 0``.
-  With ``masks=``, an optional ``neuron_counts=`` keyword (a
-  :class:`NeuronCounts` of those masks, which :func:`dynamic_sparse` keeps
-  up to date at its mask updates) saves recounting them every step.
+  Inferred from params, a leaf whose entries are all zero counts as dense
+  (all ``True``), never as a fully pruned layer: a zero-initialized kernel
+  must still learn.
+
+  The fan-in factors change only when the masks do, so they are cached in
+  the state (:class:`ScaleBySparseOptState`) and recomputed, under
+  ``jax.lax.cond``, only when ``update`` gets ``masks_updated=True`` (a bool
+  scalar: the masks differ from those of the previous call) or the cache is
+  not yet filled. :func:`dynamic_sparse` passes it. Without
+  ``masks_updated=`` the factors are recomputed at every call (correct, and
+  slower: counting a mask costs several times more than scaling the
+  gradients). A transformation that skips calls to this one, or drops their
+  state (``optax.MultiSteps``, ``optax.apply_if_finite``), must therefore sit
+  outside :func:`dynamic_sparse`, not between it and this transform, or the
+  flag can be lost. ``correction="norm"`` recomputes at every call.
 
   Args:
     masks: a mask tree (``bool`` arrays, ``None`` for dense leaves) or a
@@ -328,7 +294,9 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
     correction: ``"fan_in"`` (the paper's factor) or ``"norm"``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    keywords ``masks=`` (a mask tree) and ``masks_updated=`` (a bool
+    scalar); its state is a :class:`ScaleBySparseOptState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -355,31 +323,57 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
   ctor_masks = masks
 
   def init_fn(params):
-    del params
-    return ScaleBySparseOptState()
+    if correction == "norm":
+      return ScaleBySparseOptState(scales=None, valid=jnp.zeros([], bool))
+    # optax.tree.map_params calls init with a placeholder that has no leaves.
+    # The cache is not params-like, so one leaf stands for all of it there
+    # (a leaf is a prefix of any subtree: map_params then leaves it alone).
+    if not jax.tree.leaves(params):
+      return ScaleBySparseOptState(scales=jnp.zeros([], jnp.float32),
+                                   valid=jnp.zeros([], bool))
+    return ScaleBySparseOptState(scales=_empty_cache(params, neuron_axis),
+                                 valid=jnp.zeros([], bool))
 
   def update_fn(updates, state, params=None, *, masks=None,
-                neuron_counts=None, **extra_args):
+                masks_updated=None, **extra_args):
     del extra_args
+    if not jax.tree.leaves(updates):
+      return updates, state  # Nothing to scale (and no cache to fill).
     live = resolve_masks(updates, params, masks, ctor_masks,
                          who="scale_by_sparseopt")
+    flags = correction_flags(filter_fn, live, updates)
     if correction == "norm":
       if params is None:
         raise ValueError("scale_by_sparseopt(correction='norm') needs params "
                          "in update (the current weights).")
       tree_lib.validate_masks(params, live)
-    if masks is None:
-      neuron_counts = None  # Counts describe forwarded masks only.
-    flags = correction_flags(filter_fn, live, updates)
-    scales = scales_from_flags(live, flags, params, neuron_axis, correction,
-                               neuron_counts)
-    return apply_scales(updates, scales, neuron_axis=neuron_axis), state
+      scales = scales_from_flags(live, flags, params, neuron_axis, correction)
+      return apply_scales(updates, scales, neuron_axis=neuron_axis), state
+
+    def recount():
+      fresh = scales_from_flags(live, flags, None, neuron_axis, correction)
+      # Uncorrected leaves keep a slot of ones, so the cache's structure is
+      # fixed by the shapes alone (and a state=None call needs no state).
+      return jax.tree.map(lambda slot, new: slot if new is None else new,
+                          _empty_cache(updates, neuron_axis), fresh,
+                          is_leaf=tree_lib.is_none)
+
+    if masks_updated is None:
+      cache = recount()
+    else:
+      if state is None:
+        raise ValueError("scale_by_sparseopt: update(..., masks_updated=...) "
+                         "needs the state returned by init (its cache).")
+      stale = jnp.logical_or(jnp.asarray(masks_updated, bool), ~state.valid)
+      # float32 again in case the state was cast (cond needs equal types).
+      cache = jax.lax.cond(stale, recount, lambda: jax.tree.map(
+          lambda c: c.astype(jnp.float32), state.scales))
+    scales = jax.tree.map(lambda c, f: None if c is None or not f else c,
+                          cache, flags, is_leaf=tree_lib.is_none)
+    return (apply_scales(updates, scales, neuron_axis=neuron_axis),
+            ScaleBySparseOptState(scales=cache, valid=jnp.ones([], bool)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class ZeroMaskedUpdatesState(NamedTuple):
-  """State of :func:`zero_masked_updates` (stateless)."""
 
 
 def zero_masked_updates(masks: MaskSource | None = None
@@ -390,18 +384,33 @@ def zero_masked_updates(masks: MaskSource | None = None
   With params whose pruned entries are zero (see :func:`apply_masks`), they
   stay exactly zero. Masks come from the ``masks=`` update keyword, then the
   constructor, then ``params != 0``, as in :func:`scale_by_sparseopt`.
+  Inferred from params, a leaf whose entries are all zero counts as dense
+  (all ``True``): a zero-initialized kernel is not a pruned layer, and
+  freezing it would keep it at zero forever.
 
   Args:
     masks: a mask tree, a callable ``params -> mask tree``, or ``None``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs`` with an
+    ``optax.EmptyState``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import sparseopt_jax as sparseopt
+    >>> masks = {"w": jnp.array([[True, False], [True, True]])}
+    >>> tx = optax.chain(optax.sgd(1.0), sparseopt.zero_masked_updates())
+    >>> params = {"w": jnp.ones((2, 2))}
+    >>> updates, _ = tx.update(params, tx.init(params), params, masks=masks)
+    >>> updates["w"]
+    Array([[-1.,  0.],
+           [-1., -1.]], dtype=float32)
   """
   ctor_masks = masks
 
   def init_fn(params):
     del params
-    return ZeroMaskedUpdatesState()
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None, *, masks=None, **extra_args):
     del extra_args
