@@ -40,8 +40,8 @@ import optax
 import sparseopt_jax as sparseopt
 
 from experiments import input_pipeline
-from experiments import markdown
 from experiments import models
+from experiments.studies import markdown
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 

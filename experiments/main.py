@@ -4,6 +4,8 @@ r"""Trains one configuration: the command-line entry point.
       --workdir=/tmp/fmnist --config.sparsity=0.9 --config.optimizer=sgd
 
 Running it again with the same ``--workdir`` resumes from the last checkpoint.
+Watch a run live with ``tensorboard --logdir=<workdir>/tensorboard``; the
+same records are in ``<workdir>/metrics.jsonl``.
 Multi-host (TPU pods, several GPU hosts): start the same command on every
 host with ``--distributed``.
 """

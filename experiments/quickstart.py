@@ -16,8 +16,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import plot
+from experiments import records
 from experiments import sweep
+from experiments.studies import plot
 
 FLAGS = flags.FLAGS
 
@@ -27,7 +28,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   for _ in sweep.run_sweep("quickstart", FLAGS.root,
-                           extra=sweep.parse_sets(FLAGS.set)):
+                           extra=records.parse_sets(FLAGS.set)):
     pass
   out = os.path.join(FLAGS.root, "accuracy.png")
   table = plot.report(FLAGS.root, out,

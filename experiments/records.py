@@ -9,11 +9,17 @@ A workdir holds:
 * ``config.json``: the config the run was started with;
 * ``metrics.jsonl``: one JSON object per logged step (``step`` plus metrics);
   committed results store it gzip-compressed as ``metrics.jsonl.gz``, which
-  every reader here accepts in its place;
+  every reader here accepts in its place (`compress_metrics` writes it). The
+  record of a log window that held mask updates lists their steps under
+  ``mask_update_steps`` (`MASK_UPDATE_STEPS`);
 * ``summary.json``: written once the run has finished;
-* ``checkpoints/``: orbax checkpoints (never committed).
+* ``checkpoints/``: orbax checkpoints (never committed);
+* ``tensorboard/``: TensorBoard event files of the same records, for
+  watching a run live (never committed).
 """
 
+import ast
+from collections.abc import Sequence
 import gzip
 import json
 import os
@@ -26,6 +32,9 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 METRICS_GZ = METRICS + ".gz"
 CHECKPOINTS = "checkpoints"
+# Key of a metrics record: the steps of the mask updates in its log window.
+MASK_UPDATE_STEPS = "mask_update_steps"
+TENSORBOARD = "tensorboard"
 
 
 def metrics_path(workdir: str) -> str | None:
@@ -70,3 +79,47 @@ def load_saved_config(workdir: str) -> dict[str, Any]:
 
 def is_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, SUMMARY))
+
+
+def compress_metrics(workdir: str) -> bool:
+  """Replaces ``workdir``'s ``metrics.jsonl`` by ``metrics.jsonl.gz``.
+
+  The output depends on the log's bytes alone (no file name, mtime 0), so
+  compressing the same log again writes the same bytes. The plain log is
+  removed only once the compressed one reads back to the same bytes.
+
+  Returns:
+    Whether there was a plain log to compress.
+  """
+  plain = os.path.join(workdir, METRICS)
+  if not os.path.exists(plain):
+    return False
+  with open(plain, "rb") as f:
+    data = f.read()
+  packed = gzip.compress(data, compresslevel=9, mtime=0)
+  if gzip.decompress(packed) != data:
+    raise OSError(f"{plain} did not survive compression.")
+  target = os.path.join(workdir, METRICS_GZ)
+  with open(target + ".tmp", "wb") as f:
+    f.write(packed)
+  os.replace(target + ".tmp", target)
+  os.remove(plain)
+  return True
+
+
+def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
+  """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (Python literals or strings).
+
+  The syntax of config fields on the command line (``--set``, ``--where``),
+  shared by the sweep runner and the studies.
+  """
+  out = {}
+  for item in sets:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"Expected field=value, got {item!r}.")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out

@@ -14,7 +14,6 @@ run's config, so use the same ``--set`` flags when resuming.
 for example ``--where num_epochs=3.0`` for a sweep's short budget.
 """
 
-import ast
 import dataclasses
 import importlib
 import itertools
@@ -26,6 +25,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from experiments import records
 from experiments import train
 
 
@@ -171,20 +171,6 @@ def expand(sweep: Sweep) -> list[tuple[str, dict[str, Any]]]:
   return runs
 
 
-def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
-  """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (Python literals or strings)."""
-  out = {}
-  for item in sets:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set expects field=value, got {item!r}.")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
 def make_config(module: str, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """``configs/<module>.py``'s config with ``overrides`` applied."""
   config = importlib.import_module(f"experiments.configs.{module}").get_config()
@@ -193,10 +179,6 @@ def make_config(module: str, overrides: dict[str, Any]) -> ml_collections.Config
       raise ValueError(f"Config {module} has no field {key!r}.")
     config[key] = value  # ConfigDict type-checks (and widens int to float).
   return config
-
-
-def is_finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, "summary.json"))
 
 
 def select(sweep: Sweep, *, shard: tuple[int, int] = (0, 1),
@@ -229,7 +211,7 @@ def run_sweep(name: str, root: str, *, shard: tuple[int, int] = (0, 1),
   sweep = SWEEPS[name]
   for run, overrides in select(sweep, shard=shard, where=where):
     workdir = os.path.join(root, run)
-    if not is_finished(workdir):
+    if not records.is_finished(workdir):
       config = make_config(sweep.config, {**overrides, **(extra or {})})
       train.train_and_evaluate(config, workdir)
     yield workdir
@@ -243,18 +225,18 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   index, count = (int(x) for x in FLAGS.shard.split("/"))
-  where = parse_sets(FLAGS.where)
+  where = records.parse_sets(FLAGS.where)
   if FLAGS.dry_run:
     for run, _ in select(SWEEPS[FLAGS.sweep], shard=(index, count),
                          where=where):
-      done = is_finished(os.path.join(FLAGS.root, run))
+      done = records.is_finished(os.path.join(FLAGS.root, run))
       print(f"{'done' if done else 'todo'}  {run}")
     return
   for _ in run_sweep(FLAGS.sweep, FLAGS.root, shard=(index, count),
-                     extra=parse_sets(FLAGS.set), where=where):
+                     extra=records.parse_sets(FLAGS.set), where=where):
     pass
   print(f"Sweep {FLAGS.sweep} shard {FLAGS.shard} finished in {FLAGS.root}; "
-        f"plot with: python -m experiments.plot --root={FLAGS.root}")
+        f"plot with: python -m experiments.studies.plot --root={FLAGS.root}")
 
 
 if __name__ == "__main__":

@@ -10,21 +10,34 @@ process feeds its share of the global batch).
 One step is a single jitted `train_step`: augmentation, forward and backward
 with BatchNorm statistics, then ``tx.update`` of the optimizer, which for
 sparse methods is ``sparseopt.dynamic_sparse`` owning the masks (mask
-updates happen inside it under ``lax.cond``). Metrics stay on device and come
-to the host every ``log_every`` steps.
+updates happen inside it under ``lax.cond``; ``sparseopt.masks_updated``
+says afterwards whether a step was one). Metrics stay on device and come to
+the host every ``log_every`` steps.
 
 The workdir holds ``config.json``, ``metrics.jsonl`` (one JSON object per
-logged step), orbax checkpoints under ``checkpoints/`` and, once finished,
-``summary.json``. Starting again on the same workdir resumes from the latest
-checkpoint; because the data order and every random key are functions of
-``(seed, step)``, a resumed run is bit-identical on CPU to an uninterrupted one.
+logged step), the same records as TensorBoard event files under
+``tensorboard/``, orbax checkpoints under ``checkpoints/`` and, once
+finished, ``summary.json``. Starting again on the same workdir resumes from
+the latest checkpoint; because the data order and every random key are
+functions of ``(seed, step)``, a resumed run is bit-identical on CPU to an
+uninterrupted one.
+
+The harness, one job per module:
+
+* ``main.py``: the command line; ``sweep.py``: named grids of runs, one
+  workdir each; ``quickstart.py``: the two-run comparison;
+* ``train.py`` (here): `TrainState`, `train_step`, `eval_step`, the
+  diagnostics and the loop;
+* ``optimizers.py``: learning-rate schedule and the optimizer a config names;
+* ``workdir.py``: writing the workdir (config check, checkpoints, metrics,
+  TensorBoard, summary); ``records.py``: its file names and readers;
+* ``models.py``, ``input_pipeline.py``, ``configs/``: models, data, configs;
+* ``studies/``: tables and plots from workdirs, through ``records.py`` only
+  (never importing the training code).
 """
 
+from collections.abc import Sequence
 import functools
-from importlib import metadata
-import json
-import os
-import platform
 import time
 from typing import Any
 
@@ -42,15 +55,12 @@ import tqdm
 
 from experiments import input_pipeline
 from experiments import models
-from experiments.configs import default as default_config
+from experiments import optimizers
+from experiments import records
+from experiments import workdir as workdir_lib
 
 METHODS = ("dense", "static", "set", "rigl")
-OPTIMIZERS = ("sgd", "sparseopt", "adam", "sparseopt+adam")
-CORRECT_FILTERS = ("all", "bn_only")
-SCHEDULES = ("cosine", "step", "constant")
 INITS = ("masked_dense", "fan_in")
-
-RESUMABLE_FIELDS = default_config.RESUMABLE_FIELDS
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -77,13 +87,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"Invalid config: {message}")
   check(config.method in METHODS,
         f"method={config.method!r}, expected one of {METHODS}.")
-  check(config.optimizer in OPTIMIZERS,
-        f"optimizer={config.optimizer!r}, expected one of {OPTIMIZERS}.")
-  check(config.correct_filter in CORRECT_FILTERS,
+  check(config.optimizer in optimizers.OPTIMIZERS,
+        f"optimizer={config.optimizer!r}, expected one of "
+        f"{optimizers.OPTIMIZERS}.")
+  check(config.correct_filter in optimizers.CORRECT_FILTERS,
         f"correct_filter={config.correct_filter!r}, expected one of "
-        f"{CORRECT_FILTERS}.")
-  check(config.schedule in SCHEDULES,
-        f"schedule={config.schedule!r}, expected one of {SCHEDULES}.")
+        f"{optimizers.CORRECT_FILTERS}.")
+  check(config.schedule in optimizers.SCHEDULES,
+        f"schedule={config.schedule!r}, expected one of "
+        f"{optimizers.SCHEDULES}.")
   check(config.correction in ("fan_in", "norm"),
         f"correction={config.correction!r}, expected 'fan_in' or 'norm'.")
   check(config.init in INITS, f"init={config.init!r}, expected one of {INITS}.")
@@ -121,114 +133,6 @@ def num_train_steps(config, num_train_examples: int) -> int:
   return max(1, int(config.num_epochs * num_train_examples / config.batch_size))
 
 
-def create_learning_rate_schedule(config, steps_per_epoch: float,
-                                  total_steps: int) -> optax.Schedule:
-  """Linear warmup over ``warmup_epochs``, then cosine, step or constant."""
-  warmup = int(config.warmup_epochs * steps_per_epoch)
-  base = config.learning_rate
-  rest = max(1, total_steps - warmup)
-  if config.schedule == "cosine":
-    main = optax.cosine_decay_schedule(base, rest)
-  elif config.schedule == "step":
-    main = optax.piecewise_constant_schedule(
-        base, {int(b * total_steps) - warmup: config.step_decay
-               for b in config.step_boundaries})
-  else:
-    main = optax.constant_schedule(base)
-  if warmup == 0:
-    return main
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, base, warmup), main], [warmup])
-
-
-def _sparse_filter(config):
-  if config.dense_paths:
-    return sparseopt.exclude_paths(*config.dense_paths)
-  return sparseopt.is_kernel
-
-
-# Every kernel of the experiments' models that a BatchNorm follows: all but
-# the classifier ``head`` (see ``experiments.models``).
-_BN_FOLLOWED = sparseopt.exclude_paths("head")
-
-
-def _correction_filter(config):
-  if config.correct_filter == "bn_only":
-    return _BN_FOLLOWED
-  return None
-
-
-def neuron_gradient_scales(key: jax.Array, params, factor: float,
-                           fraction: float):
-  """The dense control's fixed per-neuron gradient factors.
-
-  In every kernel a BatchNorm follows (all ``ndim >= 2`` leaves but the
-  classifier ``head``), ``round(fraction * n)`` neurons drawn at random get
-  ``factor``, the others 1: a turning-rate imbalance like sparsity's, without
-  sparsity.
-
-  Returns:
-    A tree like ``params``: a float32 vector per scaled kernel, ``None``
-    elsewhere.
-  """
-  scaled = _BN_FOLLOWED
-  leaves, treedef = jax.tree.flatten_with_path(params)
-  out = []
-  for i, (path, leaf) in enumerate(leaves):
-    if not scaled(path, leaf):
-      out.append(None)
-      continue
-    n = leaf.shape[-1]
-    chosen = jax.random.permutation(jax.random.fold_in(key, i), n) < round(
-        fraction * n)
-    out.append(jnp.where(chosen, jnp.float32(factor), jnp.float32(1.0)))
-  return jax.tree.unflatten(treedef, out)
-
-
-def scale_neuron_gradients(scales) -> optax.GradientTransformation:
-  """Multiplies each kernel's neuron slices (last axis) by a fixed factor."""
-  def update_fn(updates, params=None):
-    del params
-    return jax.tree.map(
-        lambda u, c: u if c is None else (u * c).astype(u.dtype),
-        updates, scales, is_leaf=lambda x: x is None)
-  return optax.stateless(update_fn)
-
-
-def create_optimizer(config, schedule: optax.Schedule, masks, total_steps: int,
-                     key: jax.Array, params=None) -> optax.GradientTransformation:
-  """The optimizer named by ``config.optimizer``, wrapped for DST if sparse.
-
-  SparseOpt's correction comes first in the chain so that it scales only the
-  loss gradient: weight decay is added after it (SGD), or decoupled (AdamW).
-  The dense control (``grad_scale != 1``) sits in the same place.
-  """
-  correct = []
-  if config.grad_scale != 1.0:
-    correct.append(scale_neuron_gradients(neuron_gradient_scales(
-        jax.random.fold_in(key, 1), params, config.grad_scale,
-        config.grad_scale_fraction)))
-  if config.optimizer.startswith("sparseopt"):
-    correct.append(sparseopt.scale_by_sparseopt(
-        filter_fn=_correction_filter(config), correction=config.correction))
-  if config.optimizer.endswith("adam"):
-    base = [optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                        eps=config.adam_eps, weight_decay=config.weight_decay)]
-  else:
-    base = [optax.add_decayed_weights(config.weight_decay),
-            optax.sgd(schedule, momentum=config.momentum,
-                      nesterov=config.nesterov)]
-  inner = optax.chain(*correct, *base)
-  if config.method == "dense":
-    return inner
-  return sparseopt.dynamic_sparse(
-      inner, masks, method=config.method, update_every=config.update_every,
-      end_step=int(config.end_fraction * total_steps),
-      drop_fraction=config.drop_fraction, drop_schedule=config.drop_schedule,
-      grow_with=config.grow_with, key=key,
-      correction_filter=_correction_filter(config))
-
-
 def create_model(config, spec: input_pipeline.DatasetSpec):
   """The Flax model of ``config.model`` sized for ``spec``'s classes."""
   return models.create_model(config.model, num_classes=spec.num_classes,
@@ -256,7 +160,7 @@ def create_train_state(config, model, spec, total_steps: int,
     if config.method != "dense":
       masks = sparseopt.init_masks(k_masks, params, config.sparsity,
                                    distribution=config.distribution,
-                                   filter_fn=_sparse_filter(config))
+                                   filter_fn=optimizers.sparse_filter(config))
       params = sparseopt.apply_masks(params, masks)
       if config.init == "fan_in":
         # A key derived from k_masks leaves every other key, and so the
@@ -266,9 +170,10 @@ def create_train_state(config, model, spec, total_steps: int,
     return params, variables["batch_stats"], masks
 
   params, batch_stats, masks = init_variables(k_params, k_masks)
-  schedule = create_learning_rate_schedule(config, steps_per_epoch,
-                                           total_steps)
-  tx = create_optimizer(config, schedule, masks, total_steps, k_dst, params)
+  schedule = optimizers.create_learning_rate_schedule(
+      config, steps_per_epoch, total_steps)
+  tx = optimizers.create_optimizer(config, schedule, masks, total_steps, k_dst,
+                                   params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=batch_stats,
                      opt_state=tx.init(params), key=k_train)
@@ -299,42 +204,49 @@ def _cond_or_zeros(pred, fn):
   return jax.lax.cond(pred, fn, lambda: zeros)
 
 
-def step_diagnostics(before: TrainState, params, opt_state, *, config,
-                     end_step: int, total_steps: int) -> dict[str, jax.Array]:
+def step_diagnostics(before: TrainState, params, opt_state, is_update, *,
+                     config, total_steps: int) -> dict[str, jax.Array]:
   """Turning rates at log steps, norm vs factor jumps at mask updates.
 
-  ``turn/L/...``: :func:`sparseopt.turning_diagnostics` of this step (logged
-  on ``log_every`` steps and on mask-update steps); ``jump/L/...``:
-  :func:`sparseopt.mask_update_jump` across this step's mask update;
-  ``mask_update``: 1.0 on a mask-update step. Both are computed under
-  ``lax.cond``, so other steps pay nothing but the predicate.
+  ``turn/L/...``: :func:`sparseopt.diagnostics.turning_diagnostics` of this
+  step (logged on ``log_every`` steps and on mask-update steps);
+  ``jump/L/...``: :func:`sparseopt.diagnostics.mask_update_jump` across this
+  step's mask update (sparse methods). Both are computed under ``lax.cond``,
+  so other steps pay nothing but the predicate.
+
+  Args:
+    before: the state this step started from.
+    params: the parameters after it.
+    opt_state: the optimizer state after it.
+    is_update: bool scalar, whether this step updated the masks.
+    config: the run's config.
+    total_steps: the last step, always logged.
   """
-  t = before.step  # Steps taken before this one: the DST counter.
+  t = before.step  # Steps taken before this one.
   masks_before = _kernel_masks(before, before.opt_state, config)
   masks_after = _kernel_masks(before, opt_state, config)
-  is_update = jnp.asarray(False)
-  if config.method in ("rigl", "set"):
-    is_update = (t > 0) & (t % config.update_every == 0) & (t < end_step)
   log_now = (((t + 1) % config.log_every == 0) | (t + 1 == total_steps)
              | is_update)
-  turning = _cond_or_zeros(log_now, lambda: sparseopt.turning_diagnostics(
-      before.params, params, masks_after))
+  turning = _cond_or_zeros(
+      log_now, lambda: sparseopt.diagnostics.turning_diagnostics(
+          before.params, params, masks_after))
   out = {f"turn/{k}": v for k, v in turning.items()}
-  if config.method in ("rigl", "set"):
-    jump = _cond_or_zeros(is_update, lambda: sparseopt.mask_update_jump(
-        before.params, params, masks_before, masks_after))
+  if config.method != "dense":
+    jump = _cond_or_zeros(
+        is_update, lambda: sparseopt.diagnostics.mask_update_jump(
+            before.params, params, masks_before, masks_after))
     out.update({f"jump/{k}": v for k, v in jump.items()})
-  out["mask_update"] = is_update.astype(jnp.float32)
   return out
 
 
 def train_step(state: TrainState, batch, *, model, tx, config, spec,
-               end_step: int = 0, total_steps: int = 0):
+               total_steps: int = 0):
   """One optimizer step on ``batch``; returns the new state and metrics.
 
-  With ``config.turning_diagnostics`` the metrics also hold
-  `step_diagnostics` (``end_step``: the step mask updates stop at;
-  ``total_steps``: the last step, always logged).
+  The metrics hold the loss, the accuracy and, for sparse methods,
+  ``mask_update`` (1.0 when this step updated the masks). With
+  ``config.turning_diagnostics`` they also hold `step_diagnostics`
+  (``total_steps``: the last step, always logged).
   """
   key = jax.random.fold_in(state.key, state.step)
   images = input_pipeline.augment(batch["image"], key, config.augment)
@@ -354,10 +266,15 @@ def train_step(state: TrainState, batch, *, model, tx, config, spec,
   params = optax.apply_updates(state.params, updates)
   metrics = {"train_loss": loss,
              "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  # The optimizer knows its mask-update schedule; ask it rather than
+  # recomputing the schedule here.
+  is_update = jnp.asarray(False)
+  if config.method != "dense":
+    is_update = sparseopt.masks_updated(opt_state)
+    metrics["mask_update"] = is_update.astype(jnp.float32)
   if config.turning_diagnostics:
-    metrics.update(step_diagnostics(state, params, opt_state, config=config,
-                                    end_step=end_step,
-                                    total_steps=total_steps))
+    metrics.update(step_diagnostics(state, params, opt_state, is_update,
+                                    config=config, total_steps=total_steps))
   return state.replace(step=state.step + 1, params=params,
                        batch_stats=batch_stats, opt_state=opt_state), metrics
 
@@ -379,96 +296,41 @@ def diagnostics(state: TrainState, *, config) -> dict[str, jax.Array]:
   """ITOP, regrown connections, per-layer skew and largest SparseOpt factor.
 
   With ``config.fan_in_histogram`` also each layer's fan-in histogram
-  (:func:`sparseopt.fan_in_histogram`). Sparse methods only; computed at log
-  steps, not in the train step.
+  (:func:`sparseopt.diagnostics.fan_in_histogram`). Sparse methods only;
+  computed at log steps, not in the train step.
   """
   if config.method == "dense":
     return {}
   masks = sparseopt.get_masks(state.opt_state)
-  scales = sparseopt.sparseopt_scales(masks, state.params,
-                                      filter_fn=_correction_filter(config),
-                                      correction=config.correction)
+  scales = sparseopt.diagnostics.sparseopt_scales(
+      masks, state.params, filter_fn=optimizers.correction_filter(config),
+      correction=config.correction)
   max_scales = {f"{sparseopt.path_str(path)}/max_scale": jnp.max(scale)
                 for path, scale in jax.tree.leaves_with_path(scales)}
-  out = {**sparseopt.dst_diagnostics(state.opt_state), **max_scales}
+  out = {**sparseopt.diagnostics.dst_diagnostics(state.opt_state),
+         **max_scales}
   if config.fan_in_histogram:
-    out.update(sparseopt.fan_in_histogram(masks))
+    out.update(sparseopt.diagnostics.fan_in_histogram(masks))
   return out
 
 
-def _json_config(config) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def load_saved_config(workdir: str) -> dict[str, Any]:
-  """``workdir/config.json``, with fields added since it was written filled in.
-
-  A field missing from an older run's config takes its value from
-  ``configs/default.py``: new fields are added with defaults that reproduce
-  the behaviour of the code before them.
-  """
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  return {**_json_config(default_config.get_config()), **saved}
-
-
-def check_or_save_config(config, workdir: str) -> None:
-  """Saves ``config.json`` or, when one exists, refuses an incompatible config.
-
-  Raises:
-    ValueError: the workdir holds a run whose config differs from ``config``
-      in a field that changes the numbers (anything but `RESUMABLE_FIELDS`).
-  """
-  path = os.path.join(workdir, "config.json")
-  current = _json_config(config)
-  if os.path.exists(path):
-    saved = load_saved_config(workdir)
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
-    if differ:
-      changes = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
-                          for k in differ)
-      raise ValueError(
-          f"Workdir {workdir} holds a run with a different config ({changes}). "
-          "Resume with the same config, or use a new --workdir.")
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-
-
-class MetricsWriter:
-  """Appends one JSON object per logged step to ``metrics.jsonl``."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
-    if self.enabled and os.path.exists(self.path):
-      # Drop what a killed run logged after its last checkpoint: those steps
-      # are about to be recomputed.
-      with open(self.path) as f:
-        kept = [l for l in f if json.loads(l)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
-
-  def write(self, record: dict[str, Any]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of ``workdir/metrics.jsonl``, in step order."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def summarize_window(window: list[dict[str, Any]]) -> dict[str, float]:
+def summarize_window(window: list[dict[str, Any]],
+                     steps: Sequence[int] = ()) -> dict[str, Any]:
   """One log record from the metrics of the steps since the last one.
 
   Losses and accuracies are averaged; turning rates are this (log) step's;
   mask-update jumps come from the window's mask-update step, if any, with
   that step's turning rates as ``update_turn/...``.
+
+  Args:
+    window: the train step's metrics of each step since the last record.
+    steps: the logged step number (steps taken, counting this one) of each
+      entry of ``window``. When given and the window holds mask updates,
+      ``mask_update_steps`` lists their step numbers, so that analysis reads
+      the schedule from the log rather than recomputing it.
+
+  Returns:
+    The record: floats, and the list ``mask_update_steps`` if any.
   """
   last = window[-1]
   record = {k: float(np.mean([m[k] for m in window])) for k in last
@@ -481,31 +343,15 @@ def summarize_window(window: list[dict[str, Any]]) -> dict[str, float]:
                      if k.startswith("jump/")})
       record.update({f"update_{k}": float(v) for k, v in m.items()
                      if k.startswith("turn/")})
+  updated = [int(step) for step, m in zip(steps, window)
+             if m.get("mask_update", 0.0) > 0]
+  if updated:
+    record[records.MASK_UPDATE_STEPS] = updated
   return record
 
 
 def _to_float(tree) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
-
-
-def environment() -> dict[str, Any]:
-  """What produced a run besides its config: package versions and machine.
-
-  Recorded in ``summary.json``: floating-point results depend on the XLA
-  version and flags, so two runs of one config compare bit for bit only
-  under the same environment.
-  """
-  versions = {}
-  for package in ("jax", "jaxlib", "optax", "flax", "numpy", "sparseopt-jax"):
-    try:
-      versions[package] = metadata.version(package)
-    except metadata.PackageNotFoundError:
-      versions[package] = None
-  return {"versions": versions,
-          "python": platform.python_version(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "device_kind": jax.devices()[0].device_kind,
-          "cpu_count": os.cpu_count()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -518,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   validate_config(config)
   dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None)
   spec = dataset.spec
-  check_or_save_config(config, workdir)
+  workdir_lib.check_or_save_config(config, workdir)
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated = NamedSharding(mesh, P())
@@ -532,22 +378,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # initial masks, say). A host copy per leaf guarantees distinct buffers.
   state = jax.tree.map(lambda x: jax.device_put(np.array(x), replicated), state)
 
-  checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
+  checkpoints = workdir_lib.checkpoint_manager(workdir,
+                                               config.keep_checkpoints)
   start_step = checkpoints.latest_step() or 0
   if start_step:
     state = checkpoints.restore(start_step,
                                 args=ocp.args.StandardRestore(state))
     logging.info("Resumed %s from step %d.", workdir, start_step)
-  metrics_writer = MetricsWriter(workdir, start_step)
+  metrics_writer = workdir_lib.MetricsWriter(workdir, start_step,
+                                             tensorboard=config.tensorboard)
 
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, tx=tx, config=config,
-                        spec=spec,
-                        end_step=int(config.end_fraction * total_steps),
-                        total_steps=total_steps),
+                        spec=spec, total_steps=total_steps),
       out_shardings=replicated, donate_argnums=0)
   p_eval_step = jax.jit(functools.partial(eval_step, model=model,
                                           config=config, spec=spec),
@@ -580,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       num_threads=config.num_data_threads)
   progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                        disable=not config.progress_bar or jax.process_index() != 0)
-  pending, step_times, last_eval = [], [], {}
+  pending, pending_steps, step_times, last_eval = [], [], [], {}
   window_start, window_steps, compile_time = time.perf_counter(), 0, None
   session_start = time.perf_counter()
   for step in range(start_step + 1, total_steps + 1):
@@ -592,11 +435,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       window_steps += 1
     pending.append(metrics)
+    pending_steps.append(step)
     progress.update(1)
     record = {}
     if step % config.log_every == 0 or step == total_steps:
-      record.update(summarize_window(jax.device_get(pending)))
-      pending = []
+      record.update(summarize_window(jax.device_get(pending),
+                                     pending_steps))
+      pending, pending_steps = [], []
       record.update(_to_float(p_diagnostics(state)))
       if window_steps:
         record["step_time"] = (time.perf_counter() - window_start) / window_steps
@@ -615,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       # Evaluation and checkpointing are not training time.
       window_start, window_steps = time.perf_counter(), 0
   progress.close()
+  metrics_writer.close()
   checkpoints.wait_until_finished()
   checkpoints.close()
 
@@ -630,11 +476,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "resumed_from": start_step,
       "devices": jax.device_count(),
       "platform": jax.devices()[0].platform,
-      "environment": environment(),
+      "environment": workdir_lib.environment(),
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, sort_keys=True)
+  workdir_lib.write_summary(workdir, summary)
   print(f"{workdir}: {config.method} {config.optimizer} s={config.sparsity} "
         f"seed={config.seed}: test accuracy "
         f"{summary['final_test_accuracy']:.4f} after {total_steps} steps, "

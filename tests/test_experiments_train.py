@@ -1,8 +1,10 @@
 """End-to-end tests of the training CLI pieces on generated or mock data."""
 
+import glob
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -12,8 +14,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from tensorboardX.proto import event_pb2
 
 from experiments import fake_data
+from experiments import records
 from experiments import sweep
 from experiments import train
 import sparseopt_jax as sparseopt
@@ -39,13 +43,46 @@ def _mlp(fmnist_dir, **overrides):
   return _config("fmnist_mlp", **{**base, **overrides})
 
 
-def _deterministic(records):
-  return [{k: v for k, v in r.items() if k not in _TIMING} for r in records]
+def _deterministic(logged):
+  return [{k: v for k, v in r.items() if k not in _TIMING} for r in logged]
 
 
 def _checkpoint(workdir, step):
   path = os.path.join(workdir, "checkpoints", str(step), "default")
   return ocp.PyTreeCheckpointer().restore(path)
+
+
+def _event_files(workdir):
+  """The events of each TensorBoard event file of ``workdir``, oldest first.
+
+  Parsed with tensorboardX's protobuf classes, so the test needs neither
+  TensorFlow nor TensorBoard.
+  """
+  files = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard",
+                                            "events.out.tfevents.*")),
+                     key=os.path.getmtime):
+    events = []
+    with open(path, "rb") as f:
+      data = f.read()
+    # TFRecord framing: u64 length, u32 length CRC, payload, u32 payload CRC.
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      payload = data[offset + 12:offset + 12 + length]
+      events.append(event_pb2.Event.FromString(payload))
+      offset += 12 + length + 4
+    files.append(events)
+  return files
+
+
+def _scalars(events):
+  """``{tag: {step: value}}`` of the scalar summaries in ``events``."""
+  out = {}
+  for event in events:
+    for value in event.summary.value:
+      out.setdefault(value.tag, {})[event.step] = value.simple_value
+  return out
 
 
 # Every method and every optimizer at least once (rigl + sparseopt is in the
@@ -58,19 +95,19 @@ def test_every_method_and_optimizer_trains(tmp_path, fmnist_dir, method,
   summary = train.train_and_evaluate(
       _mlp(fmnist_dir, method=method, optimizer=optimizer, sparsity=0.9),
       str(tmp_path))
-  records = train.read_metrics(str(tmp_path))
-  assert [r["step"] for r in records] == [2, 3, 4, 6]
-  assert all(np.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+  logged = records.read_metrics(str(tmp_path))
+  assert [r["step"] for r in logged] == [2, 3, 4, 6]
+  assert all(np.isfinite(r["train_loss"]) for r in logged if "train_loss" in r)
   assert summary["step"] == 6 and 0 <= summary["final_test_accuracy"] <= 1
   if method == "dense":
-    assert "itop" not in records[-1]
+    assert "itop" not in logged[-1]
   else:
     # Sparsity is kept exactly through mask updates (ERK over two layers).
-    assert records[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
-    assert records[-1]["itop"] >= 1 - records[-1]["sparsity"] - 1e-6
+    assert logged[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert logged[-1]["itop"] >= 1 - logged[-1]["sparsity"] - 1e-6
     # The fan-in histogram of every sparse layer covers all its neurons.
     hist = {}
-    for key, value in records[-1].items():
+    for key, value in logged[-1].items():
       if "/fan_in/" in key:
         layer = key.split("/fan_in/")[0]
         hist[layer] = hist.get(layer, 0.0) + value
@@ -91,6 +128,33 @@ def test_summary_records_environment(tmp_path, fmnist_dir):
   assert versions["jax"] == jax.__version__
   assert versions["optax"] == optax.__version__
   assert written["environment"]["device_kind"] == jax.devices()[0].device_kind
+
+
+def test_records_name_their_mask_update_steps(tmp_path, fmnist_dir):
+  # Updates at DST counts 2 and 4 (end 1.0 * 6): logged steps 3 and 5, in
+  # the windows that end at steps 4 and 6.
+  train.train_and_evaluate(
+      _mlp(fmnist_dir, method="rigl", end_fraction=1.0), str(tmp_path))
+  logged = records.read_metrics(str(tmp_path))
+  updates = {r["step"]: r["mask_update_steps"] for r in logged
+             if "mask_update_steps" in r}
+  assert updates == {4: [3], 6: [5]}
+  # The windows with an update are the ones that logged its jump.
+  assert set(updates) == {r["step"] for r in logged
+                          if any(k.startswith("jump/") for k in r)}
+
+
+def test_records_go_to_tensorboard(tmp_path, fmnist_dir):
+  train.train_and_evaluate(_mlp(fmnist_dir), str(tmp_path))
+  logged = records.read_metrics(str(tmp_path))
+  (events,) = _event_files(str(tmp_path))
+  scalars = _scalars(events)
+  for key in ("train_loss", "test_accuracy", "itop", "lr"):
+    expected = {r["step"]: r[key] for r in logged if key in r}
+    assert expected and scalars[key].keys() == expected.keys(), key
+    for step, value in expected.items():
+      assert scalars[key][step] == pytest.approx(value, rel=1e-6)
+  assert sorted(scalars["train_loss"]) == [2, 4, 6]
 
 
 def test_learns_on_separable_data(tmp_path, fmnist_dir):
@@ -114,11 +178,17 @@ def test_resume_is_bit_identical(tmp_path, fmnist_dir):
     f.write(json.dumps({"step": 6, "train_loss": -1.0}) + "\n")  # A killed run's tail.
   summary = train.train_and_evaluate(config, part)
   assert summary["resumed_from"] == 4
+  # TensorBoard: the resumed session writes a new event file that purges
+  # the first session's steps after 4 and logs only steps after 4.
+  first, resumed = _event_files(part)
+  assert sorted(_scalars(first)["train_loss"]) == [2, 4, 6, 8]
+  assert [e.step for e in resumed if e.HasField("session_log")] == [5]
+  assert sorted(_scalars(resumed)["train_loss"]) == [6, 8]
   jax.tree.map(np.testing.assert_array_equal, _checkpoint(full, 8),
                _checkpoint(part, 8))
-  assert (_deterministic(train.read_metrics(full))
-          == _deterministic(train.read_metrics(part)))
-  assert any(r.get("changed", 0) > 0 for r in train.read_metrics(full))
+  assert (_deterministic(records.read_metrics(full))
+          == _deterministic(records.read_metrics(part)))
+  assert any(r.get("changed", 0) > 0 for r in records.read_metrics(full))
 
 
 def test_finished_run_is_not_retrained(tmp_path, fmnist_dir):
@@ -160,9 +230,9 @@ def test_fmnist_resnet_preset_runs(tmp_path, fmnist_dir):
                    eval_batch_size=40, num_train_steps=2, log_every=1,
                    update_every=1, end_fraction=1.0)
   summary = train.train_and_evaluate(config, str(tmp_path))
-  records = train.read_metrics(str(tmp_path))
-  assert np.isfinite(records[-1]["train_loss"]) and summary["step"] == 2
-  assert records[-1]["changed"] > 0  # The mask update at step 1 regrew weights.
+  logged = records.read_metrics(str(tmp_path))
+  assert np.isfinite(logged[-1]["train_loss"]) and summary["step"] == 2
+  assert logged[-1]["changed"] > 0  # The mask update at step 1 regrew weights.
 
 
 def test_resnet20_cifar100_preset_runs_on_mock_data(tmp_path):
@@ -171,9 +241,9 @@ def test_resnet20_cifar100_preset_runs_on_mock_data(tmp_path):
                    update_every=1, end_fraction=1.0)
   with tfds.testing.mock_data(num_examples=16):
     summary = train.train_and_evaluate(config, str(tmp_path))
-  records = train.read_metrics(str(tmp_path))
-  assert np.isfinite(records[-1]["train_loss"])
-  assert records[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+  logged = records.read_metrics(str(tmp_path))
+  assert np.isfinite(logged[-1]["train_loss"])
+  assert logged[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
   assert summary["step"] == 2
 
 
@@ -186,10 +256,10 @@ def test_resnet50_imagenet_preset_runs_on_mock_data(tmp_path):
                    num_data_threads=1)
   with tfds.testing.mock_data(num_examples=4):
     summary = train.train_and_evaluate(config, str(tmp_path))
-  records = train.read_metrics(str(tmp_path))
-  assert np.isfinite(records[-1]["train_loss"])
-  assert "conv_init/kernel/s_mean" not in records[-1]
-  assert records[-1]["lr"] == pytest.approx(0.0)  # Step 0 of the warmup.
+  logged = records.read_metrics(str(tmp_path))
+  assert np.isfinite(logged[-1]["train_loss"])
+  assert "conv_init/kernel/s_mean" not in logged[-1]
+  assert logged[-1]["lr"] == pytest.approx(0.0)  # Step 0 of the warmup.
   assert summary["step"] == 1
 
 
@@ -217,7 +287,7 @@ def test_eight_devices_match_one(tmp_path, fmnist_dir):
         [sys.executable, "-c", _MULTI_DEVICE, json.dumps(overrides), workdir],
         env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith(str(devices))
-    results[devices] = train.read_metrics(workdir)
+    results[devices] = records.read_metrics(workdir)
   for one, eight in zip(results[1], results[8]):
     assert one["train_loss"] == pytest.approx(eight["train_loss"], rel=1e-4)
     assert one["itop"] == eight["itop"]  # Same mask updates.
@@ -264,6 +334,6 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, fmnist_dir):
   train.train_and_evaluate(sweep.make_config("fmnist_mlp", overrides), full)
   jax.tree.map(np.testing.assert_array_equal, _checkpoint(full, 600),
                _checkpoint(killed, 600))
-  assert (_deterministic(train.read_metrics(full))
-          == _deterministic(train.read_metrics(killed)))
-  assert sum(r.get("changed", 0) > 0 for r in train.read_metrics(full)) >= 1
+  assert (_deterministic(records.read_metrics(full))
+          == _deterministic(records.read_metrics(killed)))
+  assert sum(r.get("changed", 0) > 0 for r in records.read_metrics(full)) >= 1

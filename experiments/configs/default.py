@@ -11,7 +11,7 @@ import ml_collections
 RESUMABLE_FIELDS = frozenset({
     "data_dir", "num_data_threads", "log_every", "eval_every",
     "checkpoint_every", "keep_checkpoints", "progress_bar",
-    "turning_diagnostics", "fan_in_histogram"})
+    "turning_diagnostics", "fan_in_histogram", "tensorboard"})
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -92,4 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
   config.keep_checkpoints = 3
   config.progress_bar = True
+  # Also write every logged record to TensorBoard event files in
+  # <workdir>/tensorboard (tensorboardX; TensorFlow is not needed).
+  config.tensorboard = True
   return config

@@ -1,10 +1,11 @@
 r"""Test-accuracy curves and a comparison table from folders of workdirs.
 
-  python -m experiments.plot --root=experiments/results/quickstart
+  python -m experiments.studies.plot --root=experiments/results/quickstart
 
 Reads every workdir under each ``--root`` (the flag repeats) that holds
-``config.json`` and ``metrics.jsonl``, keeping those whose config matches
-every ``--where field=value`` (for example ``--where num_epochs=3.0``).
+``config.json`` and a metrics log (``metrics.jsonl`` or ``.jsonl.gz``),
+keeping those whose config matches every ``--where field=value`` (for
+example ``--where num_epochs=3.0``; see `runs.matches`).
 Runs are grouped by the config fields that vary between them: one panel per
 sparsity (columns) and per value of the other varying fields (rows), one
 curve per optimizer, mean over seeds with a +-std band; baselines (``sgd``,
@@ -13,73 +14,43 @@ curve per optimizer, mean over seeds with a +-std band; baselines (``sgd``,
 logged skew diagnostics over training: largest SparseOpt factor, spread of
 neuron sparsity, dead neurons. Prints a markdown table: final test accuracy
 mean +- std over seeds, and the first step at which each run reaches its
-baseline's mean final accuracy (mean over the seeds that reach it).
+baseline's mean final accuracy (mean over the seeds that reach it); then
+the differences of runs paired by seed (`runs.pair_by_seed`).
 """
 
 import collections
+from collections.abc import Callable, Sequence
 import functools
 import json
 import os
 import textwrap
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 from absl import app
 from absl import flags
 import numpy as np
 
-from experiments import markdown
-from experiments import sweep
-from experiments import train
+from experiments import records
+from experiments.configs import default as default_config
+from experiments.studies import markdown
+from experiments.studies import runs as runs_lib
 
 # Which optimizer each optimizer is compared against.
-BASELINE_OF = {"sparseopt": "sgd", "sparseopt+adam": "adam",
-               "sgd": "sgd", "adam": "adam"}
+BASELINE_OF = {
+    "sparseopt": "sgd",
+    "sparseopt+adam": "adam",
+    "sgd": "sgd",
+    "adam": "adam",
+}
 # Fields that never define a group: they identify repeats or bookkeeping.
-_IGNORED = frozenset({"seed", "optimizer"}) | train.RESUMABLE_FIELDS
+_IGNORED = frozenset({"seed", "optimizer"}) | default_config.RESUMABLE_FIELDS
+Run = runs_lib.Run
 
-
-def load_runs(root: str) -> list[dict[str, Any]]:
-  """Every run under ``root``: config, metrics records, eval curve, finished."""
-  runs = []
-  for name in sorted(os.listdir(root)):
-    workdir = os.path.join(root, name)
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      continue
-    config = train.load_saved_config(workdir)
-    records = train.read_metrics(workdir)
-    evals = [r for r in records if "test_accuracy" in r]
-    if not evals:
-      continue
-    runs.append({
-        "name": name, "config": config, "records": records,
-        "steps": np.array([r["step"] for r in evals]),
-        "accuracy": np.array([r["test_accuracy"] for r in evals]),
-        "finished": os.path.exists(os.path.join(workdir, "summary.json")),
-    })
-  return runs
-
-
-def matches(config: dict[str, Any], where: dict[str, Any]) -> bool:
-  """Whether ``config`` has every ``field: value`` of ``where`` (3 == 3.0)."""
-  return all(field in config and config[field] == value
-             for field, value in where.items())
-
-
-def load_all(roots: Union[str, Sequence[str]],
-             where: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-  """`load_runs` over several roots, filtered by ``where``.
-
-  A workdir reached twice (a run linked into a second root) counts once.
-  """
-  roots = [roots] if isinstance(roots, str) else list(roots)
-  runs, seen = [], set()
-  for root in roots:
-    for run in load_runs(root):
-      real = os.path.realpath(os.path.join(root, run["name"]))
-      if real not in seen and matches(run["config"], where or {}):
-        seen.add(real)
-        runs.append(run)
-  return runs
+# The loaders and the config filter, defined in `runs`, under the names this
+# module has always offered.
+load_runs = runs_lib.load_runs
+load_all = runs_lib.load_all
+matches = runs_lib.matches
 
 
 def _key(value):
@@ -88,9 +59,8 @@ def _key(value):
 
 def varying_fields(runs) -> list[str]:
   """Config fields (other than seed/optimizer/bookkeeping) that differ."""
-  fields = sorted({k for r in runs for k in r["config"]} - _IGNORED)
-  return [k for k in fields
-          if len({_key(r["config"].get(k)) for r in runs}) > 1]
+  fields = sorted({k for r in runs for k in r.config} - _IGNORED)
+  return [k for k in fields if len({_key(r.config.get(k)) for r in runs}) > 1]
 
 
 def _label(config, fields) -> str:
@@ -103,42 +73,54 @@ def group_runs(runs, ignore: Sequence[str] = ()):
   Fields in ``ignore`` stay out of the row label, so runs that differ only
   in them share a group.
   """
-  row_fields = [k for k in varying_fields(runs)
-                if k != "sparsity" and k not in ignore]
+  row_fields = [
+      k for k in varying_fields(runs) if k != "sparsity" and k not in ignore
+  ]
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   for run in runs:
-    config = run["config"]
+    config = run.config
     key = (_label(config, row_fields), config["sparsity"])
     groups[key][config["optimizer"]].append(run)
   return groups
 
 
-def first_step_reaching(run, target: float) -> Optional[int]:
-  hits = np.nonzero(run["accuracy"] >= target)[0]
-  return int(run["steps"][hits[0]]) if hits.size else None
+def first_step_reaching(run: Run, target: float) -> int | None:
+  """The first eval step at which ``run``'s test accuracy is >= ``target``."""
+  hits = np.nonzero(run.accuracy >= target)[0]
+  return int(run.steps[hits[0]]) if hits.size else None
 
 
 def summarize(groups) -> list[dict[str, Any]]:
   """One table row per (group, optimizer)."""
   rows = []
   for (row, sparsity), by_opt in sorted(groups.items()):
-    finals = {opt: np.array([r["accuracy"][-1] for r in rs])
-              for opt, rs in by_opt.items()}
+    finals = {
+        opt: np.array([r.final_accuracy for r in rs])
+        for opt, rs in by_opt.items()
+    }
     for opt, rs in sorted(by_opt.items()):
       baseline = BASELINE_OF.get(opt)
       target = finals[baseline].mean() if baseline in finals else None
-      reached = ([first_step_reaching(r, target) for r in rs]
-                 if target is not None else [])
+      reached = (
+          [first_step_reaching(r, target) for r in rs]
+          if target is not None
+          else []
+      )
       hits = [s for s in reached if s is not None]
-      rows.append({
-          "group": row, "sparsity": sparsity, "optimizer": opt,
-          "seeds": len(rs), "final_mean": float(finals[opt].mean()),
-          "final_std": float(finals[opt].std()),
-          "final_step": int(max(r["steps"][-1] for r in rs)),
-          "steps_to_baseline": float(np.mean(hits)) if hits else None,
-          "seeds_reaching": len(hits),
-          "finished": all(r["finished"] for r in rs),
-      })
+      rows.append(
+          {
+              "group": row,
+              "sparsity": sparsity,
+              "optimizer": opt,
+              "seeds": len(rs),
+              "final_mean": float(finals[opt].mean()),
+              "final_std": float(finals[opt].std()),
+              "final_step": int(max(r.steps[-1] for r in rs)),
+              "steps_to_baseline": float(np.mean(hits)) if hits else None,
+              "seeds_reaching": len(hits),
+              "finished": all(r.finished for r in rs),
+          }
+      )
   return rows
 
 
@@ -153,20 +135,35 @@ def markdown_table(rows) -> str:
       if r["seeds_reaching"] < r["seeds"]:
         reach += f" ({r['seeds_reaching']}/{r['seeds']} seeds)"
     unfinished = "" if r["finished"] else " (unfinished)"
-    cells.append([r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"],
-                  f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
-                  f"{unfinished}", f"{reach} / {r['final_step']}"])
+    cells.append(
+        [
+            r["group"] or "-",
+            r["sparsity"],
+            r["optimizer"],
+            r["seeds"],
+            f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
+            f"{unfinished}",
+            f"{reach} / {r['final_step']}",
+        ]
+    )
   return markdown.table(
-      ["setting", "sparsity", "optimizer", "seeds", "final test acc (%)",
-       "first step at baseline's final acc"], cells)
+      [
+          "setting",
+          "sparsity",
+          "optimizer",
+          "seeds",
+          "final test acc (%)",
+          "first step at baseline's final acc",
+      ],
+      cells,
+  )
 
 
 def paired_differences(groups) -> list[dict[str, Any]]:
   """Same-seed final-accuracy differences, each optimizer minus its baseline.
 
-  Only finished runs whose baseline run with the same seed is finished too
-  are paired. Returns one row per (group, optimizer) with the mean
-  difference, its standard error over seeds (std / sqrt(n), ddof=1) and n.
+  Runs pair as `runs.pair_by_seed` says (finished, same seed). Returns one
+  row per (group, optimizer) with `difference_stats` of the differences.
   """
   rows = []
   for (row, sparsity), by_opt in sorted(groups.items()):
@@ -176,46 +173,62 @@ def paired_differences(groups) -> list[dict[str, Any]]:
         continue
       diffs = seed_differences(rs, by_opt[baseline])
       if diffs.size:
-        rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
-                     "baseline": baseline, **difference_stats(diffs)})
+        rows.append(
+            {
+                "group": row,
+                "sparsity": sparsity,
+                "optimizer": opt,
+                "baseline": baseline,
+                **difference_stats(diffs),
+            }
+        )
   return rows
 
 
-def seed_differences(rs, base_rs) -> np.ndarray:
-  """Final accuracy of each finished run in ``rs`` minus the finished run of
-  ``base_rs`` with the same seed; runs without such a partner are skipped."""
-  base = {r["config"]["seed"]: r["accuracy"][-1]
-          for r in base_rs if r["finished"]}
-  return np.array([r["accuracy"][-1] - base[r["config"]["seed"]] for r in rs
-                   if r["finished"] and r["config"]["seed"] in base])
+def seed_differences(rs: Sequence[Run], base_rs: Sequence[Run]) -> np.ndarray:
+  """Final accuracy of each run of ``rs`` minus its baseline's, by seed.
+
+  Pairs as `runs.pair_by_seed` (finished runs of one seed, in seed order).
+  """
+  return runs_lib.final_differences(runs_lib.pair_by_seed(base_rs, rs))
 
 
-def difference_stats(diffs: np.ndarray) -> dict[str, Any]:
-  """n, mean and standard error (std / sqrt(n), ddof=1; None for n = 1)."""
-  sem = diffs.std(ddof=1) / np.sqrt(diffs.size) if diffs.size > 1 else None
-  return {"n": int(diffs.size), "mean": float(diffs.mean()),
-          "sem": None if sem is None else float(sem)}
+difference_stats = runs_lib.difference_stats
 
 
 def _points(row) -> str:
   """A `difference_stats` row's mean ± s.e. in percentage points."""
-  sem = "n/a" if row["sem"] is None else f"{100 * row['sem']:.2f}"
-  return f"{100 * row['mean']:+.2f} ± {sem}"
+  return runs_lib.format_difference(row["mean"], row["sem"])
 
 
 def paired_table(rows) -> str:
   """The rows of `paired_differences` as markdown (percentage points)."""
   cells = []
   for r in rows:
-    cells.append([r["group"] or "-", r["sparsity"],
-                  f"{r['optimizer']} - {r['baseline']}", r["n"], _points(r)])
+    cells.append(
+        [
+            r["group"] or "-",
+            r["sparsity"],
+            f"{r['optimizer']} - {r['baseline']}",
+            r["n"],
+            _points(r),
+        ]
+    )
   return markdown.table(
-      ["setting", "sparsity", "comparison", "paired seeds",
-       "difference (points, mean ± s.e.)"], cells)
+      [
+          "setting",
+          "sparsity",
+          "comparison",
+          "paired seeds",
+          "difference (points, mean ± s.e.)",
+      ],
+      cells,
+  )
 
 
-def tuned_differences(runs, field: str = "learning_rate"
-                      ) -> list[dict[str, Any]]:
+def tuned_differences(
+    runs, field: str = "learning_rate"
+) -> list[dict[str, Any]]:
   """Each optimizer at its best ``field`` value minus its baseline at its own.
 
   Fair tuning: where ``field`` (a hyperparameter swept for every method)
@@ -230,34 +243,50 @@ def tuned_differences(runs, field: str = "learning_rate"
     return []
 
   def mean_final(rs):
-    return np.mean([r["accuracy"][-1] for r in rs])
+    return np.mean([r.final_accuracy for r in rs])
 
   rows = []
-  groups = group_runs([r for r in runs if r["finished"]], ignore=(field,))
+  groups = group_runs([r for r in runs if r.finished], ignore=(field,))
   for (row, sparsity), by_opt in sorted(groups.items()):
     grids = {opt: collections.defaultdict(list) for opt in by_opt}
     for opt, rs in by_opt.items():
       for r in rs:
-        grids[opt][_key(r["config"][field])].append(r)
-    best = {opt: max(grid, key=lambda v: mean_final(grid[v]))
-            for opt, grid in grids.items()}
+        grids[opt][_key(r.config[field])].append(r)
+    best = {
+        opt: max(grid, key=lambda v: mean_final(grid[v]))
+        for opt, grid in grids.items()
+    }
     for opt, grid in sorted(grids.items()):
       baseline = BASELINE_OF.get(opt)
-      if (baseline == opt or baseline not in grids or len(grid) < 2
-          or len(grids[baseline]) < 2):
+      if (
+          baseline == opt
+          or baseline not in grids
+          or len(grid) < 2
+          or len(grids[baseline]) < 2
+      ):
         continue
       diffs = seed_differences(grid[best[opt]], grids[baseline][best[baseline]])
       if not diffs.size:
         continue
-      edge = any(best[o] in (min(grids[o], key=json.loads),
-                             max(grids[o], key=json.loads))
-                 for o in (opt, baseline))
-      rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
-                   "baseline": baseline, "field": field,
-                   "value": json.loads(best[opt]),
-                   "baseline_value": json.loads(best[baseline]),
-                   "edge": edge, "diffs": [float(d) for d in diffs],
-                   **difference_stats(diffs)})
+      edge = any(
+          best[o]
+          in (min(grids[o], key=json.loads), max(grids[o], key=json.loads))
+          for o in (opt, baseline)
+      )
+      rows.append(
+          {
+              "group": row,
+              "sparsity": sparsity,
+              "optimizer": opt,
+              "baseline": baseline,
+              "field": field,
+              "value": json.loads(best[opt]),
+              "baseline_value": json.loads(best[baseline]),
+              "edge": edge,
+              "diffs": [float(d) for d in diffs],
+              **difference_stats(diffs),
+          }
+      )
   return rows
 
 
@@ -266,14 +295,29 @@ def tuned_table(rows) -> str:
   cells = []
   for r in rows:
     seeds = ", ".join(f"{100 * d:+.2f}" for d in r["diffs"])
-    cells.append([r["group"] or "-", r["sparsity"],
-                  f"{r['optimizer']} at {r['value']} - "
-                  f"{r['baseline']} at {r['baseline_value']}"
-                  + (" (edge of grid)" if r["edge"] else ""),
-                  r["n"], _points(r), seeds])
+    cells.append(
+        [
+            r["group"] or "-",
+            r["sparsity"],
+            f"{r['optimizer']} at {r['value']} - "
+            f"{r['baseline']} at {r['baseline_value']}"
+            + (" (edge of grid)" if r["edge"] else ""),
+            r["n"],
+            _points(r),
+            seeds,
+        ]
+    )
   return markdown.table(
-      ["setting", "sparsity", "comparison", "paired seeds",
-       "difference (points, mean ± s.e.)", "by seed"], cells)
+      [
+          "setting",
+          "sparsity",
+          "comparison",
+          "paired seeds",
+          "difference (points, mean ± s.e.)",
+          "by seed",
+      ],
+      cells,
+  )
 
 
 def neuron_churn(groups) -> list[dict[str, Any]]:
@@ -290,7 +334,7 @@ def neuron_churn(groups) -> list[dict[str, Any]]:
   rows = []
   for (row, sparsity), by_opt in sorted(groups.items()):
     for opt, rs in sorted(by_opt.items()):
-      rs = [r for r in rs if r["finished"] and _logs_churn(r["records"])]
+      rs = [r for r in rs if r.finished and _logs_churn(r.records)]
       if not rs:
         continue
       stats = collections.defaultdict(list)
@@ -299,44 +343,76 @@ def neuron_churn(groups) -> list[dict[str, Any]]:
         stats["dead_start"].append(dead[0])
         stats["dead_end"].append(dead[-1])
         for stat in ("died", "revived"):
-          stats[stat].append(sum(
-              v for rec in r["records"] for k, v in rec.items()
-              if k.startswith("jump/") and k.endswith("/" + stat)))
-      rows.append({"group": row, "sparsity": sparsity, "optimizer": opt,
-                   "seeds": len(rs),
-                   **{k: float(np.mean(v)) for k, v in stats.items()}})
+          stats[stat].append(
+              sum(
+                  v
+                  for rec in r.records
+                  for k, v in rec.items()
+                  if k.startswith("jump/") and k.endswith("/" + stat)
+              )
+          )
+      rows.append(
+          {
+              "group": row,
+              "sparsity": sparsity,
+              "optimizer": opt,
+              "seeds": len(rs),
+              **{k: float(np.mean(v)) for k, v in stats.items()},
+          }
+      )
   return rows
 
 
 def _logs_churn(records) -> bool:
-  """Whether every mask-update record (one with ``jump/`` keys) counts died."""
-  updates = [rec for rec in records if any(k.startswith("jump/") for k in rec)]
+  """Whether every mask-update record (`runs.is_mask_update_record`) counts
+  the neurons that died."""
+  updates = [rec for rec in records if runs_lib.is_mask_update_record(rec)]
   return bool(updates) and all(
       any(k.startswith("jump/") and k.endswith("/died") for k in rec)
-      for rec in updates)
+      for rec in updates
+  )
 
 
 def churn_table(rows) -> str:
   """The rows of `neuron_churn` as markdown."""
   return markdown.table(
-      ["setting", "sparsity", "optimizer", "seeds", "dead at start",
-       "died at mask updates", "revived at mask updates", "dead at end"],
-      [[r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"]]
-       + [f"{r[k]:.1f}" for k in ("dead_start", "died", "revived", "dead_end")]
-       for r in rows])
+      [
+          "setting",
+          "sparsity",
+          "optimizer",
+          "seeds",
+          "dead at start",
+          "died at mask updates",
+          "revived at mask updates",
+          "dead at end",
+      ],
+      [
+          [r["group"] or "-", r["sparsity"], r["optimizer"], r["seeds"]]
+          + [
+              f"{r[k]:.1f}"
+              for k in ("dead_start", "died", "revived", "dead_end")
+          ]
+          for r in rows
+      ],
+  )
 
 
 def layer_keys(record: dict[str, Any], suffix: str) -> list[str]:
   """The per-layer ``L/suffix`` keys of a record (not the turning ones)."""
-  return [k for k in record if k.endswith("/" + suffix)
-          and not k.startswith(("turn/", "jump/", "update_turn/"))]
+  return [
+      k
+      for k in record
+      if k.endswith("/" + suffix)
+      and not k.startswith(("turn/", "jump/", "update_turn/"))
+  ]
 
 
-def layer_curve(run, stat: str, reduce: Callable[[list[float]], float]
-                ) -> tuple[np.ndarray, np.ndarray]:
+def layer_curve(
+    run: Run, stat: str, reduce: Callable[[list[float]], float]
+) -> tuple[np.ndarray, np.ndarray]:
   """``reduce`` over layers of ``L/stat``, at every step that logged it."""
   steps, values = [], []
-  for record in run["records"]:
+  for record in run.records:
     keys = layer_keys(record, stat)
     if keys:
       steps.append(record["step"])
@@ -350,16 +426,23 @@ def on_common_steps(curves) -> tuple[np.ndarray, np.ndarray]:
   Returns the common steps and the values stacked, one row per curve.
   """
   steps = functools.reduce(np.intersect1d, [t for t, _ in curves])
-  return steps, np.stack([np.asarray(v)[np.searchsorted(t, steps)]
-                          for t, v in curves])
+  return steps, np.stack(
+      [np.asarray(v)[np.searchsorted(t, steps)] for t, v in curves]
+  )
 
 
 # What `plot_skew` draws: (y label, per-layer stat, reduction over layers).
 SKEW_PANELS = (
-    ("largest SparseOpt factor\n(max over neurons and layers)", "max_scale",
-     max),
-    ("spread of neuron sparsity\n(std of s_i, mean over layers)", "s_std",
-     np.mean),
+    (
+        "largest SparseOpt factor\n(max over neurons and layers)",
+        "max_scale",
+        max,
+    ),
+    (
+        "spread of neuron sparsity\n(std of s_i, mean over layers)",
+        "s_std",
+        np.mean,
+    ),
     ("dead neurons\n(all incoming pruned, all layers)", "dead", sum),
 )
 
@@ -385,6 +468,7 @@ def plot_skew(groups, path: str, title: str = "") -> bool:
   if not curves:
     return False
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -392,15 +476,22 @@ def plot_skew(groups, path: str, title: str = "") -> bool:
   rows = sorted({row for row, _ in groups})
   palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   width = 4.2 * max(len(sparsities), 2)
-  fig, axes = plt.subplots(len(SKEW_PANELS), len(sparsities), squeeze=False,
-                           figsize=(width, 2.9 * len(SKEW_PANELS) + 0.8))
+  fig, axes = plt.subplots(
+      len(SKEW_PANELS),
+      len(sparsities),
+      squeeze=False,
+      figsize=(width, 2.9 * len(SKEW_PANELS) + 0.8),
+  )
   handles = {}
   for col, sparsity in enumerate(sparsities):
     for (label, row, opt), (steps, values) in sorted(curves[sparsity].items()):
       ax = axes[[p[0] for p in SKEW_PANELS].index(label), col]
-      handles[", ".join(x for x in (row, opt) if x)], = ax.plot(
-          steps, values.mean(0), "--" if opt in ("sgd", "adam") else "-",
-          color=palette[rows.index(row) % len(palette)])
+      (handles[", ".join(x for x in (row, opt) if x)],) = ax.plot(
+          steps,
+          values.mean(0),
+          "--" if opt in ("sgd", "adam") else "-",
+          color=palette[rows.index(row) % len(palette)],
+      )
     for i, (label, _, _) in enumerate(SKEW_PANELS):
       ax = axes[i, col]
       ax.set_title(f"sparsity {sparsity}", fontsize=9)
@@ -410,8 +501,14 @@ def plot_skew(groups, path: str, title: str = "") -> bool:
   # One legend for all panels, below them (seed means; baselines dashed).
   ncol = max(1, min(len(handles), int(width // 3.2)))
   legend_rows = -(-len(handles) // ncol)
-  fig.legend(list(handles.values()), list(handles), loc="lower center",
-             ncol=ncol, fontsize=8, frameon=False)
+  fig.legend(
+      list(handles.values()),
+      list(handles),
+      loc="lower center",
+      ncol=ncol,
+      fontsize=8,
+      frameon=False,
+  )
   bottom = (0.25 * legend_rows + 0.1) / fig.get_figheight()
   if title:
     fig.suptitle(textwrap.fill(title, int(9 * width)))
@@ -428,25 +525,34 @@ def full_length_curves(rs) -> tuple[np.ndarray, np.ndarray]:
   would bend the mean where it stops, so it is left out of the curve (the
   plot's legend says so) while the table still reports it as unfinished.
   """
-  steps = max((r["steps"] for r in rs), key=len)
-  curves = np.stack([r["accuracy"][:len(steps)] for r in rs
-                     if len(r["accuracy"]) >= len(steps)])
+  steps = max((r.steps for r in rs), key=len)
+  curves = np.stack(
+      [r.accuracy[: len(steps)] for r in rs if len(r.accuracy) >= len(steps)]
+  )
   return steps, curves
 
 
 def plot(groups, path: str, title: str = "") -> None:
   """Test accuracy vs step; one panel per (row label, sparsity)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   row_labels = sorted({row for row, _ in groups})
   sparsities = sorted({s for _, s in groups})
   fig, axes = plt.subplots(
-      len(row_labels), len(sparsities), squeeze=False,
-      figsize=(4.2 * len(sparsities), 3.4 * len(row_labels)))
-  colors = {"sgd": "tab:blue", "sparseopt": "tab:blue",
-            "adam": "tab:green", "sparseopt+adam": "tab:green"}
+      len(row_labels),
+      len(sparsities),
+      squeeze=False,
+      figsize=(4.2 * len(sparsities), 3.4 * len(row_labels)),
+  )
+  colors = {
+      "sgd": "tab:blue",
+      "sparseopt": "tab:blue",
+      "adam": "tab:green",
+      "sparseopt+adam": "tab:green",
+  }
   for (row, sparsity), by_opt in groups.items():
     ax = axes[row_labels.index(row), sparsities.index(sparsity)]
     for opt, rs in sorted(by_opt.items()):
@@ -454,13 +560,17 @@ def plot(groups, path: str, title: str = "") -> None:
       mean, std = 100 * curves.mean(0), 100 * curves.std(0)
       style = "--" if opt in ("sgd", "adam") else "-"
       color = colors.get(opt)
-      seeds = (f"{len(curves)} of {len(rs)} seeds" if len(curves) < len(rs)
-               else f"{len(rs)} seed{'s' * (len(rs) > 1)}")
+      seeds = (
+          f"{len(curves)} of {len(rs)} seeds"
+          if len(curves) < len(rs)
+          else f"{len(rs)} seed{'s' * (len(rs) > 1)}"
+      )
       ax.plot(steps, mean, style, color=color, label=f"{opt} ({seeds})")
       if len(curves) > 1:
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
-    ax.set_title(f"sparsity {sparsity}" + (f"\n{row}" if row else ""),
-                 fontsize=9)
+    ax.set_title(
+        f"sparsity {sparsity}" + (f"\n{row}" if row else ""), fontsize=9
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -482,8 +592,12 @@ def skew_path(out: str) -> str:
   return os.path.splitext(out)[0] + "_skew.png"
 
 
-def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
-           title: str = "", where: Optional[dict[str, Any]] = None) -> str:
+def report(
+    roots: str | Sequence[str],
+    out: str | None = None,
+    title: str = "",
+    where: dict[str, Any] | None = None,
+) -> str:
   """Plots the runs under ``roots`` (see `load_all`) to ``out``.
 
   Returns:
@@ -493,7 +607,8 @@ def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
   if not runs:
     raise FileNotFoundError(
         f"No runs with test metrics under {roots}"
-        + (f" matching {where}." if where else "."))
+        + (f" matching {where}." if where else ".")
+    )
   groups = group_runs(runs)
   first = roots if isinstance(roots, str) else roots[0]
   out = out or os.path.join(first, "accuracy.png")
@@ -505,12 +620,16 @@ def report(roots: Union[str, Sequence[str]], out: Optional[str] = None,
     table += "\n\nPaired by seed:\n\n" + paired_table(paired)
   tuned = tuned_differences(runs)
   if tuned:
-    table += ("\n\nEach optimizer at its own best learning rate, paired by "
-              "seed:\n\n" + tuned_table(tuned))
+    table += (
+        "\n\nEach optimizer at its own best learning rate, paired by "
+        "seed:\n\n" + tuned_table(tuned)
+    )
   churn = neuron_churn(groups)
   if churn:
-    table += ("\n\nDead neurons (all incoming weights pruned), mean over "
-              "seeds:\n\n" + churn_table(churn))
+    table += (
+        "\n\nDead neurons (all incoming weights pruned), mean over "
+        "seeds:\n\n" + churn_table(churn)
+    )
   return table
 
 
@@ -519,20 +638,25 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  table = report(FLAGS.root, FLAGS.out, FLAGS.title,
-                 where=sweep.parse_sets(FLAGS.where))
+  table = report(
+      FLAGS.root, FLAGS.out, FLAGS.title, where=records.parse_sets(FLAGS.where)
+  )
   print(table)
   out = FLAGS.out or os.path.join(FLAGS.root[0], "accuracy.png")
   skew = skew_path(out)
-  print(f"\nPlot written to {out}"
-        + (f" (skew diagnostics: {skew})" if os.path.exists(skew) else ""))
+  print(
+      f"\nPlot written to {out}"
+      + (f" (skew diagnostics: {skew})" if os.path.exists(skew) else "")
+  )
 
 
 if __name__ == "__main__":
-  flags.DEFINE_multi_string("root", None,
-                            "Folder whose subfolders are workdirs (repeats).")
-  flags.DEFINE_multi_string("where", [],
-                            "field=value: keep runs whose config has it.")
+  flags.DEFINE_multi_string(
+      "root", None, "Folder whose subfolders are workdirs (repeats)."
+  )
+  flags.DEFINE_multi_string(
+      "where", [], "field=value: keep runs whose config has it."
+  )
   flags.DEFINE_string("out", None, "PNG path (default <root>/accuracy.png).")
   flags.DEFINE_string("title", "", "Figure title.")
   flags.mark_flags_as_required(["root"])

@@ -1,6 +1,7 @@
-"""Markdown tables for the reports that `plot`, `study` and `grad_ratio` print."""
+"""Markdown tables for the reports of `plot`, `study` and `grad_ratio`."""
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -12,9 +13,10 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """
   for i, row in enumerate(rows):
     if len(row) != len(columns):
-      raise ValueError(f"row {i} has {len(row)} cells, the header has "
-                       f"{len(columns)}: {row!r}")
+      raise ValueError(
+          f"row {i} has {len(row)} cells, the header has "
+          f"{len(columns)}: {row!r}"
+      )
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(str(cell) for cell in row) + " |"
-            for row in rows]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
   return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The optimizer a config names: learning-rate schedule, transforms, filters.
+
+`create_optimizer` builds the optax transformation of one run from its
+config: the base optimizer (SGD with momentum or AdamW), SparseOpt's
+correction or the dense grad-scale control in front of it, and, for sparse
+methods, ``sparseopt.dynamic_sparse`` around the whole chain. Which kernels
+are sparse and which the correction applies to are defined here once
+(`sparse_filter`, `correction_filter`) and asked for by the training loop.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+import sparseopt_jax as sparseopt
+
+OPTIMIZERS = ("sgd", "sparseopt", "adam", "sparseopt+adam")
+CORRECT_FILTERS = ("all", "bn_only")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def create_learning_rate_schedule(config, steps_per_epoch: float,
+                                  total_steps: int) -> optax.Schedule:
+  """Linear warmup over ``warmup_epochs``, then cosine, step or constant."""
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  base = config.learning_rate
+  rest = max(1, total_steps - warmup)
+  if config.schedule == "cosine":
+    main = optax.cosine_decay_schedule(base, rest)
+  elif config.schedule == "step":
+    main = optax.piecewise_constant_schedule(
+        base, {int(b * total_steps) - warmup: config.step_decay
+               for b in config.step_boundaries})
+  else:
+    main = optax.constant_schedule(base)
+  if warmup == 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def sparse_filter(config):
+  """The ``filter_fn`` of the kernels ``config`` makes sparse."""
+  if config.dense_paths:
+    return sparseopt.exclude_paths(*config.dense_paths)
+  return sparseopt.is_kernel
+
+
+# Every kernel of the experiments' models that a BatchNorm follows: all but
+# the classifier ``head`` (see ``experiments.models``).
+_BN_FOLLOWED = sparseopt.exclude_paths("head")
+
+
+def correction_filter(config):
+  """The ``filter_fn`` of the kernels SparseOpt corrects (None: all masked)."""
+  if config.correct_filter == "bn_only":
+    return _BN_FOLLOWED
+  return None
+
+
+def neuron_gradient_scales(key: jax.Array, params, factor: float,
+                           fraction: float):
+  """The dense control's fixed per-neuron gradient factors.
+
+  In every kernel a BatchNorm follows (all ``ndim >= 2`` leaves but the
+  classifier ``head``), ``round(fraction * n)`` neurons drawn at random get
+  ``factor``, the others 1: a turning-rate imbalance like sparsity's, without
+  sparsity.
+
+  Returns:
+    A tree like ``params``: a float32 vector per scaled kernel, ``None``
+    elsewhere.
+  """
+  leaves, treedef = jax.tree.flatten_with_path(params)
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    if not _BN_FOLLOWED(path, leaf):
+      out.append(None)
+      continue
+    n = leaf.shape[-1]
+    chosen = jax.random.permutation(jax.random.fold_in(key, i), n) < round(
+        fraction * n)
+    out.append(jnp.where(chosen, jnp.float32(factor), jnp.float32(1.0)))
+  return jax.tree.unflatten(treedef, out)
+
+
+def scale_neuron_gradients(scales) -> optax.GradientTransformation:
+  """Multiplies each kernel's neuron slices (last axis) by a fixed factor."""
+  def update_fn(updates, params=None):
+    del params
+    return jax.tree.map(
+        lambda u, c: u if c is None else (u * c).astype(u.dtype),
+        updates, scales, is_leaf=lambda x: x is None)
+  return optax.stateless(update_fn)
+
+
+def create_optimizer(config, schedule: optax.Schedule, masks, total_steps: int,
+                     key: jax.Array, params=None) -> optax.GradientTransformation:
+  """The optimizer named by ``config.optimizer``, wrapped for DST if sparse.
+
+  SparseOpt's correction comes first in the chain so that it scales only the
+  loss gradient: weight decay is added after it (SGD), or decoupled (AdamW).
+  The dense control (``grad_scale != 1``) sits in the same place.
+
+  Args:
+    config: the run's config.
+    schedule: the learning rate per step (`create_learning_rate_schedule`).
+    masks: the initial masks (sparse methods), else None.
+    total_steps: the run's length; mask updates stop at ``end_fraction`` of
+      it.
+    key: PRNG key of the mask updates (SET's random growth) and of the dense
+      control's choice of neurons.
+    params: the initial parameters; needed only by the dense control.
+
+  Returns:
+    The run's optax transformation.
+  """
+  correct = []
+  if config.grad_scale != 1.0:
+    correct.append(scale_neuron_gradients(neuron_gradient_scales(
+        jax.random.fold_in(key, 1), params, config.grad_scale,
+        config.grad_scale_fraction)))
+  if config.optimizer.startswith("sparseopt"):
+    correct.append(sparseopt.scale_by_sparseopt(
+        filter_fn=correction_filter(config), correction=config.correction))
+  if config.optimizer.endswith("adam"):
+    base = [optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
+                        eps=config.adam_eps, weight_decay=config.weight_decay)]
+  else:
+    base = [optax.add_decayed_weights(config.weight_decay),
+            optax.sgd(schedule, momentum=config.momentum,
+                      nesterov=config.nesterov)]
+  inner = optax.chain(*correct, *base)
+  if config.method == "dense":
+    return inner
+  return sparseopt.dynamic_sparse(
+      inner, masks, method=config.method, update_every=config.update_every,
+      end_step=int(config.end_fraction * total_steps),
+      drop_fraction=config.drop_fraction, drop_schedule=config.drop_schedule,
+      grow_with=config.grow_with, key=key,
+      correction_filter=correction_filter(config))
