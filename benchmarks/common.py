@@ -41,8 +41,11 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
   cin = 64
   for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
     for b in range(blocks):
-      shapes += [(1, 1, cin, width), (3, 3, width, width),
-                 (1, 1, width, 4 * width)]
+      shapes += [
+          (1, 1, cin, width),
+          (3, 3, width, width),
+          (1, 1, width, 4 * width),
+      ]
       if b == 0:
         shapes.append((1, 1, cin, 4 * width))
       cin = 4 * width
@@ -67,19 +70,22 @@ def tree_shapes(name: str) -> list[tuple[int, ...]]:
   """The shapes of a named tree (case-insensitive); a clear error if unknown."""
   by_lower = {k.lower(): fn for k, fn in TREES.items()}
   if name.lower() not in by_lower:
-    raise SystemExit(f"--trees: unknown tree {name!r}; choose from "
-                     f"{', '.join(TREES)}.")
+    raise SystemExit(
+        f"--trees: unknown tree {name!r}; choose from " f"{', '.join(TREES)}."
+    )
   return by_lower[name.lower()]()
 
 
-def make_tree(shapes: Sequence[tuple[int, ...]], seed: int = 0,
-              with_bn: bool = True) -> dict:
+def make_tree(
+    shapes: Sequence[tuple[int, ...]], seed: int = 0, with_bn: bool = True
+) -> dict:
   """A Flax-like params dict: one kernel per shape, plus BN scale/bias."""
   rng = np.random.default_rng(seed)
   params = {}
   for i, shape in enumerate(shapes):
-    layer = {"kernel": jnp.asarray(
-        rng.standard_normal(shape, dtype=np.float32))}
+    layer = {
+        "kernel": jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    }
     if with_bn:
       layer["scale"] = jnp.ones(shape[-1], jnp.float32)
       layer["bias"] = jnp.zeros(shape[-1], jnp.float32)
@@ -97,16 +103,23 @@ def timed(fn: Callable, *args) -> float:
   return time.perf_counter() - start
 
 
-def interleaved(candidates: dict[str, tuple[Callable, tuple]],
-                rounds: int = 9, warmup: int = 2) -> dict[str, float]:
+def interleaved(
+    candidates: dict[str, tuple[Callable, tuple]],
+    rounds: int = 9,
+    warmup: int = 2,
+) -> dict[str, float]:
   """Median seconds per call of each candidate (see `interleaved_samples`)."""
-  return {name: statistics.median(t) for name, t in
-          interleaved_samples(candidates, rounds, warmup).items()}
+  return {
+      name: statistics.median(t)
+      for name, t in interleaved_samples(candidates, rounds, warmup).items()
+  }
 
 
-def interleaved_samples(candidates: dict[str, tuple[Callable, tuple]],
-                        rounds: int = 9, warmup: int = 2
-                        ) -> dict[str, list[float]]:
+def interleaved_samples(
+    candidates: dict[str, tuple[Callable, tuple]],
+    rounds: int = 9,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
   """Seconds per call of each candidate, one sample per interleaved round.
 
   Every round runs every candidate once, starting from a different one each
@@ -120,15 +133,18 @@ def interleaved_samples(candidates: dict[str, tuple[Callable, tuple]],
   for r in range(rounds):
     # Rotate the order each round, so no candidate always runs first (after
     # the Python loop) or right after the same neighbour.
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in names[r % len(names) :] + names[: r % len(names)]:
       fn, args = candidates[name]
       times[name].append(timed(fn, *args))
   return times
 
 
-def donating(fn: Callable, args: Sequence, carried: Sequence[int],
-             fix: Callable[[tuple], tuple] = lambda out: out
-             ) -> tuple[Callable, tuple]:
+def donating(
+    fn: Callable,
+    args: Sequence,
+    carried: Sequence[int],
+    fix: Callable[[tuple], tuple] = lambda out: out,
+) -> tuple[Callable, tuple]:
   """A candidate that donates its state and feeds the result back, as training does.
 
   ``fn(*args)`` is jitted with ``args[i]`` donated for ``i`` in ``carried``
@@ -149,7 +165,7 @@ def donating(fn: Callable, args: Sequence, carried: Sequence[int],
 
   def call():
     out = jitted(*args)
-    for i, new in zip(carried, fix(tuple(out[:len(carried)]))):
+    for i, new in zip(carried, fix(tuple(out[: len(carried)]))):
       args[i] = new
     return out
 
@@ -159,7 +175,9 @@ def donating(fn: Callable, args: Sequence, carried: Sequence[int],
 def header() -> str:
   """One line naming the date, machine and versions, for result tables."""
   dev = jax.devices()[0]
-  return (f"Measured {datetime.date.today().isoformat()} on "
-          f"{jax.device_count()} x {dev.platform.upper()} "
-          f"({getattr(dev, 'device_kind', '?')}; host {platform.machine()}, "
-          f"{os.cpu_count()} cores), jax {jax.__version__}.")
+  return (
+      f"Measured {datetime.date.today().isoformat()} on "
+      f"{jax.device_count()} x {dev.platform.upper()} "
+      f"({getattr(dev, 'device_kind', '?')}; host {platform.machine()}, "
+      f"{os.cpu_count()} cores), jax {jax.__version__}."
+  )

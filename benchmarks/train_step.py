@@ -35,15 +35,22 @@ from experiments import models
 
 def make_step(model, tx, args, fix=lambda out: out):
   """A donating, state-carrying candidate (see ``common.donating``)."""
+
   def step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
-      logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                train=True, mutable=["batch_stats"])
+      logits, new = model.apply(
+          {"params": p, "batch_stats": batch_stats},
+          x,
+          train=True,
+          mutable=["batch_stats"],
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, new["batch_stats"]
+
     (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), bs, opt_state, loss
+
   return common.donating(step, args, carried=(0, 1, 2), fix=fix)
 
 
@@ -60,19 +67,29 @@ def run(model_name, batch, image, classes, sparsity, rounds):
     return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9))
 
   def dst(inner, method, count, after_update=False):
-    tx = sparseopt.dynamic_sparse(inner, masks, method=method,
-                                  update_every=100, end_step=10**6,
-                                  key=jax.random.key(4))
+    tx = sparseopt.dynamic_sparse(
+        inner,
+        masks,
+        method=method,
+        update_every=100,
+        end_step=10**6,
+        key=jax.random.key(4),
+    )
 
     def rewind(state):
       # The counter and the mask-update flag are reset after each call, so
       # every call times the same kind of step (normal, mask update, or the
       # recount after one).
-      return state._replace(count=jnp.int32(count),
-                            masks_updated=jnp.asarray(after_update))
+      return state._replace(
+          count=jnp.int32(count), masks_updated=jnp.asarray(after_update)
+      )
 
-    return make_step(model, tx, (params, bs, rewind(tx.init(params)), x, y),
-                     fix=lambda out: (*out[:2], rewind(out[2])))
+    return make_step(
+        model,
+        tx,
+        (params, bs, rewind(tx.init(params)), x, y),
+        fix=lambda out: (*out[:2], rewind(out[2])),
+    )
 
   sgd = base()
   sparse_inner = optax.chain(sparseopt.scale_by_sparseopt(), base())
@@ -81,34 +98,50 @@ def run(model_name, batch, image, classes, sparsity, rounds):
       "static": dst(base(), "static", 1),
       "sparseopt_rigl": dst(sparse_inner, "rigl", 1),
       "sparseopt_rigl_update": dst(sparse_inner, "rigl", 100),
-      "sparseopt_rigl_recount": dst(sparse_inner, "rigl", 101,
-                                    after_update=True),
+      "sparseopt_rigl_recount": dst(
+          sparse_inner, "rigl", 101, after_update=True
+      ),
   }
   samples = common.interleaved_samples(cands, rounds=rounds)
   times = {name: statistics.median(t) for name, t in samples.items()}
-  amortized = (98 * times["sparseopt_rigl"] + times["sparseopt_rigl_update"]
-               + times["sparseopt_rigl_recount"]) / 100
+  amortized = (
+      98 * times["sparseopt_rigl"]
+      + times["sparseopt_rigl_update"]
+      + times["sparseopt_rigl_recount"]
+  ) / 100
   print(common.header())
-  print(f"\n{model_name}, batch {batch}, {image}x{image}x3, {classes} classes, "
-        f"{common.num_params(params) / 1e6:.2f}M params, ERK {sparsity}, "
-        f"{rounds} rounds\n")
-  print("| variant | median ms/step | x sgd | min ms/step | x sgd (min) "
-        "| spread (IQR / median) |")
+  print(
+      f"\n{model_name}, batch {batch}, {image}x{image}x3, {classes} classes, "
+      f"{common.num_params(params) / 1e6:.2f}M params, ERK {sparsity}, "
+      f"{rounds} rounds\n"
+  )
+  print(
+      "| variant | median ms/step | x sgd | min ms/step | x sgd (min) "
+      "| spread (IQR / median) |"
+  )
   print("|---|---:|---:|---:|---:|---:|")
   for name, t in samples.items():
     q1, _, q3 = statistics.quantiles(t, n=4)
-    print(f"| {name} | {times[name] * 1e3:.2f} | "
-          f"{times[name] / times['sgd']:.4f} | {min(t) * 1e3:.2f} | "
-          f"{min(t) / min(samples['sgd']):.4f} | "
-          f"{(q3 - q1) / times[name]:.3f} |")
-  print(f"| sparseopt_rigl amortized (ΔT=100) | {amortized * 1e3:.2f} | "
-        f"{amortized / times['sgd']:.4f} | | | |")
-  print(f"\nmask-update step vs normal SparseOpt+RigL step: "
-        f"{times['sparseopt_rigl_update'] / times['sparseopt_rigl']:.3f}x "
-        f"(median), {min(samples['sparseopt_rigl_update']) / min(samples['sparseopt_rigl']):.3f}x (min)")
-  print(f"recount step (after an update) vs normal SparseOpt+RigL step: "
-        f"{times['sparseopt_rigl_recount'] / times['sparseopt_rigl']:.3f}x "
-        f"(median)")
+    print(
+        f"| {name} | {times[name] * 1e3:.2f} | "
+        f"{times[name] / times['sgd']:.4f} | {min(t) * 1e3:.2f} | "
+        f"{min(t) / min(samples['sgd']):.4f} | "
+        f"{(q3 - q1) / times[name]:.3f} |"
+    )
+  print(
+      f"| sparseopt_rigl amortized (ΔT=100) | {amortized * 1e3:.2f} | "
+      f"{amortized / times['sgd']:.4f} | | | |"
+  )
+  print(
+      f"\nmask-update step vs normal SparseOpt+RigL step: "
+      f"{times['sparseopt_rigl_update'] / times['sparseopt_rigl']:.3f}x "
+      f"(median), {min(samples['sparseopt_rigl_update']) / min(samples['sparseopt_rigl']):.3f}x (min)"
+  )
+  print(
+      f"recount step (after an update) vs normal SparseOpt+RigL step: "
+      f"{times['sparseopt_rigl_recount'] / times['sparseopt_rigl']:.3f}x "
+      f"(median)"
+  )
 
 
 def main():
@@ -120,8 +153,14 @@ def main():
   parser.add_argument("--sparsity", type=float, default=0.9)
   parser.add_argument("--rounds", type=int, default=15)
   args = parser.parse_args()
-  run(args.model, args.batch, args.image, args.classes, args.sparsity,
-      args.rounds)
+  run(
+      args.model,
+      args.batch,
+      args.image,
+      args.classes,
+      args.sparsity,
+      args.rounds,
+  )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def candidates(params, masks, grads):
   scale_state = scale.init(params)
   scale_fn = jax.jit(lambda g, s, p, m: scale.update(g, s, p, masks=m)[0])
   cached_state = scale.update(grads, scale_state, params, masks=masks)[1]
-  cached_fn = jax.jit(lambda g, s, p, m: scale.update(
-      g, s, p, masks=m, masks_updated=False)[0])
+  cached_fn = jax.jit(
+      lambda g, s, p, m: scale.update(g, s, p, masks=m, masks_updated=False)[0]
+  )
 
   zero = sparseopt.zero_masked_updates()
   zero_state = zero.init(params)
@@ -56,11 +57,12 @@ def candidates(params, masks, grads):
 
   def carrying(tx, state, fix=lambda out: out):
     """``tx.update`` as a donating candidate: (state, updates) out."""
+
     def step(state, g, p):
       updates, state = tx.update(g, state, p)
       return state, updates
-    return common.donating(step, (state, grads, params), carried=(0,),
-                           fix=fix)
+
+    return common.donating(step, (state, grads, params), carried=(0,), fix=fix)
 
   sgd = optax.sgd(0.1, momentum=0.9)
 
@@ -70,17 +72,24 @@ def candidates(params, masks, grads):
     # step (normal, or a mask update).
     tx = sparseopt.dynamic_sparse(
         optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
-        masks, method=method, update_every=100, end_step=10_000,
-        key=jax.random.key(0))
+        masks,
+        method=method,
+        update_every=100,
+        end_step=10_000,
+        key=jax.random.key(0),
+    )
     state = tx.init(params)._replace(count=jnp.int32(count))
-    return carrying(tx, state, fix=lambda out: (
-        out[0]._replace(count=jnp.int32(count)),))
+    return carrying(
+        tx, state, fix=lambda out: (out[0]._replace(count=jnp.int32(count)),)
+    )
 
   out = {
       "floor": (floor, (grads, masks)),
       "scale_by_sparseopt": (scale_fn, (grads, scale_state, params, masks)),
       "scale_by_sparseopt_cached": (
-          cached_fn, (grads, cached_state, params, masks)),
+          cached_fn,
+          (grads, cached_state, params, masks),
+      ),
       "zero_masked_updates": (zero_fn, (grads, zero_state, params, masks)),
       "sgd_momentum": carrying(sgd, sgd.init(params)),
       "dst_step": dst("rigl", 1),
@@ -94,8 +103,10 @@ def run(tree_names, rounds):
   shapes = {name: common.tree_shapes(name) for name in tree_names}
   print(common.header())
   print()
-  print("| tree | params | transform | median ms | GB/s @9B/param | ns/param "
-        "| x floor | x sgd |")
+  print(
+      "| tree | params | transform | median ms | GB/s @9B/param | ns/param "
+      "| x floor | x sgd |"
+  )
   print("|---|---:|---|---:|---:|---:|---:|---:|")
   for name in tree_names:
     params = common.make_tree(shapes[name])
@@ -106,9 +117,12 @@ def run(tree_names, rounds):
     times = common.interleaved(candidates(params, masks, grads), rounds)
     for tname, t in times.items():
       gbps = FLOOR_BYTES_PER_PARAM * n / t / 1e9
-      print(f"| {name} | {n / 1e6:.2f}M | {tname} | {t * 1e3:.3f} | "
-            f"{gbps:.1f} | {t / n * 1e9:.3f} | {t / times['floor']:.2f} | "
-            f"{t / times['sgd_momentum']:.2f} |", flush=True)
+      print(
+          f"| {name} | {n / 1e6:.2f}M | {tname} | {t * 1e3:.3f} | "
+          f"{gbps:.1f} | {t / n * 1e9:.3f} | {t / times['floor']:.2f} | "
+          f"{t / times['sgd_momentum']:.2f} |",
+          flush=True,
+      )
     del params, masks, grads
 
 

@@ -18,8 +18,9 @@ def write_idx(path: str, array: np.ndarray) -> None:
     f.write(header + array.astype(np.uint8).tobytes())
 
 
-def write_fashion_mnist(directory: str, num_train: int = 256,
-                        num_test: int = 64, seed: int = 0) -> str:
+def write_fashion_mnist(
+    directory: str, num_train: int = 256, num_test: int = 64, seed: int = 0
+) -> str:
   """Writes learnable Fashion-MNIST-shaped idx files; returns ``directory``.
 
   Each class is a fixed random template plus noise, so a few steps of

@@ -29,7 +29,7 @@ Writes ``grad_ratio.png`` and ``grad_ratio.md`` under ``--out``.
 
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags
@@ -50,11 +50,18 @@ def _grads_fn(model):
   @jax.jit
   def grads(params, batch_stats, images, labels):
     def loss_fn(params):
-      logits, _ = model.apply({"params": params, "batch_stats": batch_stats},
-                              images, train=True, mutable=["batch_stats"])
+      logits, _ = model.apply(
+          {"params": params, "batch_stats": batch_stats},
+          images,
+          train=True,
+          mutable=["batch_stats"],
+      )
       return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
+          logits, labels
+      ).mean()
+
     return jax.grad(loss_fn)(params)["hidden"]["kernel"]
+
   return grads
 
 
@@ -68,9 +75,16 @@ def random_mask(rng: np.random.Generator, shape, sparsities) -> np.ndarray:
   return mask
 
 
-def measure(images: np.ndarray, labels: np.ndarray, *,
-            sparsities: Sequence[float] = SPARSITIES, hidden: int = 256,
-            num_seeds: int = 3, num_batches: int = 4, batch_size: int = 256):
+def measure(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    sparsities: Sequence[float] = SPARSITIES,
+    hidden: int = 256,
+    num_seeds: int = 3,
+    num_batches: int = 4,
+    batch_size: int = 256,
+):
   """Gradient ratios per sparsity, averaged over seeds and batches.
 
   Args:
@@ -96,19 +110,29 @@ def measure(images: np.ndarray, labels: np.ndarray, *,
 
   def corrected(g, mask):
     # The first layer alone, as a one-leaf tree; every neuron has BN after it.
-    out, _ = correct.update({"w": g}, correct.init({"w": g}),
-                            masks={"w": jnp.asarray(mask)})
+    out, _ = correct.update(
+        {"w": g}, correct.init({"w": g}), masks={"w": jnp.asarray(mask)}
+    )
     return out["w"]
 
   def ratio(g_sparse, g_dense, mask):
-    return float(jnp.sum(jnp.abs(g_sparse) * mask)
-                 / jnp.sum(jnp.abs(g_dense) * mask))
+    return float(
+        jnp.sum(jnp.abs(g_sparse) * mask) / jnp.sum(jnp.abs(g_dense) * mask)
+    )
 
   rng = np.random.default_rng(0)
   results = {}
   for s in sparsities:
-    acc = {k: [] for k in ("bn", "no_bn", "bn_sparseopt", "slope_bn",
-                           "slope_bn_sparseopt")}
+    acc = {
+        k: []
+        for k in (
+            "bn",
+            "no_bn",
+            "bn_sparseopt",
+            "slope_bn",
+            "slope_bn_sparseopt",
+        )
+    }
     neurons = []
     for seed in range(num_seeds):
       key = jax.random.PRNGKey(seed)
@@ -120,12 +144,18 @@ def measure(images: np.ndarray, labels: np.ndarray, *,
       assert np.array_equal(kernel, plain_vars["params"]["hidden"]["kernel"])
       width = min(s, 1 - s) / 2
       uniform = random_mask(rng, kernel.shape, s)
-      spread = random_mask(rng, kernel.shape,
-                           rng.uniform(s - width, s + width, kernel.shape[1]))
+      spread = random_mask(
+          rng, kernel.shape, rng.uniform(s - width, s + width, kernel.shape[1])
+      )
 
-      def with_kernel(variables, mask):
-        params = {**variables["params"], "hidden": {
-            **variables["params"]["hidden"], "kernel": kernel * mask}}
+      def with_kernel(variables, mask, kernel=kernel):
+        params = {
+            **variables["params"],
+            "hidden": {
+                **variables["params"]["hidden"],
+                "kernel": kernel * mask,
+            },
+        }
         return params, variables.get("batch_stats", {})
 
       # Per-neuron |g| summed over batches: the sparse neuron computes a
@@ -142,10 +172,15 @@ def measure(images: np.ndarray, labels: np.ndarray, *,
         acc["bn"].append(ratio(g_bn_s, g_bn_d, uniform))
         acc["no_bn"].append(ratio(g_pl_s, g_pl_d, uniform))
         acc["bn_sparseopt"].append(
-            ratio(corrected(g_bn_s, uniform), g_bn_d, uniform))
+            ratio(corrected(g_bn_s, uniform), g_bn_d, uniform)
+        )
         g_bn_s = grads_bn(*with_kernel(bn_vars, spread), x, y)
-        sums += np.stack([np.asarray(jnp.sum(jnp.abs(g) * spread, 0))
-                          for g in (g_bn_d, g_bn_s, corrected(g_bn_s, spread))])
+        sums += np.stack(
+            [
+                np.asarray(jnp.sum(jnp.abs(g) * spread, 0))
+                for g in (g_bn_d, g_bn_s, corrected(g_bn_s, spread))
+            ]
+        )
       s_i = 1 - spread.mean(0)
       log_amp = -0.5 * np.log1p(-s_i)
       r_bn, r_c = sums[1] / sums[0], sums[2] / sums[0]
@@ -161,15 +196,26 @@ def markdown_table(results) -> str:
   """The ratios of `measure` per sparsity, next to 1/sqrt(1-s)."""
   keys = ("bn", "no_bn", "bn_sparseopt", "slope_bn", "slope_bn_sparseopt")
   return markdown.table(
-      ["sparsity s", "1/sqrt(1-s)", "with BN", "without BN", "BN + SparseOpt",
-       "neuron slope, BN", "neuron slope, BN + SparseOpt"],
-      [[s, f"{1 / np.sqrt(1 - s):.2f}", *(f"{r[k]:.2f}" for k in keys)]
-       for s, r in results.items()])
+      [
+          "sparsity s",
+          "1/sqrt(1-s)",
+          "with BN",
+          "without BN",
+          "BN + SparseOpt",
+          "neuron slope, BN",
+          "neuron slope, BN + SparseOpt",
+      ],
+      [
+          [s, f"{1 / np.sqrt(1 - s):.2f}", *(f"{r[k]:.2f}" for k in keys)]
+          for s, r in results.items()
+      ],
+  )
 
 
 def plot(results, path: str, detail_sparsity: float = 0.9) -> None:
   """Left: mean ratio vs s. Right: per-neuron ratio vs 1/sqrt(1-s_i)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -177,9 +223,11 @@ def plot(results, path: str, detail_sparsity: float = 0.9) -> None:
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
   fine = np.linspace(s.min(), s.max(), 200)
   ax.plot(fine, 1 / np.sqrt(1 - fine), "k:", label="theory 1/sqrt(1-s)")
-  for key, label, marker in (("bn", "with BN", "o"),
-                             ("bn_sparseopt", "BN + SparseOpt", "x"),
-                             ("no_bn", "without BN", "s")):
+  for key, label, marker in (
+      ("bn", "with BN", "o"),
+      ("bn_sparseopt", "BN + SparseOpt", "x"),
+      ("no_bn", "without BN", "s"),
+  ):
     ax.plot(s, [results[v][key] for v in s], marker=marker, label=label)
   ax.set_yscale("log")
   ax.set_xlabel("first-layer sparsity s")
@@ -196,11 +244,18 @@ def plot(results, path: str, detail_sparsity: float = 0.9) -> None:
   edges = np.quantile(amp, np.linspace(0, 1, 9))
   bins = np.clip(np.searchsorted(edges, amp, side="right") - 1, 0, 7)
   centers = [amp[bins == b].mean() for b in range(8)]
-  for r, label, color in ((r_bn, "with BN", "tab:blue"),
-                          (r_c, "BN + SparseOpt", "tab:orange")):
+  for r, label, color in (
+      (r_bn, "with BN", "tab:blue"),
+      (r_c, "BN + SparseOpt", "tab:orange"),
+  ):
     ax2.scatter(amp, r, s=3, alpha=0.25, color=color)
-    ax2.plot(centers, [np.exp(np.log(r[bins == b]).mean()) for b in range(8)],
-             "o-", color=color, label=f"{label} (binned geometric mean)")
+    ax2.plot(
+        centers,
+        [np.exp(np.log(r[bins == b]).mean()) for b in range(8)],
+        "o-",
+        color=color,
+        label=f"{label} (binned geometric mean)",
+    )
   ref = np.exp(np.log(r_bn).mean()) / np.exp(np.log(amp).mean())
   line = np.linspace(amp.min(), amp.max(), 50)
   ax2.plot(line, ref * line, "k:", label="proportional to 1/sqrt(1-s_i)")
@@ -224,30 +279,41 @@ def main(argv):
   dataset = input_pipeline.load_dataset("fashion_mnist", FLAGS.data_dir or None)
   train = dataset.train
   images = np.asarray(input_pipeline.normalize(train.images, dataset.spec))
-  results = measure(images, train.labels, hidden=FLAGS.hidden,
-                    num_seeds=FLAGS.num_seeds, num_batches=FLAGS.num_batches,
-                    batch_size=FLAGS.batch_size)
+  results = measure(
+      images,
+      train.labels,
+      hidden=FLAGS.hidden,
+      num_seeds=FLAGS.num_seeds,
+      num_batches=FLAGS.num_batches,
+      batch_size=FLAGS.batch_size,
+  )
   os.makedirs(FLAGS.out, exist_ok=True)
   table = markdown_table(results)
   png = os.path.join(FLAGS.out, "grad_ratio.png")
   plot(results, png)
-  setup = (f"2-layer MLP 784-{FLAGS.hidden}-10, Fashion-MNIST, "
-           f"{FLAGS.num_seeds} seeds x {FLAGS.num_batches} batches of "
-           f"{FLAGS.batch_size}. Ratios: mean |g| of the sparse first layer "
-           "over the dense network's |g| at the same weights (random mask). "
-           "Neuron slope: least-squares slope of log r_i on "
-           "log(1/sqrt(1-s_i)) over neurons, on a mask whose neuron "
-           "sparsities spread over s +- min(s, 1-s)/2 (1 = full BN skew, "
-           "0 = none).")
+  setup = (
+      f"2-layer MLP 784-{FLAGS.hidden}-10, Fashion-MNIST, "
+      f"{FLAGS.num_seeds} seeds x {FLAGS.num_batches} batches of "
+      f"{FLAGS.batch_size}. Ratios: mean |g| of the sparse first layer "
+      "over the dense network's |g| at the same weights (random mask). "
+      "Neuron slope: least-squares slope of log r_i on "
+      "log(1/sqrt(1-s_i)) over neurons, on a mask whose neuron "
+      "sparsities spread over s +- min(s, 1-s)/2 (1 = full BN skew, "
+      "0 = none)."
+  )
   with open(os.path.join(FLAGS.out, "grad_ratio.md"), "w") as f:
     f.write(f"{setup}\n\n{table}\n")
-  print(f"{setup}\n\n{table}\n\nPlot written to {os.path.abspath(png)} "
-        f"({time.perf_counter() - start:.0f}s)")
+  print(
+      f"{setup}\n\n{table}\n\nPlot written to {os.path.abspath(png)} "
+      f"({time.perf_counter() - start:.0f}s)"
+  )
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("out", "experiments/results/grad_ratio", "Output folder.")
-  flags.DEFINE_string("data_dir", "", "Fashion-MNIST location (see input_pipeline).")
+  flags.DEFINE_string(
+      "data_dir", "", "Fashion-MNIST location (see input_pipeline)."
+  )
   flags.DEFINE_integer("num_seeds", 5, "Initializations per sparsity.")
   flags.DEFINE_integer("num_batches", 8, "Batches per initialization.")
   flags.DEFINE_integer("batch_size", 256, "Examples per batch.")

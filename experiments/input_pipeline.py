@@ -25,7 +25,8 @@ import dataclasses
 import gzip
 import os
 import struct
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 import grain
 import jax
@@ -53,6 +54,7 @@ class DatasetSpec:
     test_split: tfds name of the evaluation split.
     variable_size: images have different sizes and are cropped on the host.
   """
+
   num_classes: int
   image_shape: tuple[int, int, int]
   mean: tuple[float, ...]
@@ -64,13 +66,20 @@ class DatasetSpec:
 
 DATASETS = {
     "fashion_mnist": DatasetSpec(10, (28, 28, 1), (72.94,), (90.02,)),
-    "cifar10": DatasetSpec(10, (32, 32, 3), (125.31, 122.95, 113.87),
-                           (62.99, 62.09, 66.70)),
-    "cifar100": DatasetSpec(100, (32, 32, 3), (129.30, 124.07, 112.43),
-                            (68.17, 65.39, 70.42)),
-    "imagenet2012": DatasetSpec(1000, (224, 224, 3), (123.675, 116.28, 103.53),
-                                (58.395, 57.12, 57.375),
-                                test_split="validation", variable_size=True),
+    "cifar10": DatasetSpec(
+        10, (32, 32, 3), (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)
+    ),
+    "cifar100": DatasetSpec(
+        100, (32, 32, 3), (129.30, 124.07, 112.43), (68.17, 65.39, 70.42)
+    ),
+    "imagenet2012": DatasetSpec(
+        1000,
+        (224, 224, 3),
+        (123.675, 116.28, 103.53),
+        (58.395, 57.12, 57.375),
+        test_split="validation",
+        variable_size=True,
+    ),
 }
 
 
@@ -105,21 +114,26 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     record = self.source[int(index)]
-    return {"image": np.asarray(record["image"]),
-            "label": np.int32(record["label"])}
+    return {
+        "image": np.asarray(record["image"]),
+        "label": np.int32(record["label"]),
+    }
 
   def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """The examples at ``indices``, stacked (fixed-size images only)."""
     # One read per example: tfds' batched __getitems__ fails under
     # tfds.testing.mock_data, and array_record reads are cheap either way.
     records = [self.source[int(i)] for i in indices]
-    return {"image": np.stack([np.asarray(r["image"]) for r in records]),
-            "label": np.array([r["label"] for r in records], np.int32)}
+    return {
+        "image": np.stack([np.asarray(r["image"]) for r in records]),
+        "label": np.array([r["label"] for r in records], np.int32),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A train and a test source with their `DatasetSpec`."""
+
   name: str
   spec: DatasetSpec
   train: Any
@@ -134,14 +148,14 @@ def read_idx(path: str) -> np.ndarray:
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code != 0x08:
     raise ValueError(f"{path} is not a uint8 idx file.")
-  shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+  shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
   array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if array.size != np.prod(shape):
     raise ValueError(f"{path}: header says {shape}, found {array.size} bytes.")
   return array.reshape(shape)
 
 
-def _find_idx(directory: str, stem: str) -> Optional[str]:
+def _find_idx(directory: str, stem: str) -> str | None:
   for name in (stem + ".gz", stem):
     path = os.path.join(directory, name)
     if os.path.exists(path):
@@ -149,7 +163,9 @@ def _find_idx(directory: str, stem: str) -> Optional[str]:
   return None
 
 
-def load_fashion_mnist_idx(directory: str) -> Optional[tuple[ArraySource, ArraySource]]:
+def load_fashion_mnist_idx(
+    directory: str,
+) -> tuple[ArraySource, ArraySource] | None:
   """Train and test `ArraySource` from idx files in ``directory``, or None."""
   splits = []
   for split in ("train", "test"):
@@ -161,7 +177,7 @@ def load_fashion_mnist_idx(directory: str) -> Optional[tuple[ArraySource, ArrayS
   return tuple(splits)
 
 
-def _missing_dataset_message(name: str, data_dir: Optional[str]) -> str:
+def _missing_dataset_message(name: str, data_dir: str | None) -> str:
   where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
   if name == "fashion_mnist":
     return (
@@ -171,15 +187,18 @@ def _missing_dataset_message(name: str, data_dir: Optional[str]) -> str:
         "Ubuntu, installs the idx files to /usr/share/datasets/fashion-mnist),"
         " or put the four *-ubyte(.gz) files in a folder passed as "
         "--config.data_dir, or `tfds build fashion_mnist "
-        "--file_format=array_record`.")
-  return (f"Dataset {name!r} not found in {where}. Prepare it once with "
-          f"`tfds build {name} --file_format=array_record "
-          f"[--data_dir=DIR]` (ImageNet needs the manual download, see "
-          "https://www.tensorflow.org/datasets/catalog/imagenet2012) and pass "
-          "--config.data_dir=DIR.")
+        "--file_format=array_record`."
+    )
+  return (
+      f"Dataset {name!r} not found in {where}. Prepare it once with "
+      f"`tfds build {name} --file_format=array_record "
+      f"[--data_dir=DIR]` (ImageNet needs the manual download, see "
+      "https://www.tensorflow.org/datasets/catalog/imagenet2012) and pass "
+      "--config.data_dir=DIR."
+  )
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
   """Opens ``name`` for random access.
 
   Fashion-MNIST is read from idx files in ``data_dir`` (or Debian's
@@ -192,26 +211,36 @@ def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
       to get it.
   """
   if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}; choose from {sorted(DATASETS)}.")
+    raise ValueError(
+        f"Unknown dataset {name!r}; choose from {sorted(DATASETS)}."
+    )
   spec = DATASETS[name]
   if name == "fashion_mnist":
     splits = load_fashion_mnist_idx(data_dir or DEBIAN_FASHION_MNIST_DIR)
     if splits is not None:
       return Dataset(name, spec, *splits)
   import tensorflow_datasets as tfds  # Slow import; only needed here.
+
   try:
-    train, test = (tfds.data_source(name, split=split, data_dir=data_dir,
-                                    download=False)
-                   for split in (spec.train_split, spec.test_split))
+    train, test = (
+        tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        for split in (spec.train_split, spec.test_split)
+    )
   except Exception as e:  # tfds raises several unrelated types here.
     raise FileNotFoundError(_missing_dataset_message(name, data_dir)) from e
   return Dataset(name, spec, TfdsSource(train), TfdsSource(test))
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+def random_resized_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+) -> np.ndarray:
   """Inception-style crop (area and aspect ratio sampled), resized, random flip."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   height, width = image.shape[:2]
   area = height * width
   for _ in range(10):
@@ -226,18 +255,21 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
   else:  # Fall back to the central square, as torchvision does.
     h = w = min(height, width)
     top, left = (height - h) // 2, (width - w) // 2
-  crop = Image.fromarray(image[top:top + h, left:left + w])
+  crop = Image.fromarray(image[top : top + h, left : left + w])
   crop = np.asarray(crop.resize((size, size), Image.BICUBIC))
   return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
-def center_crop(image: np.ndarray, size: int, fraction: float = 0.875) -> np.ndarray:
+def center_crop(
+    image: np.ndarray, size: int, fraction: float = 0.875
+) -> np.ndarray:
   """Central ``fraction`` of the shorter side, resized to ``size`` squared."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   height, width = image.shape[:2]
   side = int(round(min(height, width) * fraction))
   top, left = (height - side) // 2, (width - side) // 2
-  crop = Image.fromarray(image[top:top + side, left:left + side])
+  crop = Image.fromarray(image[top : top + side, left : left + side])
   return np.asarray(crop.resize((size, size), Image.BICUBIC))
 
 
@@ -245,10 +277,17 @@ def _gray_to_rgb(image: np.ndarray) -> np.ndarray:
   return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
-def train_batches(dataset: Dataset, *, global_batch_size: int, seed: int,
-                  start_step: int = 0, image_size: Optional[int] = None,
-                  process_index: int = 0, process_count: int = 1,
-                  num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+    dataset: Dataset,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    image_size: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 2,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of the training batches from ``start_step`` on.
 
   Batch ``t`` holds the shuffled examples ``[t * B, (t + 1) * B)`` of an
@@ -272,8 +311,10 @@ def train_batches(dataset: Dataset, *, global_batch_size: int, seed: int,
     int32.
   """
   if global_batch_size % process_count:
-    raise ValueError(f"Batch size {global_batch_size} does not divide over "
-                     f"{process_count} processes.")
+    raise ValueError(
+        f"Batch size {global_batch_size} does not divide over "
+        f"{process_count} processes."
+    )
   local_batch = global_batch_size // process_count
   source = dataset.train
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
@@ -281,9 +322,12 @@ def train_batches(dataset: Dataset, *, global_batch_size: int, seed: int,
   if dataset.spec.variable_size:
     size = image_size or dataset.spec.image_shape[0]
     ds = ds.map(lambda i: source[i]).random_map(
-        lambda r, rng: {"image": random_resized_crop(_gray_to_rgb(r["image"]),
-                                                     rng, size),
-                        "label": r["label"]}, seed=seed)
+        lambda r, rng: {
+            "image": random_resized_crop(_gray_to_rgb(r["image"]), rng, size),
+            "label": r["label"],
+        },
+        seed=seed,
+    )
     ds = ds.batch(local_batch)
   else:
     ds = ds.batch(local_batch).map(source.gather)
@@ -292,9 +336,14 @@ def train_batches(dataset: Dataset, *, global_batch_size: int, seed: int,
   return iter(ds.to_iter_dataset(options))
 
 
-def eval_batches(dataset: Dataset, *, global_batch_size: int,
-                 image_size: Optional[int] = None, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    dataset: Dataset,
+    *,
+    global_batch_size: int,
+    image_size: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """The whole test split once, in order, padded to full global batches.
 
   Padding examples repeat the last example and carry ``mask == 0``, so sums
@@ -309,9 +358,12 @@ def eval_batches(dataset: Dataset, *, global_batch_size: int,
     if dataset.spec.variable_size:
       size = image_size or dataset.spec.image_shape[0]
       records = [source[i] for i in indices]
-      batch = {"image": np.stack([center_crop(_gray_to_rgb(r["image"]), size)
-                                  for r in records]),
-               "label": np.array([r["label"] for r in records], np.int32)}
+      batch = {
+          "image": np.stack(
+              [center_crop(_gray_to_rgb(r["image"]), size) for r in records]
+          ),
+          "label": np.array([r["label"] for r in records], np.int32),
+      }
     else:
       batch = source.gather(indices)
     batch["mask"] = (positions < n).astype(np.float32)
@@ -336,14 +388,19 @@ def augment(images: jax.Array, key: jax.Array, mode: str) -> jax.Array:
   k_y, k_x, k_flip = jax.random.split(key, 3)
   ys = jax.random.randint(k_y, (batch,), 0, 2 * pad + 1)
   xs = jax.random.randint(k_x, (batch,), 0, 2 * pad + 1)
-  crop = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(
-      im, (y, x, 0), (height, width, channels)))
+  crop = jax.vmap(
+      lambda im, y, x: jax.lax.dynamic_slice(
+          im, (y, x, 0), (height, width, channels)
+      )
+  )
   images = crop(padded, ys, xs)
   flip = jax.random.bernoulli(k_flip, 0.5, (batch, 1, 1, 1))
   return jnp.where(flip, images[:, :, ::-1], images)
 
 
-def normalize(images: jax.Array, spec: DatasetSpec, dtype=jnp.float32) -> jax.Array:
+def normalize(
+    images: jax.Array, spec: DatasetSpec, dtype=jnp.float32
+) -> jax.Array:
   """uint8 pixels to per-channel standardised ``dtype``."""
   mean = jnp.asarray(spec.mean, jnp.float32)
   std = jnp.asarray(spec.std, jnp.float32)

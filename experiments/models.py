@@ -16,7 +16,8 @@ Presets:
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with BN; projection shortcut when shape changes."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -43,14 +45,16 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3))(y)
     y = self.norm()(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
-                           name="conv_proj")(residual)
+      residual = self.conv(
+          self.filters, (1, 1), (self.strides, self.strides), name="conv_proj"
+      )(residual)
       residual = self.norm(name="norm_proj")(residual)
     return nn.relu(residual + y)
 
 
 class BottleneckBlock(nn.Module):
   """1x1 -> 3x3 -> 1x1 bottleneck with 4x expansion (ResNet-50 and up)."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -65,19 +69,28 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm()(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1),
-                           (self.strides, self.strides),
-                           name="conv_proj")(residual)
+      residual = self.conv(
+          self.filters * 4,
+          (1, 1),
+          (self.strides, self.strides),
+          name="conv_proj",
+      )(residual)
       residual = self.norm(name="norm_proj")(residual)
     return nn.relu(residual + y)
 
 
 def _conv_and_norm(train: bool, dtype: Any):
-  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
-                           kernel_init=_conv_init)
+  conv = functools.partial(
+      nn.Conv, use_bias=False, dtype=dtype, kernel_init=_conv_init
+  )
   # momentum 0.9 / eps 1e-5 match PyTorch's BatchNorm2d defaults.
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                           momentum=0.9, epsilon=1e-5, dtype=dtype)
+  norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+  )
   return conv, norm
 
 
@@ -90,6 +103,7 @@ class CifarResNet(nn.Module):
     num_filters: filters of the first stage; doubled at every later stage.
     dtype: computation dtype (parameters stay float32).
   """
+
   stage_sizes: Sequence[int]
   num_classes: int
   num_filters: int = 16
@@ -102,8 +116,12 @@ class CifarResNet(nn.Module):
     x = nn.relu(norm(name="bn_init")(x))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = BasicBlock(self.num_filters * 2**i, conv=conv, norm=norm,
-                       strides=2 if i > 0 and j == 0 else 1)(x)
+        x = BasicBlock(
+            self.num_filters * 2**i,
+            conv=conv,
+            norm=norm,
+            strides=2 if i > 0 and j == 0 else 1,
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
@@ -118,6 +136,7 @@ class ResNet(nn.Module):
     num_filters: filters of the first stage; doubled at every later stage.
     dtype: computation dtype (parameters stay float32).
   """
+
   stage_sizes: Sequence[int]
   block_cls: Callable[..., nn.Module]
   num_classes: int
@@ -127,14 +146,23 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv, norm = _conv_and_norm(train, self.dtype)
-    x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-             name="conv_init")(x)
+    x = conv(
+        self.num_filters,
+        (7, 7),
+        (2, 2),
+        padding=[(3, 3), (3, 3)],
+        name="conv_init",
+    )(x)
     x = nn.relu(norm(name="bn_init")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = self.block_cls(self.num_filters * 2**i, conv=conv, norm=norm,
-                           strides=2 if i > 0 and j == 0 else 1)(x)
+        x = self.block_cls(
+            self.num_filters * 2**i,
+            conv=conv,
+            norm=norm,
+            strides=2 if i > 0 and j == 0 else 1,
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
@@ -149,6 +177,7 @@ class MLP(nn.Module):
       layer then has no bias (BN's offset plays that role).
     dtype: computation dtype (parameters stay float32).
   """
+
   num_classes: int
   hidden: int = 256
   use_bn: bool = True
@@ -157,11 +186,17 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     x = x.reshape((x.shape[0], -1))
-    x = nn.Dense(self.hidden, use_bias=not self.use_bn, dtype=self.dtype,
-                 name="hidden")(x)
+    x = nn.Dense(
+        self.hidden, use_bias=not self.use_bn, dtype=self.dtype, name="hidden"
+    )(x)
     if self.use_bn:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, name="bn")(x)
+      x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=0.9,
+          epsilon=1e-5,
+          dtype=self.dtype,
+          name="bn",
+      )(x)
     x = nn.relu(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
@@ -169,12 +204,15 @@ class MLP(nn.Module):
 ResNet20 = functools.partial(CifarResNet, stage_sizes=(3, 3, 3))
 ResNet32 = functools.partial(CifarResNet, stage_sizes=(5, 5, 5))
 ResNet56 = functools.partial(CifarResNet, stage_sizes=(9, 9, 9))
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
-                             block_cls=BasicBlock)
-ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3),
-                             block_cls=BottleneckBlock)
-FmnistResNet = functools.partial(CifarResNet, stage_sizes=(1, 1, 1),
-                                 num_filters=8)
+ResNet18 = functools.partial(
+    ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock
+)
+ResNet50 = functools.partial(
+    ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock
+)
+FmnistResNet = functools.partial(
+    CifarResNet, stage_sizes=(1, 1, 1), num_filters=8
+)
 FmnistMLP = MLP
 
 MODELS = {
@@ -188,8 +226,9 @@ MODELS = {
 }
 
 
-def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
-                 width: int = 0) -> nn.Module:
+def create_model(
+    name: str, *, num_classes: int, dtype: Any = jnp.float32, width: int = 0
+) -> nn.Module:
   """Builds the preset ``name`` (a key of `MODELS`).
 
   Args:

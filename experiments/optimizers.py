@@ -18,8 +18,9 @@ CORRECT_FILTERS = ("all", "bn_only")
 SCHEDULES = ("cosine", "step", "constant")
 
 
-def create_learning_rate_schedule(config, steps_per_epoch: float,
-                                  total_steps: int) -> optax.Schedule:
+def create_learning_rate_schedule(
+    config, steps_per_epoch: float, total_steps: int
+) -> optax.Schedule:
   """Linear warmup over ``warmup_epochs``, then cosine, step or constant."""
   warmup = int(config.warmup_epochs * steps_per_epoch)
   base = config.learning_rate
@@ -28,14 +29,19 @@ def create_learning_rate_schedule(config, steps_per_epoch: float,
     main = optax.cosine_decay_schedule(base, rest)
   elif config.schedule == "step":
     main = optax.piecewise_constant_schedule(
-        base, {int(b * total_steps) - warmup: config.step_decay
-               for b in config.step_boundaries})
+        base,
+        {
+            int(b * total_steps) - warmup: config.step_decay
+            for b in config.step_boundaries
+        },
+    )
   else:
     main = optax.constant_schedule(base)
   if warmup == 0:
     return main
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, base, warmup), main], [warmup])
+      [optax.linear_schedule(0.0, base, warmup), main], [warmup]
+  )
 
 
 def sparse_filter(config):
@@ -57,8 +63,9 @@ def correction_filter(config):
   return None
 
 
-def neuron_gradient_scales(key: jax.Array, params, factor: float,
-                           fraction: float):
+def neuron_gradient_scales(
+    key: jax.Array, params, factor: float, fraction: float
+):
   """The dense control's fixed per-neuron gradient factors.
 
   In every kernel a BatchNorm follows (all ``ndim >= 2`` leaves but the
@@ -78,23 +85,35 @@ def neuron_gradient_scales(key: jax.Array, params, factor: float,
       continue
     n = leaf.shape[-1]
     chosen = jax.random.permutation(jax.random.fold_in(key, i), n) < round(
-        fraction * n)
+        fraction * n
+    )
     out.append(jnp.where(chosen, jnp.float32(factor), jnp.float32(1.0)))
   return jax.tree.unflatten(treedef, out)
 
 
 def scale_neuron_gradients(scales) -> optax.GradientTransformation:
   """Multiplies each kernel's neuron slices (last axis) by a fixed factor."""
+
   def update_fn(updates, params=None):
     del params
     return jax.tree.map(
         lambda u, c: u if c is None else (u * c).astype(u.dtype),
-        updates, scales, is_leaf=lambda x: x is None)
+        updates,
+        scales,
+        is_leaf=lambda x: x is None,
+    )
+
   return optax.stateless(update_fn)
 
 
-def create_optimizer(config, schedule: optax.Schedule, masks, total_steps: int,
-                     key: jax.Array, params=None) -> optax.GradientTransformation:
+def create_optimizer(
+    config,
+    schedule: optax.Schedule,
+    masks,
+    total_steps: int,
+    key: jax.Array,
+    params=None,
+) -> optax.GradientTransformation:
   """The optimizer named by ``config.optimizer``, wrapped for DST if sparse.
 
   SparseOpt's correction comes first in the chain so that it scales only the
@@ -116,25 +135,49 @@ def create_optimizer(config, schedule: optax.Schedule, masks, total_steps: int,
   """
   correct = []
   if config.grad_scale != 1.0:
-    correct.append(scale_neuron_gradients(neuron_gradient_scales(
-        jax.random.fold_in(key, 1), params, config.grad_scale,
-        config.grad_scale_fraction)))
+    correct.append(
+        scale_neuron_gradients(
+            neuron_gradient_scales(
+                jax.random.fold_in(key, 1),
+                params,
+                config.grad_scale,
+                config.grad_scale_fraction,
+            )
+        )
+    )
   if config.optimizer.startswith("sparseopt"):
-    correct.append(sparseopt.scale_by_sparseopt(
-        filter_fn=correction_filter(config), correction=config.correction))
+    correct.append(
+        sparseopt.scale_by_sparseopt(
+            filter_fn=correction_filter(config), correction=config.correction
+        )
+    )
   if config.optimizer.endswith("adam"):
-    base = [optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                        eps=config.adam_eps, weight_decay=config.weight_decay)]
+    base = [
+        optax.adamw(
+            schedule,
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+    ]
   else:
-    base = [optax.add_decayed_weights(config.weight_decay),
-            optax.sgd(schedule, momentum=config.momentum,
-                      nesterov=config.nesterov)]
+    base = [
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+    ]
   inner = optax.chain(*correct, *base)
   if config.method == "dense":
     return inner
   return sparseopt.dynamic_sparse(
-      inner, masks, method=config.method, update_every=config.update_every,
+      inner,
+      masks,
+      method=config.method,
+      update_every=config.update_every,
       end_step=int(config.end_fraction * total_steps),
-      drop_fraction=config.drop_fraction, drop_schedule=config.drop_schedule,
-      grow_with=config.grow_with, key=key,
-      correction_filter=correction_filter(config))
+      drop_fraction=config.drop_fraction,
+      drop_schedule=config.drop_schedule,
+      grow_with=config.grow_with,
+      key=key,
+      correction_filter=correction_filter(config),
+  )

@@ -27,21 +27,28 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  for _ in sweep.run_sweep("quickstart", FLAGS.root,
-                           extra=records.parse_sets(FLAGS.set)):
+  for _ in sweep.run_sweep(
+      "quickstart", FLAGS.root, extra=records.parse_sets(FLAGS.set)
+  ):
     pass
   out = os.path.join(FLAGS.root, "accuracy.png")
-  table = plot.report(FLAGS.root, out,
-                      title="Fashion-MNIST, small BN ResNet, RigL 95% (ERK)")
+  table = plot.report(
+      FLAGS.root, out, title="Fashion-MNIST, small BN ResNet, RigL 95% (ERK)"
+  )
   with open(os.path.join(FLAGS.root, "table.md"), "w") as f:
     f.write(table + "\n")
   print("\n" + table)
-  print(f"\nPlots written to {os.path.abspath(out)} and "
-        f"{os.path.abspath(plot.skew_path(out))}")
+  print(
+      f"\nPlots written to {os.path.abspath(out)} and "
+      f"{os.path.abspath(plot.skew_path(out))}"
+  )
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("root", "experiments/results/quickstart",
-                      "Parent folder of the two runs' workdirs.")
+  flags.DEFINE_string(
+      "root",
+      "experiments/results/quickstart",
+      "Parent folder of the two runs' workdirs.",
+  )
   flags.DEFINE_multi_string("set", [], "field=value override for both runs.")
   app.run(main)

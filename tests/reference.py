@@ -37,8 +37,9 @@ def sparseopt_factor(mask: np.ndarray, neuron_axis: int = -1) -> np.ndarray:
   return np.sqrt(1.0 - s) / math.sqrt(1.0 - s_avg)
 
 
-def norm_factor(mask: np.ndarray, param: np.ndarray,
-                neuron_axis: int = -1) -> np.ndarray:
+def norm_factor(
+    mask: np.ndarray, param: np.ndarray, neuron_axis: int = -1
+) -> np.ndarray:
   """c_i = ||w_i|| / rms_j ||w_j|| over live neurons (norm_scale's docstring).
 
   Live neuron: nonzero masked incoming norm. Dead (no active weight): 0.
@@ -50,7 +51,7 @@ def norm_factor(mask: np.ndarray, param: np.ndarray,
   n_out = m.shape[-1]
   m = m.reshape(-1, n_out)
   w = np.where(m, w.reshape(-1, n_out), 0.0)
-  norms = np.sqrt((w ** 2).sum(axis=0))
+  norms = np.sqrt((w**2).sum(axis=0))
   active = m.any(axis=0)
   live = norms > 0
   out = np.zeros(n_out)
@@ -66,15 +67,17 @@ def norm_factor(mask: np.ndarray, param: np.ndarray,
   return out
 
 
-def scale_grad(grad: np.ndarray, factor: np.ndarray,
-               neuron_axis: int = -1) -> np.ndarray:
+def scale_grad(
+    grad: np.ndarray, factor: np.ndarray, neuron_axis: int = -1
+) -> np.ndarray:
   """Multiplies neuron i's incoming gradient slice by factor[i]."""
   g = np.moveaxis(np.asarray(grad, np.float64), neuron_axis, -1) * factor
   return np.moveaxis(g, -1, neuron_axis)
 
 
-def erk_densities(shapes: dict[str, tuple[int, ...]], sparsity: float,
-                  power: float = 1.0) -> dict[str, float]:
+def erk_densities(
+    shapes: dict[str, tuple[int, ...]], sparsity: float, power: float = 1.0
+) -> dict[str, float]:
   """Erdős–Rényi-Kernel densities (Evci et al. 2020, arXiv:1911.11134).
 
   Density of layer l is eps * ((sum of dims) / (prod of dims)) ** power, eps
@@ -94,7 +97,8 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], sparsity: float,
     if not rest:
       break
     eps = (target - sum(size[n] for n in dense)) / sum(
-        raw[n] * size[n] for n in rest)
+        raw[n] * size[n] for n in rest
+    )
     over = {n for n in rest if eps * raw[n] > 1.0}
     if not over:
       break
@@ -119,8 +123,12 @@ def cosine_fraction(f: float, t: int, end_step: int) -> float:
   return f / 2.0 * (1.0 + math.cos(math.pi * min(t / end_step, 1.0)))
 
 
-def drop_grow(mask: np.ndarray, weight: np.ndarray, grow_score: np.ndarray,
-              fraction: float) -> tuple[np.ndarray, int]:
+def drop_grow(
+    mask: np.ndarray,
+    weight: np.ndarray,
+    grow_score: np.ndarray,
+    fraction: float,
+) -> tuple[np.ndarray, int]:
   """One RigL/SET update of one layer.
 
   k = floor(fraction * active), capped at the inactive count. Drop the k
@@ -155,13 +163,22 @@ def skew_stats(mask: np.ndarray, neuron_axis: int = -1) -> dict[str, float]:
     spread = amp.max() / amp.min()
   else:
     spread = 1.0
-  return {"s_min": s.min(), "s_mean": s.mean(), "s_max": s.max(),
-          "s_std": s.std(), "amp_spread": spread,
-          "dead": float((~live).sum())}
+  return {
+      "s_min": s.min(),
+      "s_mean": s.mean(),
+      "s_max": s.max(),
+      "s_std": s.std(),
+      "amp_spread": spread,
+      "dead": float((~live).sum()),
+  }
 
 
-def turning(before: np.ndarray, after: np.ndarray, mask: np.ndarray,
-            neuron_axis: int = -1):
+def turning(
+    before: np.ndarray,
+    after: np.ndarray,
+    mask: np.ndarray,
+    neuron_axis: int = -1,
+):
   """Per-neuron angle (arccos of the cosine, float64), norm after, liveness."""
   m = _move_neuron_last(mask, neuron_axis).astype(bool)
   a = _move_neuron_last(before, neuron_axis).astype(np.float64) * m
@@ -183,12 +200,18 @@ def turning_summary(before, after, mask, neuron_axis: int = -1):
   """angle_mean, imbalance (slope of log angle on log density), norm_mean."""
   angle, norm, live = turning(before, after, mask, neuron_axis)
   density = 1.0 - neuron_sparsity(mask, neuron_axis)
-  count = _move_neuron_last(mask, neuron_axis).astype(bool).reshape(
-      -1, mask.shape[neuron_axis]).sum(0)
+  count = (
+      _move_neuron_last(mask, neuron_axis)
+      .astype(bool)
+      .reshape(-1, mask.shape[neuron_axis])
+      .sum(0)
+  )
   can_turn = live & (count >= 2)  # one weight: its direction is fixed
   valid = can_turn & (angle > 1e-6)  # below: float32 rounding
-  out = {"angle_mean": angle[can_turn].mean() if can_turn.any() else 0.0,
-         "norm_mean": norm[live].mean() if live.any() else 0.0}
+  out = {
+      "angle_mean": angle[can_turn].mean() if can_turn.any() else 0.0,
+      "norm_mean": norm[live].mean() if live.any() else 0.0,
+  }
   x, y = np.log(density[valid]), np.log(angle[valid])
   if valid.sum() >= 2 and np.ptp(x) > 0:
     out["imbalance"] = np.polyfit(x, y, 1)[0]

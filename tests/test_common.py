@@ -20,9 +20,13 @@ import sparseopt_jax as sparseopt
 def problem(dtype=jnp.float32):
   """Tiny masked params: a Conv, a Dense, a bias. Params respect the masks."""
   k = jax.random.split(jax.random.key(0), 4)
-  params = {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4))},
-            "dense": {"kernel": jax.random.normal(k[1], (4, 6)),
-                      "bias": jnp.zeros(6)}}
+  params = {
+      "conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4))},
+      "dense": {
+          "kernel": jax.random.normal(k[1], (4, 6)),
+          "bias": jnp.zeros(6),
+      },
+  }
   masks = sparseopt.init_masks(k[2], params, 0.6, "uniform")
   masks["conv"]["kernel"] = masks["conv"]["kernel"].at[..., 0].set(False)
   params = sparseopt.apply_masks(params, masks)
@@ -31,8 +35,10 @@ def problem(dtype=jnp.float32):
   def grads_at(step):
     keys = jax.random.split(jax.random.fold_in(k[3], step), 3)
     return jax.tree.map(
-        lambda x, kk: jax.random.normal(kk, x.shape, dtype), params,
-        jax.tree.unflatten(jax.tree.structure(params), list(keys)))
+        lambda x, kk: jax.random.normal(kk, x.shape, dtype),
+        params,
+        jax.tree.unflatten(jax.tree.structure(params), list(keys)),
+    )
 
   return params, masks, grads_at
 
@@ -40,24 +46,50 @@ def problem(dtype=jnp.float32):
 # name -> (factory(masks) -> tx, whether update takes masks= from the caller)
 def _dst(method):
   def make(masks, inner=None):
-    inner = inner or optax.chain(sparseopt.scale_by_sparseopt(),
-                                 optax.sgd(0.05, momentum=0.9))
-    return sparseopt.dynamic_sparse(inner, masks, method=method,
-                                    update_every=2, end_step=8,
-                                    drop_fraction=0.5, key=jax.random.key(7))
+    inner = inner or optax.chain(
+        sparseopt.scale_by_sparseopt(), optax.sgd(0.05, momentum=0.9)
+    )
+    return sparseopt.dynamic_sparse(
+        inner,
+        masks,
+        method=method,
+        update_every=2,
+        end_step=8,
+        drop_fraction=0.5,
+        key=jax.random.key(7),
+    )
+
   return make
 
 
 TRANSFORMS = {
     "scale_by_sparseopt": (lambda m: sparseopt.scale_by_sparseopt(), True),
     "scale_by_sparseopt_norm": (
-        lambda m: sparseopt.scale_by_sparseopt(correction="norm"), True),
+        lambda m: sparseopt.scale_by_sparseopt(correction="norm"),
+        True,
+    ),
     "zero_masked_updates": (lambda m: sparseopt.zero_masked_updates(), True),
-    "sparseopt": (lambda m: sparseopt.sparseopt(0.05, weight_decay=1e-3),
-                  True),
+    "sparseopt": (lambda m: sparseopt.sparseopt(0.05, weight_decay=1e-3), True),
     "dst_rigl": (_dst("rigl"), False),
     "dst_set": (_dst("set"), False),
     "dst_static": (_dst("static"), False),
+    # HAM around SparseOpt + SGD; masks= reaches the inner chain.
+    "ham": (
+        lambda m: sparseopt.ham(
+            optax.chain(
+                sparseopt.scale_by_sparseopt(), optax.sgd(0.05, momentum=0.9)
+            ),
+            0.05,
+            alpha=20.0,
+            max_norm=1000.0,
+        ),
+        True,
+    ),
+    "normalize_updates_global": (lambda m: sparseopt.normalize_updates(), True),
+    "normalize_updates_layer": (
+        lambda m: sparseopt.normalize_updates("layer"),
+        True,
+    ),
 }
 NAMES = list(TRANSFORMS)
 
@@ -112,7 +144,8 @@ def test_inside_chain_and_multisteps(name):
   direct = jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))
   u1, _ = direct(grads_at(0), s1, params, kw)
   u2, _ = jax.jit(lambda g, s, p, kw: chained.update(g, s, p, **kw))(
-      grads_at(0), s2, params, kw)
+      grads_at(0), s2, params, kw
+  )
   for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -146,7 +179,8 @@ def test_under_lax_scan(name):
     return (optax.apply_updates(p, u), s), None
 
   (p_scan, _), _ = jax.jit(lambda c, xs: jax.lax.scan(body, c, xs))(
-      (params, tx.init(params)), stacked)
+      (params, tx.init(params)), stacked
+  )
   p, s = params, tx.init(params)
   jbody = jax.jit(body)
   for g in grads:
@@ -167,8 +201,8 @@ INJECT_STATIC = {
 def test_alias_under_inject_hyperparams(static):
   params, masks, grads_at = problem()
   tx = optax.inject_hyperparams(
-      sparseopt.sparseopt, static_args=INJECT_STATIC[static])(
-          learning_rate=0.1, momentum=None)
+      sparseopt.sparseopt, static_args=INJECT_STATIC[static]
+  )(learning_rate=0.1, momentum=None)
   plain = sparseopt.sparseopt(0.1, momentum=None)
   state = tx.init(params)
   step = jax.jit(lambda g, s, p, m: tx.update(g, s, p, masks=m))
@@ -187,8 +221,8 @@ def test_alias_under_inject_hyperparams(static):
 def test_dst_around_inject_hyperparams(method):
   params, masks, grads_at = problem()
   inner = optax.inject_hyperparams(
-      sparseopt.sparseopt, static_args=INJECT_STATIC["static"])(
-          learning_rate=0.1)
+      sparseopt.sparseopt, static_args=INJECT_STATIC["static"]
+  )(learning_rate=0.1)
   tx = _dst(method)(masks, inner)
   step = jax.jit(tx.update)
   state = tx.init(params)
@@ -199,11 +233,14 @@ def test_dst_around_inject_hyperparams(method):
   assert "learning_rate" in state.inner_state.hyperparams
 
 
-@pytest.mark.parametrize("opt", [
-    functools.partial(optax.adam, 1e-2),
-    functools.partial(optax.adamw, 1e-2, weight_decay=1e-2),
-    functools.partial(optax.lion, 1e-3),
-])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        functools.partial(optax.adam, 1e-2),
+        functools.partial(optax.adamw, 1e-2, weight_decay=1e-2),
+        functools.partial(optax.lion, 1e-3),
+    ],
+)
 @pytest.mark.parametrize("method", [None, "rigl"])
 def test_in_front_of_adaptive_optimizers(opt, method):
   params, masks, grads_at = problem()
@@ -221,9 +258,14 @@ def test_in_front_of_adaptive_optimizers(opt, method):
 
 
 def _sparse_states(state):
-  return [s for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, sparseopt.ScaleBySparseOptState))
-          if isinstance(s, sparseopt.ScaleBySparseOptState)]
+  return [
+      s
+      for s in jax.tree.leaves(
+          state,
+          is_leaf=lambda x: isinstance(x, sparseopt.ScaleBySparseOptState),
+      )
+      if isinstance(s, sparseopt.ScaleBySparseOptState)
+  ]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -234,8 +276,7 @@ def test_tree_map_params(name):
   params, masks, grads_at = problem()
   tx, kw = make_tx(name, masks)
   state = tx.init(params)
-  cast = optax.tree.map_params(tx.init, lambda p: p.astype(jnp.bfloat16),
-                               state)
+  cast = optax.tree.map_params(tx.init, lambda p: p.astype(jnp.bfloat16), state)
   assert jax.tree.structure(cast) == jax.tree.structure(state)
   shapes = {p.shape for p in jax.tree.leaves(params)}
   n_cast = 0
@@ -272,6 +313,7 @@ def test_donated_state(name):
   for t in range(5):  # DST mask updates at steps 2 and 4
     s1, p1 = plain(s1, p1, grads_at(t), kw)
     s2, p2 = donating(s2, p2, grads_at(t), kw)
+
   def data(x):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       return jax.random.key_data(x)
@@ -311,8 +353,10 @@ def matrix_parabola():
 def mixed_target():
   # A 1-D and a 2-D leaf; the zero entry of the 2-D target gets no gradient
   # from a zero start, so masks inferred from params prune it after step 1.
-  return ((jnp.zeros(3), jnp.zeros((2, 2))),
-          (jnp.array([1.0, -1.0, 2.0]), jnp.array([[1.0, 0.0], [-1.0, 1.0]])))
+  return (
+      (jnp.zeros(3), jnp.zeros((2, 2))),
+      (jnp.array([1.0, -1.0, 2.0]), jnp.array([[1.0, 0.0], [-1.0, 1.0]])),
+  )
 
 
 def sparse_layer():
@@ -323,9 +367,13 @@ def sparse_layer():
   support = np.zeros(24, bool)
   support[rng.choice(24, 8, replace=False)] = True
   kernel = np.where(support, rng.choice([-2.0, -1.0, 1.0, 2.0], 24), 0.0)
-  return ({"kernel": jnp.zeros((4, 6)), "bias": jnp.zeros(6)},
-          {"kernel": jnp.asarray(kernel.reshape(4, 6), jnp.float32),
-           "bias": jnp.arange(6.0) - 2.5})
+  return (
+      {"kernel": jnp.zeros((4, 6)), "bias": jnp.zeros(6)},
+      {
+          "kernel": jnp.asarray(kernel.reshape(4, 6), jnp.float32),
+          "bias": jnp.arange(6.0) - 2.5,
+      },
+  )
 
 
 def sparse_layer_masks(final):
@@ -337,8 +385,10 @@ def sparse_layer_masks(final):
 
 
 def squared_distance(final):
-  return lambda p: sum(jnp.sum((a - b) ** 2) for a, b in
-                       zip(jax.tree.leaves(p), jax.tree.leaves(final)))
+  return lambda p: sum(
+      jnp.sum((a - b) ** 2)
+      for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(final))
+  )
 
 
 # name -> (init and optimum, loss, SGD learning rate, steps). The base
@@ -356,11 +406,12 @@ def dst_masks(final):
   """Masks for dynamic_sparse: dense kernels unless the target is sparse."""
   if isinstance(final, dict):
     return sparse_layer_masks(final)
-  return jax.tree.map(lambda f: jnp.ones(f.shape, bool) if f.ndim >= 2
-                      else None, final)
+  return jax.tree.map(
+      lambda f: jnp.ones(f.shape, bool) if f.ndim >= 2 else None, final
+  )
 
 
-def optimizer(name, lr, final):
+def optimizer(name, lr, final, steps=None):
   """The transform under test with (or as) SGD with momentum at ``lr``."""
   base = optax.sgd(lr, momentum=0.9)
   if name == "scale_by_sparseopt":
@@ -371,10 +422,26 @@ def optimizer(name, lr, final):
     return optax.chain(base, sparseopt.zero_masked_updates())
   if name == "sparseopt":
     return sparseopt.sparseopt(lr, momentum=0.9)
+  if name == "ham":
+    # The mirror step's effective rate is lr * alpha * |w|: on these
+    # unit-scale targets alpha = 1 (the paper's 200 suits tiny gradients).
+    return sparseopt.ham(
+        optax.chain(sparseopt.scale_by_sparseopt(), base), lr, alpha=1.0
+    )
+  if name.startswith("normalize_updates"):
+    # Unit-norm steps converge only with a decaying step size.
+    return optax.chain(
+        sparseopt.normalize_updates(name.removeprefix("normalize_updates_")),
+        optax.sgd(optax.cosine_decay_schedule(lr, steps or 300), momentum=0.9),
+    )
   return sparseopt.dynamic_sparse(
-      optax.chain(sparseopt.scale_by_sparseopt(), base), dst_masks(final),
-      method=name.removeprefix("dst_"), update_every=10, end_step=150,
-      key=jax.random.key(3))
+      optax.chain(sparseopt.scale_by_sparseopt(), base),
+      dst_masks(final),
+      method=name.removeprefix("dst_"),
+      update_every=10,
+      end_step=150,
+      key=jax.random.key(3),
+  )
 
 
 def run_target(tx, init, loss, steps):
@@ -384,7 +451,9 @@ def run_target(tx, init, loss, steps):
       p, s = carry
       u, s = tx.update(jax.grad(loss)(p), s, p)
       return (optax.apply_updates(p, u), s), None
+
     return jax.lax.scan(body, (params, tx.init(params)), length=steps)[0]
+
   return solve(init)
 
 
@@ -392,8 +461,9 @@ def run_target(tx, init, loss, steps):
 def test_base_optimizer_converges(target):
   setup, loss, lr, steps = TARGETS[target]
   init, final = setup()
-  got, _ = run_target(optax.sgd(lr, momentum=0.9), init,
-                      loss or squared_distance(final), steps)
+  got, _ = run_target(
+      optax.sgd(lr, momentum=0.9), init, loss or squared_distance(final), steps
+  )
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(final)):
     np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2)
 
@@ -403,7 +473,7 @@ def test_base_optimizer_converges(target):
 def test_converges_where_the_base_optimizer_does(name, target):
   setup, loss, lr, steps = TARGETS[target]
   init, final = setup()
-  tx = optimizer(name, lr, final)
+  tx = optimizer(name, lr, final, steps)
   got, state = run_target(tx, init, loss or squared_distance(final), steps)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(final)):
     np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2)

@@ -24,12 +24,15 @@ def _layer(shape, sparsity, seed, axis=-1):
   return mask, w, w - step
 
 
-@pytest.mark.parametrize("shape,axis", [((20, 12), -1), ((3, 3, 8, 6), -1),
-                                        ((1, 1, 16, 5), -1), ((12, 20), 0)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((20, 12), -1), ((3, 3, 8, 6), -1), ((1, 1, 16, 5), -1), ((12, 20), 0)],
+)
 def test_neuron_turning_matches_reference(shape, axis):
   mask, before, after = _layer(shape, 0.8, seed=len(shape) + axis)
   angle, norm, live = jax.jit(diagnostics.neuron_turning, static_argnums=3)(
-      before, after, mask, axis)
+      before, after, mask, axis
+  )
   r_angle, r_norm, r_live = ref.turning(before, after, mask, axis)
   np.testing.assert_array_equal(live, r_live)
   np.testing.assert_allclose(angle, r_angle, rtol=1e-4, atol=1e-6)
@@ -55,12 +58,16 @@ def test_turning_diagnostics_matches_reference():
   params_a = {"dense": {"kernel": after, "bias": np.ones(16, np.float32)}}
   masks = {"dense": {"kernel": mask, "bias": None}}
   out = jax.jit(diagnostics.turning_diagnostics)(params_b, params_a, masks)
-  assert set(out) == {"dense/kernel/angle_mean", "dense/kernel/imbalance",
-                      "dense/kernel/norm_mean"}
+  assert set(out) == {
+      "dense/kernel/angle_mean",
+      "dense/kernel/imbalance",
+      "dense/kernel/norm_mean",
+  }
   expected = ref.turning_summary(before, after, mask)
   for k, v in expected.items():
-    np.testing.assert_allclose(out[f"dense/kernel/{k}"], v, rtol=1e-3,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out[f"dense/kernel/{k}"], v, rtol=1e-3, atol=1e-6
+    )
 
 
 def test_imbalance_recovers_the_bn_skew():
@@ -71,6 +78,7 @@ def test_imbalance_recovers_the_bn_skew():
   density = np.linspace(0.1, 1.0, n_out)
   mask = rng.random((n_in, n_out)) < density
   w = rng.standard_normal((n_in, n_out)) * mask
+
   # Rotate each neuron by a chosen angle within the plane of w and a
   # perpendicular direction that respects the mask.
   def rotate(angles):
@@ -82,6 +90,7 @@ def test_imbalance_recovers_the_bn_skew():
       p *= np.linalg.norm(a) / np.linalg.norm(p)
       out[:, i] = np.cos(angles[i]) * a + np.sin(angles[i]) * p
     return out
+
   masks = {"k": mask}
   skewed = rotate(0.01 / np.sqrt(mask.mean(0)))
   balanced = rotate(np.full(n_out, 0.01))
@@ -104,13 +113,16 @@ def test_single_weight_neurons_and_rounding_noise_are_excluded():
   after[:, 0] = w[:, 0] * (1 + 1e-7)  # rounding-level change
   after[:, 1] = -w[:, 1]  # a sign flip: angle pi in exact arithmetic
   after[:, 2] = w[:, 2] + 1e-9 * np.abs(w[:, 2])  # unresolved
-  out = jax.jit(diagnostics.turning_diagnostics)({"k": w}, {"k": after},
-                                               {"k": mask})
+  out = jax.jit(diagnostics.turning_diagnostics)(
+      {"k": w}, {"k": after}, {"k": mask}
+  )
   expected = ref.turning_summary(w, after, mask)
-  np.testing.assert_allclose(out["k/imbalance"], expected["imbalance"],
-                             rtol=1e-3, atol=1e-4)
-  np.testing.assert_allclose(out["k/angle_mean"], expected["angle_mean"],
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+      out["k/imbalance"], expected["imbalance"], rtol=1e-3, atol=1e-4
+  )
+  np.testing.assert_allclose(
+      out["k/angle_mean"], expected["angle_mean"], rtol=1e-3
+  )
   # Only neurons 3, 4, 5 (4, 8, 16 weights) enter the slope: the reference
   # on those alone agrees.
   sub = ref.turning_summary(w[:, 3:], after[:, 3:], mask[:, 3:])
@@ -126,8 +138,7 @@ def test_dead_neurons_and_zero_layers_are_not_nan():
   # Scaling a neuron does not turn it.
   np.testing.assert_allclose(out["k/angle_mean"], 0.0, atol=1e-6)
   zeros = np.zeros((8, 4), np.float32)
-  out = diagnostics.turning_diagnostics({"k": zeros}, {"k": zeros},
-                                      {"k": mask})
+  out = diagnostics.turning_diagnostics({"k": zeros}, {"k": zeros}, {"k": mask})
   assert all(np.isfinite(v) for v in jax.tree.leaves(out))
   assert float(out["k/angle_mean"]) == 0.0
 
@@ -144,8 +155,9 @@ def test_mask_update_jump_matches_reference():
   m1[:, 3] = False  # ... and neuron 3 dies
   w0 = rng.standard_normal((40, 8)).astype(np.float32) * m0
   w1 = np.where(m1 & ~m0, 0.0, w0).astype(np.float32) * m1
-  out = jax.jit(diagnostics.mask_update_jump)({"k": w0}, {"k": w1}, {"k": m0},
-                                            {"k": m1})
+  out = jax.jit(diagnostics.mask_update_jump)(
+      {"k": w0}, {"k": w1}, {"k": m0}, {"k": m1}
+  )
 
   def norms(w, m):
     return np.linalg.norm(np.asarray(w, np.float64) * m, axis=0)
@@ -154,13 +166,14 @@ def test_mask_update_jump_matches_reference():
     ok = (a > 0) & (b > 0)
     return np.mean(np.abs(np.log(b[ok] / a[ok])))
 
-  np.testing.assert_allclose(out["k/norm_jump"],
-                             mean_abs_log(norms(w0, m0), norms(w1, m1)),
-                             rtol=1e-4)
-  np.testing.assert_allclose(out["k/factor_jump"],
-                             mean_abs_log(ref.sparseopt_factor(m0),
-                                          ref.sparseopt_factor(m1)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      out["k/norm_jump"], mean_abs_log(norms(w0, m0), norms(w1, m1)), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+      out["k/factor_jump"],
+      mean_abs_log(ref.sparseopt_factor(m0), ref.sparseopt_factor(m1)),
+      rtol=1e-4,
+  )
   live0, live1 = m0.any(axis=0), m1.any(axis=0)
   assert out["k/died"] == np.sum(live0 & ~live1) == 1
   assert out["k/revived"] == np.sum(~live0 & live1) == 1
@@ -181,7 +194,7 @@ def test_sparse_init_variance_follows_active_fan_in(shape):
   np.testing.assert_array_equal(out["b"], params["b"])  # dense leaf kept
   # Sum of squares per neuron ~ scale (=2) whatever the fan-in: a
   # chi-square with fan_in degrees of freedom, scaled by 2 / fan_in.
-  ss = (w ** 2).sum(0)
+  ss = (w**2).sum(0)
   tol = 6 * 2 * np.sqrt(2.0 / fan_in)
   assert np.all(np.abs(ss - 2.0) < tol), (ss, tol)
 
@@ -189,8 +202,10 @@ def test_sparse_init_variance_follows_active_fan_in(shape):
 def test_sparse_init_rejects_bad_input():
   params = {"k": jnp.zeros((4, 3))}
   with pytest.raises(ValueError, match="scale"):
-    sparseopt.sparse_init(jax.random.key(0), params,
-                          {"k": jnp.ones((4, 3), bool)}, scale=0.0)
+    sparseopt.sparse_init(
+        jax.random.key(0), params, {"k": jnp.ones((4, 3), bool)}, scale=0.0
+    )
   with pytest.raises(ValueError, match="'k'"):
-    sparseopt.sparse_init(jax.random.key(0), params,
-                          {"k": jnp.ones((3, 4), bool)})
+    sparseopt.sparse_init(
+        jax.random.key(0), params, {"k": jnp.ones((3, 4), bool)}
+    )

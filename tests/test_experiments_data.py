@@ -1,6 +1,5 @@
 """Tests of experiments.input_pipeline: readers, determinism, augmentation."""
 
-
 import jax
 import numpy as np
 import pytest
@@ -13,7 +12,8 @@ from experiments import input_pipeline as ip
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory):
   directory = fake_data.write_fashion_mnist(
-      str(tmp_path_factory.mktemp("fmnist")), num_train=64, num_test=21)
+      str(tmp_path_factory.mktemp("fmnist")), num_train=64, num_test=21
+  )
   return ip.load_dataset("fashion_mnist", directory)
 
 
@@ -40,7 +40,9 @@ def test_fashion_mnist_from_idx(fmnist):
 
 
 def test_missing_data_error_names_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion"):
+  with pytest.raises(
+      FileNotFoundError, match="apt-get install dataset-fashion"
+  ):
     ip.load_dataset("fashion_mnist", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="tfds build cifar100"):
     ip.load_dataset("cifar100", str(tmp_path))
@@ -52,8 +54,9 @@ def _take(iterator, n):
 
 def test_batch_is_a_function_of_seed_and_step(fmnist):
   full = _take(ip.train_batches(fmnist, global_batch_size=8, seed=3), 12)
-  resumed = _take(ip.train_batches(fmnist, global_batch_size=8, seed=3,
-                                   start_step=9), 3)
+  resumed = _take(
+      ip.train_batches(fmnist, global_batch_size=8, seed=3, start_step=9), 3
+  )
   for a, b in zip(full[9:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
@@ -73,16 +76,29 @@ def test_each_epoch_is_a_new_permutation(fmnist):
 
 
 def test_processes_split_every_global_batch(fmnist):
-  whole = _take(ip.train_batches(fmnist, global_batch_size=8, seed=1,
-                                 start_step=7), 2)
-  parts = [_take(ip.train_batches(fmnist, global_batch_size=8, seed=1,
-                                  start_step=7, process_index=p,
-                                  process_count=2), 2) for p in (0, 1)]
+  whole = _take(
+      ip.train_batches(fmnist, global_batch_size=8, seed=1, start_step=7), 2
+  )
+  parts = [
+      _take(
+          ip.train_batches(
+              fmnist,
+              global_batch_size=8,
+              seed=1,
+              start_step=7,
+              process_index=p,
+              process_count=2,
+          ),
+          2,
+      )
+      for p in (0, 1)
+  ]
   for step in range(2):
     assert parts[0][step]["label"].shape == (4,)
     union = np.concatenate([parts[0][step]["image"], parts[1][step]["image"]])
-    assert (sorted(map(bytes, union.reshape(8, -1)))
-            == sorted(map(bytes, whole[step]["image"].reshape(8, -1))))
+    assert sorted(map(bytes, union.reshape(8, -1))) == sorted(
+        map(bytes, whole[step]["image"].reshape(8, -1))
+    )
 
 
 def test_eval_covers_every_example_once(fmnist):
@@ -95,7 +111,9 @@ def test_eval_covers_every_example_once(fmnist):
 
 
 def test_augment_is_a_seeded_crop_and_flip():
-  images = np.random.default_rng(0).integers(0, 255, (16, 8, 8, 3)).astype(np.uint8)
+  images = (
+      np.random.default_rng(0).integers(0, 255, (16, 8, 8, 3)).astype(np.uint8)
+  )
   key = jax.random.PRNGKey(0)
   out = np.asarray(ip.augment(images, key, "crop_flip"))
   assert out.shape == images.shape and out.dtype == images.dtype
@@ -104,8 +122,12 @@ def test_augment_is_a_seeded_crop_and_flip():
   # Every output is a window of the zero-padded (maybe flipped) input.
   padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
   for img, src in zip(out, padded):
-    assert any(np.array_equal(s[y:y + 8, x:x + 8], img)
-               for s in (src, src[:, ::-1]) for y in range(9) for x in range(9))
+    assert any(
+        np.array_equal(s[y : y + 8, x : x + 8], img)
+        for s in (src, src[:, ::-1])
+        for y in range(9)
+        for x in range(9)
+    )
   np.testing.assert_array_equal(ip.augment(images, key, "none"), images)
 
 
@@ -121,16 +143,21 @@ def test_tfds_sources_on_mock_data():
     batch = next(ip.train_batches(cifar, global_batch_size=4, seed=0))
     assert batch["image"].shape == (4, 32, 32, 3)
     imagenet = ip.load_dataset("imagenet2012")
-    batch = next(ip.train_batches(imagenet, global_batch_size=2, seed=0,
-                                  image_size=16))
+    batch = next(
+        ip.train_batches(imagenet, global_batch_size=2, seed=0, image_size=16)
+    )
     assert batch["image"].shape == (2, 16, 16, 3)
     batch = next(ip.eval_batches(imagenet, global_batch_size=4, image_size=16))
     assert batch["image"].shape == (4, 16, 16, 3)
 
 
 def test_random_resized_crop_is_seeded():
-  image = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(np.uint8)
-  crop = lambda seed: ip.random_resized_crop(image, np.random.default_rng(seed), 12)
+  image = (
+      np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(np.uint8)
+  )
+  crop = lambda seed: ip.random_resized_crop(
+      image, np.random.default_rng(seed), 12
+  )
   assert crop(0).shape == (12, 12, 3)
   np.testing.assert_array_equal(crop(0), crop(0))
   assert not np.array_equal(crop(0), crop(1))

@@ -12,25 +12,31 @@ from experiments import models
 def _variables(name, num_classes, shape, **kwargs):
   model = models.create_model(name, num_classes=num_classes, **kwargs)
   return model, jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+  )
 
 
 def _count(tree):
   return sum(np.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name, num_classes, params", [
-    # torchvision's counts (conv without bias, BN scale/offset, biased head).
-    ("resnet18", 1000, 11_689_512),
-    ("resnet50", 1000, 25_557_032),
-])
+@pytest.mark.parametrize(
+    "name, num_classes, params",
+    [
+        # torchvision's counts (conv without bias, BN scale/offset, biased head).
+        ("resnet18", 1000, 11_689_512),
+        ("resnet50", 1000, 25_557_032),
+    ],
+)
 def test_imagenet_resnets_have_torchvision_sizes(name, num_classes, params):
   _, variables = _variables(name, num_classes, (1, 64, 64, 3))
   assert _count(variables["params"]) == params
 
 
-@pytest.mark.parametrize("name, blocks", [
-    ("resnet20", 3), ("resnet32", 5), ("resnet56", 9), ("fmnist_resnet", 1)])
+@pytest.mark.parametrize(
+    "name, blocks",
+    [("resnet20", 3), ("resnet32", 5), ("resnet56", 9), ("fmnist_resnet", 1)],
+)
 def test_cifar_resnets(name, blocks):
   _, variables = _variables(name, 100, (1, 32, 32, 3))
   params = variables["params"]

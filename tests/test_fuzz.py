@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import sparseopt_jax as sparseopt
 
@@ -29,8 +28,9 @@ def problems(draw):
   params, grads, masks = {}, {}, {}
   for i in range(n_leaves):
     ndim = draw(st.integers(1, 4))
-    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim,
-                                max_size=ndim)))
+    shape = tuple(
+        draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim))
+    )
     kind = draw(st.sampled_from(["random", "dense", "empty", "none"]))
     if kind == "none" or ndim < 2:
       mask = None
@@ -59,36 +59,45 @@ def _check(out, ref):
 def _documented(exc: Exception) -> bool:
   # Documented errors name what was wrong: a parameter path or the argument.
   return isinstance(exc, (ValueError, TypeError)) and (
-      "layer" in str(exc) or "neuron_axis" in str(exc))
+      "layer" in str(exc) or "neuron_axis" in str(exc)
+  )
 
 
-@hypothesis.settings(max_examples=25, deadline=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
-@hypothesis.given(problem=problems(),
-                  neuron_axis=st.integers(-5, 4),
-                  which=st.sampled_from(["fan_in", "norm", "zero", "alias",
-                                         "adam", "derived"]))
+@hypothesis.settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
+@hypothesis.given(
+    problem=problems(),
+    neuron_axis=st.integers(-5, 4),
+    which=st.sampled_from(
+        ["fan_in", "norm", "zero", "alias", "adam", "derived"]
+    ),
+)
 def test_transforms_on_random_trees(problem, neuron_axis, which):
   params, grads, masks = problem
   if which == "zero":
     tx, kw = sparseopt.zero_masked_updates(), {"masks": masks}
   elif which == "alias":
-    tx, kw = sparseopt.sparseopt(0.1, weight_decay=1e-3,
-                                 neuron_axis=neuron_axis), {"masks": masks}
+    tx, kw = sparseopt.sparseopt(
+        0.1, weight_decay=1e-3, neuron_axis=neuron_axis
+    ), {"masks": masks}
   elif which == "adam":
-    tx = optax.chain(sparseopt.scale_by_sparseopt(neuron_axis=neuron_axis),
-                     optax.adam(1e-3))
+    tx = optax.chain(
+        sparseopt.scale_by_sparseopt(neuron_axis=neuron_axis), optax.adam(1e-3)
+    )
     kw = {"masks": masks}
   elif which == "derived":  # masks from params != 0
     tx, kw = sparseopt.scale_by_sparseopt(neuron_axis=neuron_axis), {}
   else:
-    tx = sparseopt.scale_by_sparseopt(neuron_axis=neuron_axis,
-                                      correction=which)
+    tx = sparseopt.scale_by_sparseopt(neuron_axis=neuron_axis, correction=which)
     kw = {"masks": masks}
   try:
     state = tx.init(params)
     out, _ = jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))(
-        grads, state, params, kw)
+        grads, state, params, kw
+    )
   except Exception as exc:  # pylint: disable=broad-except
     if not _documented(exc):
       raise
@@ -102,7 +111,8 @@ def test_transforms_on_random_trees(problem, neuron_axis, which):
     # Adam's standard on the gradient SparseOpt hands it: no worse.
     plain = optax.adam(1e-3)
     scaled, _ = sparseopt.scale_by_sparseopt(neuron_axis=neuron_axis).update(
-        grads, None, params, masks=masks)
+        grads, None, params, masks=masks
+    )
     ref_out, _ = plain.update(scaled, plain.init(params), params)
     ok = jax.tree.map(lambda r: jnp.isfinite(r.astype(jnp.float32)), ref_out)
     out = jax.tree.map(lambda o, k: jnp.where(k, o, 0), out, ok)
@@ -114,11 +124,16 @@ def test_transforms_on_random_trees(problem, neuron_axis, which):
         np.testing.assert_array_equal(out[name], grads[name])
 
 
-@hypothesis.settings(max_examples=12, deadline=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
-@hypothesis.given(problem=problems(),
-                  method=st.sampled_from(["rigl", "set", "static"]),
-                  corrupt=st.sampled_from([None, "nan", "inf"]))
+@hypothesis.settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
+@hypothesis.given(
+    problem=problems(),
+    method=st.sampled_from(["rigl", "set", "static"]),
+    corrupt=st.sampled_from([None, "nan", "inf"]),
+)
 def test_dynamic_sparse_on_random_trees(problem, method, corrupt):
   params, grads, masks = problem
   if corrupt:
@@ -127,12 +142,19 @@ def test_dynamic_sparse_on_random_trees(problem, method, corrupt):
     # zeroed by an additive update; optax.apply_if_finite keeps such steps
     # out, see test_dst.)
     grads = jax.tree.map(
-        lambda g: g.at[(0,) * g.ndim].set(jnp.nan if corrupt == "nan"
-                                          else jnp.inf), grads)
+        lambda g: g.at[(0,) * g.ndim].set(
+            jnp.nan if corrupt == "nan" else jnp.inf
+        ),
+        grads,
+    )
   tx = sparseopt.dynamic_sparse(
       optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
-      masks, method=method, update_every=1, end_step=10,
-      key=jax.random.key(0))
+      masks,
+      method=method,
+      update_every=1,
+      end_step=10,
+      key=jax.random.key(0),
+  )
   state = tx.init(params)
   step = jax.jit(tx.update)
   counts = {k: None if m is None else int(m.sum()) for k, m in masks.items()}

@@ -14,21 +14,27 @@ import reference as ref
 
 # Property tests draw random shapes; each new shape costs a few eager
 # compilations, so keep the example count modest and the deadline off.
-PROPERTY = hypothesis.settings(max_examples=15, deadline=None,
-                               suppress_health_check=list(
-                                   hypothesis.HealthCheck))
+PROPERTY = hypothesis.settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
 
 
 def make_params(key=0):
   """Dense (in, out), Conv (H, W, Cin, Cout), a 1x1 conv, biases and BN."""
   k = jax.random.split(jax.random.key(key), 3)
   return {
-      "Conv_0": {"kernel": jax.random.normal(k[0], (3, 3, 2, 6)),
-                 "bias": jnp.zeros(6)},
+      "Conv_0": {
+          "kernel": jax.random.normal(k[0], (3, 3, 2, 6)),
+          "bias": jnp.zeros(6),
+      },
       "Conv_1x1": {"kernel": jax.random.normal(k[1], (1, 1, 6, 8))},
       "BatchNorm_0": {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
-      "Dense_0": {"kernel": jax.random.normal(k[2], (8, 5)),
-                  "bias": jnp.zeros(5)},
+      "Dense_0": {
+          "kernel": jax.random.normal(k[2], (8, 5)),
+          "bias": jnp.zeros(5),
+      },
   }
 
 
@@ -36,14 +42,20 @@ KERNELS = ("Conv_0/kernel", "Conv_1x1/kernel", "Dense_0/kernel")
 
 
 def shapes_of(params):
-  return {sparseopt.path_str(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(params)
-          if x.ndim >= 2}
+  return {
+      sparseopt.path_str(p): tuple(x.shape)
+      for p, x in jax.tree_util.tree_leaves_with_path(params)
+      if x.ndim >= 2
+  }
 
 
 def flat_masks(masks):
-  return {sparseopt.path_str(p): m for p, m in
-          jax.tree_util.tree_leaves_with_path(masks, is_leaf=lambda x: x is None)}
+  return {
+      sparseopt.path_str(p): m
+      for p, m in jax.tree_util.tree_leaves_with_path(
+          masks, is_leaf=lambda x: x is None
+      )
+  }
 
 
 # ----------------------------------------------------------------- densities
@@ -102,8 +114,11 @@ def test_erk_is_not_uniform():
 def test_init_masks_exact_counts(distribution, s):
   params = make_params()
   masks = sparseopt.init_masks(jax.random.key(1), params, s, distribution)
-  dens = (ref.erk_densities(shapes_of(params), s) if distribution == "erk"
-          else {n: 1 - s for n in KERNELS})
+  dens = (
+      ref.erk_densities(shapes_of(params), s)
+      if distribution == "erk"
+      else {n: 1 - s for n in KERNELS}
+  )
   flat = flat_masks(masks)
   for name, m in flat.items():
     if name in KERNELS:
@@ -130,8 +145,9 @@ def test_init_masks_deterministic_and_key_dependent():
   c = sparseopt.init_masks(jax.random.key(4), params, 0.7)
   for n in KERNELS:
     np.testing.assert_array_equal(flat_masks(a)[n], flat_masks(b)[n])
-  assert any(not np.array_equal(flat_masks(a)[n], flat_masks(c)[n])
-             for n in KERNELS)
+  assert any(
+      not np.array_equal(flat_masks(a)[n], flat_masks(c)[n]) for n in KERNELS
+  )
   # Layers get different random draws (not the same pattern per shape).
   same = {"x": jnp.zeros((10, 10)), "y": jnp.zeros((10, 10))}
   m = sparseopt.init_masks(jax.random.key(0), same, 0.5, "uniform")
@@ -158,36 +174,49 @@ def test_init_masks_under_jit_shapes_are_static():
 def test_exclude_paths_and_filter_pytree():
   params = make_params()
   f = sparseopt.exclude_paths("Dense")
-  masks = sparseopt.init_masks(jax.random.key(0), params, 0.5, "uniform",
-                               filter_fn=f)
+  masks = sparseopt.init_masks(
+      jax.random.key(0), params, 0.5, "uniform", filter_fn=f
+  )
   assert masks["Dense_0"]["kernel"] is None
   assert masks["Conv_0"]["kernel"] is not None
   # Anchored regex: only the stem.
   g = sparseopt.exclude_paths("^Conv_0/")
-  masks = sparseopt.init_masks(jax.random.key(0), params, 0.5, "uniform",
-                               filter_fn=g)
+  masks = sparseopt.init_masks(
+      jax.random.key(0), params, 0.5, "uniform", filter_fn=g
+  )
   assert masks["Conv_0"]["kernel"] is None
   assert masks["Conv_1x1"]["kernel"] is not None
   # A pytree of bools says the same thing; it may even make a 1-D leaf sparse.
   flags = jax.tree.map(lambda x: False, params)
   flags["Conv_0"]["bias"] = True
-  masks = sparseopt.init_masks(jax.random.key(0), params, 0.5, "uniform",
-                               filter_fn=flags)
+  masks = sparseopt.init_masks(
+      jax.random.key(0), params, 0.5, "uniform", filter_fn=flags
+  )
   assert int(masks["Conv_0"]["bias"].sum()) == 3
   assert masks["Conv_0"]["kernel"] is None
 
 
 def test_exclude_paths_base_and_path_str():
   params = make_params()
-  paths = [sparseopt.path_str(p)
-           for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  paths = [
+      sparseopt.path_str(p)
+      for p, _ in jax.tree_util.tree_leaves_with_path(params)
+  ]
   assert "Conv_0/kernel" in paths and "BatchNorm_0/scale" in paths
   assert sparseopt.path_str(()) == "<root>"
-  assert sparseopt.path_str(jax.tree_util.tree_leaves_with_path(
-      [jnp.zeros(1), (jnp.zeros(1),)])[1][0]) == "1/0"
+  assert (
+      sparseopt.path_str(
+          jax.tree_util.tree_leaves_with_path([jnp.zeros(1), (jnp.zeros(1),)])[
+              1
+          ][0]
+      )
+      == "1/0"
+  )
   f = sparseopt.exclude_paths("bias", base=lambda p, x: True)
-  flags = {sparseopt.path_str(p): f(p, x)
-           for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  flags = {
+      sparseopt.path_str(p): f(p, x)
+      for p, x in jax.tree_util.tree_leaves_with_path(params)
+  }
   assert flags["BatchNorm_0/scale"] and not flags["Conv_0/bias"]
   assert sparseopt.is_kernel((), jnp.zeros((2, 2)))
   assert not sparseopt.is_kernel((), jnp.zeros(2))
@@ -195,19 +224,26 @@ def test_exclude_paths_base_and_path_str():
 
 def test_overrides():
   params = make_params()
-  d = sparseopt.layer_densities(params, 0.8, "erk",
-                                overrides={"Dense": 0.0, "^Conv_0": 0.5})
+  d = sparseopt.layer_densities(
+      params, 0.8, "erk", overrides={"Dense": 0.0, "^Conv_0": 0.5}
+  )
   assert d["Dense_0/kernel"] == 1.0
   assert d["Conv_0/kernel"] == pytest.approx(0.5)
   # The remaining free layer takes the global target alone.
   assert d["Conv_1x1/kernel"] == pytest.approx(0.2)
-  masks = sparseopt.init_masks(jax.random.key(0), params, 0.8, "erk",
-                               overrides={"Dense": 0.0, "^Conv_0": 0.5})
+  masks = sparseopt.init_masks(
+      jax.random.key(0),
+      params,
+      0.8,
+      "erk",
+      overrides={"Dense": 0.0, "^Conv_0": 0.5},
+  )
   assert bool(masks["Dense_0"]["kernel"].all())
   assert int(masks["Conv_0"]["kernel"].sum()) == 54
   # First matching regex wins.
-  d = sparseopt.layer_densities(params, 0.5, "uniform",
-                                overrides={"Conv": 0.9, "Conv_0": 0.1})
+  d = sparseopt.layer_densities(
+      params, 0.5, "uniform", overrides={"Conv": 0.9, "Conv_0": 0.1}
+  )
   assert d["Conv_0/kernel"] == pytest.approx(0.1)
   with pytest.raises(ValueError, match=r"overrides\['nothing'\] matches no"):
     sparseopt.layer_densities(params, 0.5, overrides={"nothing": 0.5})
@@ -218,7 +254,9 @@ def test_overrides():
 def test_magnitude_masks_topk_with_index_ties():
   # Integer magnitudes with many ties: the kept set is the top-k of |w|
   # with ties going to the lower flat index.
-  w = jnp.array([[3., -1., 2.], [-3., 1., 0.], [2., 2., -1.], [0., 1., 3.]])
+  w = jnp.array(
+      [[3.0, -1.0, 2.0], [-3.0, 1.0, 0.0], [2.0, 2.0, -1.0], [0.0, 1.0, 3.0]]
+  )
   params = {"w": w, "b": jnp.ones(3)}
   masks = sparseopt.magnitude_masks(params, 0.5, "uniform")
   want = np.zeros(12, bool)
@@ -227,7 +265,13 @@ def test_magnitude_masks_topk_with_index_ties():
   assert masks["b"] is None
   # Sanity of the reference itself on this example: |w| = 3,3,3 then 2,2,2.
   assert sorted(ref.topk_flat(np.abs(np.asarray(w)), 6).tolist()) == [
-      0, 2, 3, 6, 7, 11]
+      0,
+      2,
+      3,
+      6,
+      7,
+      11,
+  ]
 
 
 def test_magnitude_masks_conv_erk_counts():
@@ -260,8 +304,9 @@ def test_neuron_sparsity_matches_reference(shape, axis):
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, ref.neuron_sparsity(m, axis), atol=1e-6)
   jitted = jax.jit(sparseopt.neuron_sparsity, static_argnums=1)
-  np.testing.assert_allclose(jitted(jnp.asarray(m), axis),
-                             ref.neuron_sparsity(m, axis), atol=1e-6)
+  np.testing.assert_allclose(
+      jitted(jnp.asarray(m), axis), ref.neuron_sparsity(m, axis), atol=1e-6
+  )
 
 
 def test_full_neuron_sparsity_exact_under_jit():
@@ -274,9 +319,10 @@ def test_full_neuron_sparsity_exact_under_jit():
 
 def test_neuron_sparsity_hand_checked():
   m = jnp.array([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]], bool)
-  np.testing.assert_allclose(sparseopt.neuron_sparsity(m), [0., .75, 1.])
-  np.testing.assert_allclose(sparseopt.neuron_sparsity(m, 0),
-                             [1 / 3, 2 / 3, 2 / 3, 2 / 3], rtol=1e-6)
+  np.testing.assert_allclose(sparseopt.neuron_sparsity(m), [0.0, 0.75, 1.0])
+  np.testing.assert_allclose(
+      sparseopt.neuron_sparsity(m, 0), [1 / 3, 2 / 3, 2 / 3, 2 / 3], rtol=1e-6
+  )
 
 
 def test_sparsity_and_layer_sparsity():
@@ -287,7 +333,8 @@ def test_sparsity_and_layer_sparsity():
   want = 1 - (m1.sum() + m2.sum()) / total
   assert float(sparseopt.sparsity(masks)) == pytest.approx(want, abs=1e-6)
   assert float(jax.jit(sparseopt.sparsity)(masks)) == pytest.approx(
-      want, abs=1e-6)
+      want, abs=1e-6
+  )
   ls = sparseopt.layer_sparsity(masks)
   assert set(ls) == {"a", "c/k"}
   assert float(ls["a"]) == pytest.approx(1 - m1.mean(), abs=1e-6)
@@ -299,9 +346,11 @@ def test_apply_masks():
   params = make_params()
   masks = sparseopt.init_masks(jax.random.key(0), params, 0.5, "uniform")
   out = jax.jit(sparseopt.apply_masks)(params, masks)
-  for (p, x), y, m in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(out),
-      jax.tree.leaves(masks, is_leaf=lambda v: v is None)):
+  for (_p, x), y, m in zip(
+      jax.tree_util.tree_leaves_with_path(params),
+      jax.tree.leaves(out),
+      jax.tree.leaves(masks, is_leaf=lambda v: v is None),
+  ):
     if m is None:
       np.testing.assert_array_equal(x, y)
     else:
@@ -354,8 +403,9 @@ def test_mask_tree_structure_mismatch_names_path():
 def test_mask_shape_mismatch_names_path():
   masks = good_masks()
   masks["Conv_1x1"]["kernel"] = jnp.ones((1, 1, 8, 6), bool)
-  with pytest.raises(ValueError,
-                     match=r"Conv_1x1/kernel.*\(1, 1, 8, 6\).*\(1, 1, 6, 8\)"):
+  with pytest.raises(
+      ValueError, match=r"Conv_1x1/kernel.*\(1, 1, 8, 6\).*\(1, 1, 6, 8\)"
+  ):
     sparseopt.apply_masks(make_params(), masks)
 
 
@@ -379,7 +429,9 @@ def test_validate_masks_works_on_tracers():
 
 def test_neuron_axis_out_of_range():
   m = jnp.ones((4, 3), bool)
-  with pytest.raises(ValueError, match=r"neuron_axis=2 is out of range.*ndim=2"):
+  with pytest.raises(
+      ValueError, match=r"neuron_axis=2 is out of range.*ndim=2"
+  ):
     sparseopt.neuron_sparsity(m, 2)
   with pytest.raises(ValueError, match=r"neuron_axis=-3 is out of range"):
     sparseopt.neuron_sparsity(m, -3)
@@ -389,13 +441,13 @@ def test_neuron_axis_out_of_range():
 
 def test_filter_pytree_with_wrong_structure():
   with pytest.raises(ValueError, match=r"filter_fn.*structure"):
-    sparseopt.init_masks(jax.random.key(0), make_params(), 0.5,
-                         filter_fn={"Dense_0": True})
+    sparseopt.init_masks(
+        jax.random.key(0), make_params(), 0.5, filter_fn={"Dense_0": True}
+    )
   flags = jax.tree.map(lambda _: False, make_params())
   flags["Dense_0"]["kernel"] = 1  # not a bool
   with pytest.raises(TypeError, match=r"Dense_0/kernel.*bool"):
-    sparseopt.init_masks(jax.random.key(0), make_params(), 0.5,
-                         filter_fn=flags)
+    sparseopt.init_masks(jax.random.key(0), make_params(), 0.5, filter_fn=flags)
 
 
 # -------------------------------------------------------- property tests
@@ -403,27 +455,41 @@ def test_filter_pytree_with_wrong_structure():
 # Mask building compiles a few eager ops per new shape, so masks are drawn
 # from a fixed pool of shapes (compiled once); densities alone are pure
 # Python and get fully random shapes.
-SHAPE_POOL = [(4, 3), (6, 5), (1, 7), (8, 2), (3, 3, 2, 4), (1, 1, 5, 6),
-              (3, 1, 2, 3)]
+SHAPE_POOL = [
+    (4, 3),
+    (6, 5),
+    (1, 7),
+    (8, 2),
+    (3, 3, 2, 4),
+    (1, 1, 5, 6),
+    (3, 1, 2, 3),
+]
 dims = st.integers(1, 9)
-random_shape = st.one_of(st.tuples(dims, dims),
-                         st.tuples(st.sampled_from([1, 3, 5]),
-                                   st.sampled_from([1, 3]), dims, dims))
+random_shape = st.one_of(
+    st.tuples(dims, dims),
+    st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([1, 3]), dims, dims),
+)
 
 
 def layered(shapes):
   # NumPy leaves: only shapes are read, and eager jnp.zeros would compile a
   # broadcast for every new shape.
-  params = {f"l{i}": {"kernel": np.zeros(shape, np.float32),
-                      "bias": np.zeros(shape[-1], np.float32)}
-            for i, shape in enumerate(shapes)}
+  params = {
+      f"l{i}": {
+          "kernel": np.zeros(shape, np.float32),
+          "bias": np.zeros(shape[-1], np.float32),
+      }
+      for i, shape in enumerate(shapes)
+  }
   return params, [f"l{i}/kernel" for i in range(len(shapes))]
 
 
 @hypothesis.settings(max_examples=100, deadline=None)
-@hypothesis.given(shapes=st.lists(random_shape, min_size=1, max_size=6),
-                  s=st.floats(0.0, 0.99),
-                  power=st.sampled_from([1.0, 0.5]))
+@hypothesis.given(
+    shapes=st.lists(random_shape, min_size=1, max_size=6),
+    s=st.floats(0.0, 0.99),
+    power=st.sampled_from([1.0, 0.5]),
+)
 def test_property_erk_densities(shapes, s, power):
   params, names = layered(shapes)
   dens = sparseopt.layer_densities(params, s, "erk", erk_power_scale=power)
@@ -438,16 +504,20 @@ def test_property_erk_densities(shapes, s, power):
 
 
 @PROPERTY
-@hypothesis.given(shapes=st.lists(st.sampled_from(SHAPE_POOL), min_size=1,
-                                  max_size=4),
-                  s=st.floats(0.0, 0.97),
-                  distribution=st.sampled_from(["erk", "uniform"]),
-                  seed=st.integers(0, 2**16))
+@hypothesis.given(
+    shapes=st.lists(st.sampled_from(SHAPE_POOL), min_size=1, max_size=4),
+    s=st.floats(0.0, 0.97),
+    distribution=st.sampled_from(["erk", "uniform"]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_mask_invariants(shapes, s, distribution, seed):
   params, names = layered(shapes)
   dens = sparseopt.layer_densities(params, s, distribution)
-  want = (ref.erk_densities(dict(zip(names, shapes)), s)
-          if distribution == "erk" else {n: 1 - s for n in names})
+  want = (
+      ref.erk_densities(dict(zip(names, shapes)), s)
+      if distribution == "erk"
+      else {n: 1 - s for n in names}
+  )
   key = jax.random.key(seed)
   masks = sparseopt.init_masks(key, params, s, distribution)
   again = sparseopt.init_masks(key, params, s, distribution)
@@ -467,7 +537,8 @@ def test_property_mask_invariants(shapes, s, distribution, seed):
   # misses the target by at most that much per layer.
   assert abs(active - (1 - s) * total) <= 0.5 * len(shapes) + 1e-6
   assert float(sparseopt.sparsity(masks)) == pytest.approx(
-      1 - active / total, abs=1e-6)
+      1 - active / total, abs=1e-6
+  )
   mags = sparseopt.magnitude_masks(params, s, distribution)
   for n in names:
     assert int(flat_masks(mags)[n].sum()) == int(flat[n].sum())

@@ -79,6 +79,8 @@ def test_import_loads_no_flax_or_tensorflow():
 
 @pytest.mark.packaging
 def test_wheel_ships_the_library_only_and_passes_twine(tmp_path):
+  for module in ("build", "twine"):  # The `dev` extra.
+    pytest.importorskip(module)
   # A copy, so that the build's egg-info and build/ stay out of the clone and
   # nothing stale in them reaches the wheel; experiments/, benchmarks/ and
   # tests/ are there, for the wheel to leave out.
@@ -143,6 +145,8 @@ def test_wheel_ships_the_library_only_and_passes_twine(tmp_path):
 
 @pytest.mark.lint
 def test_code_is_formatted_and_lint_clean():
+  for module in ("ruff", "pyink"):  # The `dev` extra.
+    pytest.importorskip(module)
   # The configuration, and what they skip, is in pyproject.toml.
   ruff = [sys.executable, "-m", "ruff", "check", "--no-cache"]
   _run([*ruff, "--output-format=concise", "."], cwd=_REPO)

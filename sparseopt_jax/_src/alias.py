@@ -8,15 +8,17 @@ from sparseopt_jax._src import transform
 from sparseopt_jax._src import tree as tree_lib
 
 
-def sparseopt(learning_rate: optax.ScalarOrSchedule,
-              momentum: float | None = 0.9,
-              nesterov: bool = False,
-              weight_decay: float = 0.0, *,
-              masks: transform.MaskSource | None = None,
-              neuron_axis: int | None = None,
-              filter_fn: tree_lib.LeafFilter | None = None,
-              correction: str = "fan_in",
-              ) -> optax.GradientTransformationExtraArgs:
+def sparseopt(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    masks: transform.MaskSource | None = None,
+    neuron_axis: int | None = None,
+    filter_fn: tree_lib.LeafFilter | None = None,
+    correction: str = "fan_in",
+) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on SparseOpt-corrected gradients.
 
   The update is
@@ -73,7 +75,11 @@ def sparseopt(learning_rate: optax.ScalarOrSchedule,
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
   return optax.chain(
       transform.scale_by_sparseopt(
-          masks, neuron_axis=-1 if neuron_axis is None else neuron_axis,
-          filter_fn=filter_fn, correction=correction),
+          masks,
+          neuron_axis=-1 if neuron_axis is None else neuron_axis,
+          filter_fn=filter_fn,
+          correction=correction,
+      ),
       optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  )

@@ -27,7 +27,9 @@ def _check_sparsity(value: Any, name: str) -> float:
   try:
     s = float(value)
   except (TypeError, ValueError):
-    raise TypeError(f"{name} must be a number in [0, 1), got {value!r}.") from None
+    raise TypeError(
+        f"{name} must be a number in [0, 1), got {value!r}."
+    ) from None
   if not 0.0 <= s < 1.0 or math.isnan(s):
     raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
   return s
@@ -38,11 +40,15 @@ def _erk_raw_density(shape: tuple[int, ...]) -> float:
   return sum(shape) / math.prod(shape)
 
 
-def layer_densities(params: PyTree, sparsity: float,
-                    distribution: str = "erk", *,
-                    filter_fn: tree_lib.LeafFilter | None = None,
-                    overrides: Mapping[str, float] | None = None,
-                    erk_power_scale: float = 1.0) -> dict[str, float]:
+def layer_densities(
+    params: PyTree,
+    sparsity: float,
+    distribution: str = "erk",
+    *,
+    filter_fn: tree_lib.LeafFilter | None = None,
+    overrides: Mapping[str, float] | None = None,
+    erk_power_scale: float = 1.0,
+) -> dict[str, float]:
   """Per-layer densities (``1 - sparsity``) of a sparsity distribution.
 
   ``uniform`` gives every sparse leaf density ``1 - sparsity``. ``erk``
@@ -73,12 +79,15 @@ def layer_densities(params: PyTree, sparsity: float,
   """
   sparsity = _check_sparsity(sparsity, "sparsity")
   if distribution not in DISTRIBUTIONS:
-    raise ValueError(f"Unknown distribution {distribution!r}; expected one of "
-                     f"{DISTRIBUTIONS}.")
+    raise ValueError(
+        f"Unknown distribution {distribution!r}; expected one of "
+        f"{DISTRIBUTIONS}."
+    )
   flags = tree_lib.resolve_filter(filter_fn, params)
   shapes: dict[str, tuple[int, ...]] = {}
-  for (path, leaf), flag in zip(jax.tree_util.tree_leaves_with_path(params),
-                                jax.tree.leaves(flags)):
+  for (path, leaf), flag in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(flags)
+  ):
     if flag:
       shapes[tree_lib.path_str(path)] = tuple(int(d) for d in np.shape(leaf))
 
@@ -88,8 +97,10 @@ def layer_densities(params: PyTree, sparsity: float,
     regex = re.compile(pattern)
     matched = [n for n in shapes if regex.search(n) and n not in fixed]
     if not any(regex.search(n) for n in shapes):
-      raise ValueError(f"overrides[{pattern!r}] matches no sparse leaf; "
-                       f"sparse leaves are {list(shapes)}.")
+      raise ValueError(
+          f"overrides[{pattern!r}] matches no sparse leaf; "
+          f"sparse leaves are {list(shapes)}."
+      )
     for n in matched:
       fixed[n] = 1.0 - value
   free = [n for n in shapes if n not in fixed]
@@ -124,11 +135,23 @@ def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
   return keep.reshape(scores.shape)
 
 
-def _build_masks(params, sparsity, distribution, filter_fn, overrides,
-                 erk_power_scale, score_fn) -> PyTree:
-  densities = layer_densities(params, sparsity, distribution,
-                              filter_fn=filter_fn, overrides=overrides,
-                              erk_power_scale=erk_power_scale)
+def _build_masks(
+    params,
+    sparsity,
+    distribution,
+    filter_fn,
+    overrides,
+    erk_power_scale,
+    score_fn,
+) -> PyTree:
+  densities = layer_densities(
+      params,
+      sparsity,
+      distribution,
+      filter_fn=filter_fn,
+      overrides=overrides,
+      erk_power_scale=erk_power_scale,
+  )
   index = {name: i for i, name in enumerate(densities)}
 
   def make(path, leaf):
@@ -142,11 +165,16 @@ def _build_masks(params, sparsity, distribution, filter_fn, overrides,
   return jax.tree_util.tree_map_with_path(make, params)
 
 
-def init_masks(key: jax.Array, params: PyTree, sparsity: float,
-               distribution: str = "erk", *,
-               filter_fn: tree_lib.LeafFilter | None = None,
-               overrides: Mapping[str, float] | None = None,
-               erk_power_scale: float = 1.0) -> PyTree:
+def init_masks(
+    key: jax.Array,
+    params: PyTree,
+    sparsity: float,
+    distribution: str = "erk",
+    *,
+    filter_fn: tree_lib.LeafFilter | None = None,
+    overrides: Mapping[str, float] | None = None,
+    erk_power_scale: float = 1.0,
+) -> PyTree:
   """Random sparsity masks for ``params``.
 
   Each sparse leaf keeps exactly ``round(density * size)`` entries, chosen as
@@ -182,18 +210,30 @@ def init_masks(key: jax.Array, params: PyTree, sparsity: float,
     Evci et al., Rigging the Lottery: Making All Tickets Winners, 2020.
     https://arxiv.org/abs/1911.11134
   """
+
   def score(i, leaf):
     return jax.random.uniform(jax.random.fold_in(key, i), np.shape(leaf))
 
-  return _build_masks(params, sparsity, distribution, filter_fn, overrides,
-                      erk_power_scale, score)
+  return _build_masks(
+      params,
+      sparsity,
+      distribution,
+      filter_fn,
+      overrides,
+      erk_power_scale,
+      score,
+  )
 
 
-def magnitude_masks(params: PyTree, sparsity: float,
-                    distribution: str = "erk", *,
-                    filter_fn: tree_lib.LeafFilter | None = None,
-                    overrides: Mapping[str, float] | None = None,
-                    erk_power_scale: float = 1.0) -> PyTree:
+def magnitude_masks(
+    params: PyTree,
+    sparsity: float,
+    distribution: str = "erk",
+    *,
+    filter_fn: tree_lib.LeafFilter | None = None,
+    overrides: Mapping[str, float] | None = None,
+    erk_power_scale: float = 1.0,
+) -> PyTree:
   """Masks keeping the largest-magnitude weights of each sparse leaf.
 
   Same densities and exact counts as :func:`init_masks`, with ``|w|`` as the
@@ -211,8 +251,15 @@ def magnitude_masks(params: PyTree, sparsity: float,
   Returns:
     A mask tree.
   """
-  return _build_masks(params, sparsity, distribution, filter_fn, overrides,
-                      erk_power_scale, lambda _, leaf: jnp.abs(leaf))
+  return _build_masks(
+      params,
+      sparsity,
+      distribution,
+      filter_fn,
+      overrides,
+      erk_power_scale,
+      lambda _, leaf: jnp.abs(leaf),
+  )
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -229,8 +276,9 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   return tree_lib.zero_masked(masks, params)
 
 
-def neuron_counts(mask: jax.Array, neuron_axis: int = -1, *,
-                  name: str = "mask") -> tuple[jax.Array, int]:
+def neuron_counts(
+    mask: jax.Array, neuron_axis: int = -1, *, name: str = "mask"
+) -> tuple[jax.Array, int]:
   """Active incoming weights per neuron (int32) and the fan-in (static int)."""
   ndim = np.ndim(mask)
   if ndim < 1:
@@ -241,8 +289,9 @@ def neuron_counts(mask: jax.Array, neuron_axis: int = -1, *,
   return count, fan_in
 
 
-def neuron_density(mask: jax.Array, neuron_axis: int = -1, *,
-                   name: str = "mask") -> jax.Array:
+def neuron_density(
+    mask: jax.Array, neuron_axis: int = -1, *, name: str = "mask"
+) -> jax.Array:
   """Fraction of active incoming weights per neuron, ``1 - s_i`` (float32).
 
   Exactly 1 for a full neuron, also under ``jit`` (where XLA turns division
@@ -253,8 +302,9 @@ def neuron_density(mask: jax.Array, neuron_axis: int = -1, *,
 
 def density_from_counts(count: jax.Array, fan_in: int) -> jax.Array:
   """:func:`neuron_density` from counts already taken (float32)."""
-  return jnp.where(count == fan_in, 1.0,
-                   count.astype(jnp.float32) / max(fan_in, 1))
+  return jnp.where(
+      count == fan_in, 1.0, count.astype(jnp.float32) / max(fan_in, 1)
+  )
 
 
 def neuron_sparsity(mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
@@ -288,13 +338,21 @@ def sparsity(masks: PyTree) -> jax.Array:
 
 def layer_sparsity(masks: PyTree) -> dict[str, jax.Array]:
   """``{path_string: sparsity}`` for each sparse leaf of a mask tree."""
-  return {tree_lib.path_str(p):
-              1.0 - jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) / m.size
-          for p, m in tree_lib.mask_leaves_with_path(masks)}
+  return {
+      tree_lib.path_str(p): 1.0
+      - jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) / m.size
+      for p, m in tree_lib.mask_leaves_with_path(masks)
+  }
 
 
-def sparse_init(key: jax.Array, params: PyTree, masks: PyTree, *,
-                scale: float = 2.0, neuron_axis: int = -1) -> PyTree:
+def sparse_init(
+    key: jax.Array,
+    params: PyTree,
+    masks: PyTree,
+    *,
+    scale: float = 2.0,
+    neuron_axis: int = -1,
+) -> PyTree:
   r"""Fan-in-aware re-initialization of sparse leaves (Evci et al. 2022).
 
   Every active weight of neuron :math:`i` is drawn from
@@ -331,8 +389,9 @@ def sparse_init(key: jax.Array, params: PyTree, masks: PyTree, *,
       return param
     name = tree_lib.path_str(path)
     axis = tree_lib.normalize_axis(neuron_axis, mask.ndim, name)
-    fan_in = jnp.sum(mask, axis=tree_lib.reduce_axes(mask.ndim, axis),
-                     dtype=jnp.int32)
+    fan_in = jnp.sum(
+        mask, axis=tree_lib.reduce_axes(mask.ndim, axis), dtype=jnp.int32
+    )
     std = jnp.sqrt(scale / jnp.maximum(fan_in, 1).astype(jnp.float32))
     z = jax.random.normal(jax.random.fold_in(key, index[name]), mask.shape)
     w = z * tree_lib.broadcast_neuron(std, mask.ndim, axis)

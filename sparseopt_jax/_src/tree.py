@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ KeyPath = tuple[Any, ...]
 FilterFn = Callable[[KeyPath, Any], bool]
 # Which leaves a function applies to: a ``filter_fn(path, leaf) -> bool`` or a
 # pytree of Python bools with the structure of ``params``.
-LeafFilter = Union[FilterFn, PyTree]
+LeafFilter = FilterFn | PyTree
 
 
 def is_none(x: Any) -> bool:
@@ -107,30 +107,42 @@ def exclude_paths(*patterns: str, base: FilterFn = is_kernel) -> FilterFn:
   return filter_fn
 
 
-def resolve_filter(leaf_filter: LeafFilter | None, tree: PyTree,
-                   *, default: FilterFn = is_kernel,
-                   argname: str = "filter_fn") -> PyTree:
+def resolve_filter(
+    leaf_filter: LeafFilter | None,
+    tree: PyTree,
+    *,
+    default: FilterFn = is_kernel,
+    argname: str = "filter_fn",
+) -> PyTree:
   """Evaluates a filter on ``tree``: a pytree of Python bools like ``tree``."""
   if leaf_filter is None:
     leaf_filter = default
   if callable(leaf_filter):
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: bool(leaf_filter(p, x)), tree)
+        lambda p, x: bool(leaf_filter(p, x)), tree
+    )
   flags = leaf_filter
   if jax.tree.structure(flags) != jax.tree.structure(tree):
     raise ValueError(
         f"{argname}: a pytree filter must have the structure of the params; "
         f"got {jax.tree.structure(flags)}, params have "
-        f"{jax.tree.structure(tree)}.")
+        f"{jax.tree.structure(tree)}."
+    )
   for path, v in jax.tree_util.tree_leaves_with_path(flags):
     if not isinstance(v, (bool, np.bool_)):
-      raise TypeError(f"{argname}: leaf {path_str(path)!r} must be a Python "
-                      f"bool, got {type(v).__name__}.")
+      raise TypeError(
+          f"{argname}: leaf {path_str(path)!r} must be a Python "
+          f"bool, got {type(v).__name__}."
+      )
   return jax.tree.map(bool, flags)
 
 
-def map_masked(f: Callable[..., Any], masks: PyTree, *trees: PyTree,
-               with_path: bool = False) -> PyTree:
+def map_masked(
+    f: Callable[..., Any],
+    masks: PyTree,
+    *trees: PyTree,
+    with_path: bool = False,
+) -> PyTree:
   """``jax.tree.map`` over a mask tree and params-shaped trees.
 
   ``f(mask, *leaves)`` is called for every leaf, with ``mask`` ``None`` for
@@ -143,13 +155,16 @@ def map_masked(f: Callable[..., Any], masks: PyTree, *trees: PyTree,
 
 def mask_leaves_with_path(masks: PyTree) -> list[tuple[KeyPath, Any]]:
   """``(path, mask)`` for the sparse (non-``None``) leaves of a mask tree."""
-  return [(p, m) for p, m in
-          jax.tree_util.tree_leaves_with_path(masks, is_leaf=is_none)
-          if m is not None]
+  return [
+      (p, m)
+      for p, m in jax.tree_util.tree_leaves_with_path(masks, is_leaf=is_none)
+      if m is not None
+  ]
 
 
-def validate_masks(params: PyTree, masks: PyTree, *,
-                   argname: str = "masks") -> None:
+def validate_masks(
+    params: PyTree, masks: PyTree, *, argname: str = "masks"
+) -> None:
   """Checks that ``masks`` is a valid mask tree for ``params``.
 
   Raises a clear error naming the offending parameter path when the tree
@@ -170,10 +185,13 @@ def validate_masks(params: PyTree, masks: PyTree, *,
   mask_def = jax.tree.structure(masks, is_leaf=is_none)
   param_def = jax.tree.structure(params)
   if mask_def != param_def:
-    mask_paths = {path_str(p) for p, _ in
-                  jax.tree_util.tree_leaves_with_path(masks, is_leaf=is_none)}
-    param_paths = {path_str(p) for p, _ in
-                   jax.tree_util.tree_leaves_with_path(params)}
+    mask_paths = {
+        path_str(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(masks, is_leaf=is_none)
+    }
+    param_paths = {
+        path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+    }
     only_m = sorted(mask_paths - param_paths)
     only_p = sorted(param_paths - mask_paths)
     detail = []
@@ -185,7 +203,8 @@ def validate_masks(params: PyTree, masks: PyTree, *,
       detail.append(f"{argname}: {mask_def}; params: {param_def}")
     raise ValueError(
         f"{argname} must have the tree structure of the params (use None for "
-        f"dense leaves): " + "; ".join(detail) + ".")
+        f"dense leaves): " + "; ".join(detail) + "."
+    )
 
   def check(path, mask, param):
     if mask is None:
@@ -195,11 +214,13 @@ def validate_masks(params: PyTree, masks: PyTree, *,
     if dtype is None or jnp.dtype(dtype) != jnp.bool_:
       raise TypeError(
           f"{argname}[{name!r}] must be a boolean array, got dtype {dtype}; "
-          f"convert with `m.astype(bool)` or build masks with init_masks.")
+          f"convert with `m.astype(bool)` or build masks with init_masks."
+      )
     if tuple(np.shape(mask)) != tuple(np.shape(param)):
       raise ValueError(
           f"{argname}[{name!r}] has shape {tuple(np.shape(mask))} but the "
-          f"parameter has shape {tuple(np.shape(param))}.")
+          f"parameter has shape {tuple(np.shape(param))}."
+      )
 
   map_masked(check, masks, params, with_path=True)
 
@@ -211,7 +232,8 @@ def normalize_axis(axis: int, ndim: int, name: str) -> int:
   if not -ndim <= axis < ndim:
     raise ValueError(
         f"neuron_axis={axis} is out of range for {name!r} with ndim={ndim} "
-        f"(valid: {-ndim}..{ndim - 1}).")
+        f"(valid: {-ndim}..{ndim - 1})."
+    )
   return int(axis) % ndim
 
 
@@ -230,4 +252,6 @@ def zero_masked(masks: PyTree, tree: PyTree) -> PyTree:
   """Zeroes a params-shaped ``tree`` where masks are False (no validation)."""
   return map_masked(
       lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
-      masks, tree)
+      masks,
+      tree,
+  )
