@@ -19,6 +19,9 @@ from sparseopt_jax._src.dst import get_masks
 from sparseopt_jax._src.dst import itop_rate
 from sparseopt_jax._src.dst import masks_updated
 from sparseopt_jax._src.dst import reset_changed_moments
+from sparseopt_jax._src.ham import ham
+from sparseopt_jax._src.ham import HamState
+from sparseopt_jax._src.ham import normalize_updates
 from sparseopt_jax._src.masks import apply_masks
 from sparseopt_jax._src.masks import init_masks
 from sparseopt_jax._src.masks import layer_densities
@@ -35,12 +38,13 @@ from sparseopt_jax._src.tree import is_kernel
 from sparseopt_jax._src.tree import path_str
 from sparseopt_jax._src.tree import validate_masks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # Research measurements (skew, turning, jumps, histograms, the factor
 # functions) live in the ``diagnostics`` submodule, not here.
 __all__ = (
     "DynamicSparseState",
+    "HamState",
     "ScaleBySparseOptState",
     "apply_masks",
     "diagnostics",
@@ -48,6 +52,7 @@ __all__ = (
     "dynamic_sparse",
     "exclude_paths",
     "get_masks",
+    "ham",
     "init_masks",
     "is_kernel",
     "itop_rate",
@@ -56,6 +61,7 @@ __all__ = (
     "magnitude_masks",
     "masks_updated",
     "neuron_sparsity",
+    "normalize_updates",
     "path_str",
     "reset_changed_moments",
     "scale_by_sparseopt",

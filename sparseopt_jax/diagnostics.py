@@ -5,8 +5,9 @@ of the top-level namespace so that the user API stays small. Every
 ``*_diagnostics`` function returns a flat ``{name: scalar}`` dict of device
 arrays, so a jitted train step can return it without a host sync and a
 logger can fetch it every N steps. The factor functions (``fan_in_scale``,
-``norm_scale``, ``sparseopt_scales``) expose the per-neuron factors that
-:func:`sparseopt_jax.scale_by_sparseopt` applies, for inspection.
+``norm_scale``, ``batch_stats_scale``, ``sparseopt_scales``) expose the
+per-neuron factors that :func:`sparseopt_jax.scale_by_sparseopt` applies,
+for inspection.
 
 Use as::
 
@@ -20,11 +21,13 @@ from sparseopt_jax._src.diagnostics import mask_update_jump
 from sparseopt_jax._src.diagnostics import neuron_turning
 from sparseopt_jax._src.diagnostics import skew_diagnostics
 from sparseopt_jax._src.diagnostics import turning_diagnostics
+from sparseopt_jax._src.transform import batch_stats_scale
 from sparseopt_jax._src.transform import fan_in_scale
 from sparseopt_jax._src.transform import norm_scale
 from sparseopt_jax._src.transform import sparseopt_scales
 
 __all__ = (
+    "batch_stats_scale",
     "dst_diagnostics",
     "fan_in_histogram",
     "fan_in_scale",

@@ -18,8 +18,9 @@ from sparseopt_jax._src import tree as tree_lib
 from sparseopt_jax._src.tree import PyTree
 
 
-def skew_diagnostics(masks: PyTree, *, neuron_axis: int = -1
-                     ) -> dict[str, jax.Array]:
+def skew_diagnostics(
+    masks: PyTree, *, neuron_axis: int = -1
+) -> dict[str, jax.Array]:
   r"""Per-layer neuron-sparsity statistics and BatchNorm amplification spread.
 
   For every sparse leaf with ``ndim >= 2`` (path ``L``), over its neurons'
@@ -49,9 +50,11 @@ def skew_diagnostics(masks: PyTree, *, neuron_axis: int = -1
     live = density > 0
     d_max = jnp.max(density)
     d_min_live = jnp.min(jnp.where(live, density, jnp.inf))
-    spread = jnp.where(jnp.any(live),
-                       jnp.sqrt(d_max / jnp.where(jnp.any(live),
-                                                  d_min_live, 1.0)), 1.0)
+    spread = jnp.where(
+        jnp.any(live),
+        jnp.sqrt(d_max / jnp.where(jnp.any(live), d_min_live, 1.0)),
+        1.0,
+    )
     out[f"{name}/s_min"] = jnp.min(s)
     out[f"{name}/s_mean"] = jnp.mean(s)
     out[f"{name}/s_max"] = jnp.max(s)
@@ -65,8 +68,9 @@ def _bin_label(lo: int, hi: int) -> str:
   return str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
 
 
-def fan_in_histogram(masks: PyTree, *, neuron_axis: int = -1
-                     ) -> dict[str, jax.Array]:
+def fan_in_histogram(
+    masks: PyTree, *, neuron_axis: int = -1
+) -> dict[str, jax.Array]:
   r"""Per-layer histogram of neurons' active fan-in, in power-of-two bins.
 
   For every sparse leaf with ``ndim >= 2`` (path ``L``) and fan-in ``F``,
@@ -96,12 +100,14 @@ def fan_in_histogram(masks: PyTree, *, neuron_axis: int = -1
     for lo, hi in zip(edges[:-1], edges[1:]):
       in_bin = (count >= lo) & (count < hi)
       out[f"{name}/fan_in/{_bin_label(lo, hi)}"] = jnp.sum(
-          in_bin, dtype=jnp.int32).astype(jnp.float32)
+          in_bin, dtype=jnp.int32
+      ).astype(jnp.float32)
   return out
 
 
-def dst_diagnostics(state: optax.OptState, *, neuron_axis: int = -1
-                    ) -> dict[str, jax.Array]:
+def dst_diagnostics(
+    state: optax.OptState, *, neuron_axis: int = -1
+) -> dict[str, jax.Array]:
   """:func:`skew_diagnostics` of the live masks, plus topology statistics.
 
   Adds ``L/changed`` (connections regrown at the last mask update, per sparse
@@ -127,9 +133,14 @@ def dst_diagnostics(state: optax.OptState, *, neuron_axis: int = -1
   return out
 
 
-def neuron_turning(before: jax.Array, after: jax.Array, mask: jax.Array,
-                   neuron_axis: int = -1, *, name: str = "param"
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def neuron_turning(
+    before: jax.Array,
+    after: jax.Array,
+    mask: jax.Array,
+    neuron_axis: int = -1,
+    *,
+    name: str = "param",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""Angle each neuron's incoming weight vector turned, and its norm.
 
   With :math:`a_i, b_i` the masked incoming weights of neuron :math:`i`
@@ -185,9 +196,13 @@ def _slope(x: jax.Array, y: jax.Array, valid: jax.Array) -> jax.Array:
 RESOLVED_ANGLE = 1e-6
 
 
-def turning_diagnostics(params_before: PyTree, params_after: PyTree,
-                        masks: PyTree, *, neuron_axis: int = -1
-                        ) -> dict[str, jax.Array]:
+def turning_diagnostics(
+    params_before: PyTree,
+    params_after: PyTree,
+    masks: PyTree,
+    *,
+    neuron_axis: int = -1,
+) -> dict[str, jax.Array]:
   r"""How fast each sparse layer's neurons turn, and how unevenly.
 
   Under BatchNorm a neuron's incoming weights are scale invariant, so what a
@@ -228,8 +243,9 @@ def turning_diagnostics(params_before: PyTree, params_after: PyTree,
     if mask is None or mask.ndim < 2:
       return
     name = tree_lib.path_str(path)
-    angle, norm, live = neuron_turning(before, after, mask, neuron_axis,
-                                       name=name)
+    angle, norm, live = neuron_turning(
+        before, after, mask, neuron_axis, name=name
+    )
     count, fan_in = masks_lib.neuron_counts(mask, neuron_axis, name=name)
     density = masks_lib.density_from_counts(count, fan_in)
     n_live = jnp.maximum(jnp.sum(live), 1)
@@ -238,18 +254,24 @@ def turning_diagnostics(params_before: PyTree, params_after: PyTree,
     valid = can_turn & (angle > RESOLVED_ANGLE)
     x = jnp.log(jnp.where(valid, density, 1.0))
     y = jnp.log(jnp.where(valid, angle, 1.0))
-    out[f"{name}/angle_mean"] = jnp.sum(jnp.where(can_turn, angle, 0.0)) / n_turn
+    out[f"{name}/angle_mean"] = (
+        jnp.sum(jnp.where(can_turn, angle, 0.0)) / n_turn
+    )
     out[f"{name}/imbalance"] = _slope(x, y, valid)
     out[f"{name}/norm_mean"] = jnp.sum(jnp.where(live, norm, 0.0)) / n_live
 
-  tree_lib.map_masked(visit, masks, params_before, params_after,
-                      with_path=True)
+  tree_lib.map_masked(visit, masks, params_before, params_after, with_path=True)
   return out
 
 
-def mask_update_jump(params_before: PyTree, params_after: PyTree,
-                     masks_before: PyTree, masks_after: PyTree, *,
-                     neuron_axis: int = -1) -> dict[str, jax.Array]:
+def mask_update_jump(
+    params_before: PyTree,
+    params_after: PyTree,
+    masks_before: PyTree,
+    masks_after: PyTree,
+    *,
+    neuron_axis: int = -1,
+) -> dict[str, jax.Array]:
   r"""Across a mask update: how much neuron norms jump vs the SparseOpt factor.
 
   For every sparse leaf ``L``:
@@ -285,7 +307,8 @@ def mask_update_jump(params_before: PyTree, params_after: PyTree,
     safe_b = jnp.where(ok, before, 1.0)
     safe_a = jnp.where(ok, after, 1.0)
     return jnp.sum(jnp.where(ok, jnp.abs(jnp.log(safe_a / safe_b)), 0.0)) / (
-        jnp.maximum(jnp.sum(ok), 1))
+        jnp.maximum(jnp.sum(ok), 1)
+    )
 
   def visit(path, mb, ma, pb, pa):
     if mb is None or mb.ndim < 2:
@@ -304,8 +327,15 @@ def mask_update_jump(params_before: PyTree, params_after: PyTree,
     out[f"{name}/norm_jump"] = log_jump(norm(pb, mb), norm(pa, ma))
     out[f"{name}/factor_jump"] = log_jump(
         transform.fan_in_scale(mb, neuron_axis, name=name),
-        transform.fan_in_scale(ma, neuron_axis, name=name))
+        transform.fan_in_scale(ma, neuron_axis, name=name),
+    )
 
-  tree_lib.map_masked(visit, masks_before, masks_after, params_before,
-                      params_after, with_path=True)
+  tree_lib.map_masked(
+      visit,
+      masks_before,
+      masks_after,
+      params_before,
+      params_after,
+      with_path=True,
+  )
   return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,11 @@ from sparseopt_jax._src.tree import PyTree
 
 # Masks given to a transform's constructor: a mask tree, or a callable that
 # builds one from params (like ``optax.masked``'s mask argument).
-MaskSource = Union[PyTree, Callable[[PyTree], PyTree]]
+MaskSource = PyTree | Callable[[PyTree], PyTree]
 
-CORRECTIONS = ("fan_in", "norm")
+CORRECTIONS = ("fan_in", "norm", "batch_stats")
+# Flax BatchNorm's default epsilon.
+BATCH_STATS_EPSILON = 1e-5
 
 
 def masks_from_params(params: PyTree) -> PyTree:
@@ -30,6 +32,7 @@ def masks_from_params(params: PyTree) -> PyTree:
   is not a fully pruned layer, and reading it as one would zero its updates
   forever. Chosen with ``jnp.where``-style arithmetic, so it holds under jit.
   """
+
   def infer(p):
     if np.ndim(p) < 2:
       return None
@@ -39,9 +42,14 @@ def masks_from_params(params: PyTree) -> PyTree:
   return jax.tree.map(infer, params)
 
 
-def resolve_masks(updates: PyTree, params: PyTree | None,
-                  extra_masks: PyTree | None, ctor_masks: MaskSource | None,
-                  *, who: str) -> PyTree:
+def resolve_masks(
+    updates: PyTree,
+    params: PyTree | None,
+    extra_masks: PyTree | None,
+    ctor_masks: MaskSource | None,
+    *,
+    who: str,
+) -> PyTree:
   """Picks the masks for one update: extra arg, then constructor, then params."""
   if extra_masks is not None:
     masks, argname = extra_masks, "masks= (update keyword)"
@@ -52,7 +60,8 @@ def resolve_masks(updates: PyTree, params: PyTree | None,
       raise ValueError(
           f"{who}: no masks were given (neither `masks=` to update nor to the "
           f"constructor as a tree), so they are derived from params, but "
-          f"update was called with params=None. Pass params or masks.")
+          f"update was called with params=None. Pass params or masks."
+      )
     if ctor_masks is not None:
       masks, argname = ctor_masks(params), f"{who}(masks=callable)"
     else:
@@ -61,8 +70,9 @@ def resolve_masks(updates: PyTree, params: PyTree | None,
   return masks
 
 
-def fan_in_scale(mask: jax.Array, neuron_axis: int = -1, *,
-                 name: str = "mask") -> jax.Array:
+def fan_in_scale(
+    mask: jax.Array, neuron_axis: int = -1, *, name: str = "mask"
+) -> jax.Array:
   """SparseOpt's per-neuron factor ``sqrt(1 - s_i) / sqrt(1 - s_avg)``.
 
   ``s_i`` is neuron ``i``'s fraction of pruned incoming weights (every axis
@@ -91,8 +101,13 @@ def scale_from_counts(count: jax.Array) -> jax.Array:
   return jnp.where(total > 0, jnp.sqrt(numerator / denominator), 0.0)
 
 
-def norm_scale(mask: jax.Array, param: jax.Array, neuron_axis: int = -1, *,
-               name: str = "mask") -> jax.Array:
+def norm_scale(
+    mask: jax.Array,
+    param: jax.Array,
+    neuron_axis: int = -1,
+    *,
+    name: str = "mask",
+) -> jax.Array:
   """Measured per-neuron factor ``||w_i|| / rms_j ||w_j||`` (float32).
 
   Norms are of the masked incoming weights. The root-mean-square runs over
@@ -114,8 +129,124 @@ def norm_scale(mask: jax.Array, param: jax.Array, neuron_axis: int = -1, *,
   return jnp.where(live, ratio, jnp.where(active, 1.0, 0.0))
 
 
-def correction_flags(filter_fn: tree_lib.LeafFilter | None, masks: PyTree,
-                     reference: PyTree) -> PyTree:
+def batch_stats_scale(
+    mask: jax.Array,
+    variance: jax.Array,
+    neuron_axis: int = -1,
+    *,
+    epsilon: float = BATCH_STATS_EPSILON,
+    name: str = "mask",
+) -> jax.Array:
+  """BatchNorm's own per-neuron factor ``sigma_i / rms_j sigma_j`` (float32).
+
+  ``sigma = sqrt(variance + epsilon)`` is the std that the BatchNorm after
+  the layer divides neuron ``i``'s output (and so its backward signal) by:
+  its running variance, or the current batch's. The root-mean-square runs
+  over the layer's active neurons (at least one active incoming weight). A
+  neuron with no active weight gets 0 (it receives no gradient anyway), so a
+  fully pruned layer gets all zeros, never NaN. Should every active
+  ``sigma`` be 0 (``epsilon=0`` and constant outputs), active neurons get 1.
+
+  Args:
+    mask: boolean mask of one layer.
+    variance: the BatchNorm's per-neuron variance, shape ``(n_neurons,)``.
+    neuron_axis: the output-unit axis of ``mask``.
+    epsilon: added to the variance, as BatchNorm does; match the BatchNorm's
+      own ``epsilon`` (Flax's default 1e-5).
+    name: the parameter path, for error messages.
+
+  Returns:
+    A float32 vector, one factor per neuron.
+  """
+  ndim = np.ndim(mask)
+  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
+  n = np.shape(mask)[axis]
+  if tuple(np.shape(variance)) != (n,):
+    raise ValueError(
+        f"batch_stats[{name!r}] has shape {tuple(np.shape(variance))}, "
+        f"expected ({n},): one variance per neuron along neuron_axis={axis}."
+    )
+  active = jnp.any(mask, axis=tree_lib.reduce_axes(ndim, axis))
+  # Rounding can make a computed variance slightly negative; BN clips it too.
+  sq = jnp.maximum(jnp.asarray(variance, jnp.float32), 0.0) + epsilon
+  n_active = jnp.sum(active)
+  mean_sq = jnp.sum(jnp.where(active, sq, 0.0)) / jnp.maximum(n_active, 1)
+  ratio = jnp.where(
+      mean_sq > 0, jnp.sqrt(sq / jnp.where(mean_sq > 0, mean_sq, 1.0)), 1.0
+  )
+  return jnp.where(active, ratio, 0.0)
+
+
+def _check_batch_stats(reference: PyTree, batch_stats: PyTree) -> None:
+  """``batch_stats`` must have the structure of ``reference`` (None leaves)."""
+  stats_def = jax.tree.structure(batch_stats, is_leaf=tree_lib.is_none)
+  ref_def = jax.tree.structure(reference, is_leaf=tree_lib.is_none)
+  if stats_def != ref_def:
+    stat_paths = {
+        tree_lib.path_str(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(
+            batch_stats, is_leaf=tree_lib.is_none
+        )
+    }
+    ref_paths = {
+        tree_lib.path_str(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(
+            reference, is_leaf=tree_lib.is_none
+        )
+    }
+    detail = (
+        sorted(ref_paths - stat_paths)[:5],
+        sorted(stat_paths - ref_paths)[:5],
+    )
+    raise ValueError(
+        "batch_stats must have the tree structure of the params, with a "
+        "variance vector at each corrected kernel and None elsewhere; "
+        f"missing: {detail[0]}, unexpected: {detail[1]}."
+    )
+
+
+def batch_stats_flags(
+    filter_fn: tree_lib.LeafFilter | None,
+    masks: PyTree,
+    reference: PyTree,
+    batch_stats: PyTree,
+) -> PyTree:
+  """Which leaves ``correction="batch_stats"`` corrects (internal).
+
+  With the default filter, every masked leaf that has statistics: a layer
+  with no BatchNorm after it (a classifier head) is not skewed, and the
+  pairing helper leaves it ``None``. A filter is a promise instead: a leaf it
+  selects without statistics is an error naming the path.
+  """
+  _check_batch_stats(reference, batch_stats)
+  flags = correction_flags(filter_fn, masks, reference)
+  if filter_fn is None:
+    return tree_lib.map_masked(
+        lambda m, f, v: m is not None and f and v is not None,
+        masks,
+        flags,
+        batch_stats,
+    )
+  missing = []
+
+  def check(path, m, f, v):
+    if m is not None and f and v is None:
+      missing.append(tree_lib.path_str(path))
+
+  tree_lib.map_masked(check, masks, flags, batch_stats, with_path=True)
+  if missing:
+    raise ValueError(
+        f"correction='batch_stats': filter_fn selects {missing} but "
+        "batch_stats has None there. Give their BatchNorm variances, or "
+        "exclude them from filter_fn (filter_fn=None corrects exactly the "
+        "masked leaves that have statistics)."
+    )
+  return flags
+
+
+def correction_flags(
+    filter_fn: tree_lib.LeafFilter | None, masks: PyTree, reference: PyTree
+) -> PyTree:
   """Which masked leaves get the correction, aligned with ``masks``.
 
   ``filter_fn`` is evaluated on ``reference`` (params, gradients or the masks
@@ -126,19 +257,51 @@ def correction_flags(filter_fn: tree_lib.LeafFilter | None, masks: PyTree,
   if callable(filter_fn):
     return tree_lib.map_masked(
         lambda path, m, r: m is not None and bool(filter_fn(path, r)),
-        masks, reference, with_path=True)
+        masks,
+        reference,
+        with_path=True,
+    )
   flags = filter_fn
-  if (jax.tree.structure(flags)
-      != jax.tree.structure(masks, is_leaf=tree_lib.is_none)):
-    raise ValueError("filter_fn: a pytree filter must have the structure of "
-                     "the params (one Python bool per leaf).")
-  return tree_lib.map_masked(lambda m, f: m is not None and bool(f),
-                             masks, flags)
+  if jax.tree.structure(flags) != jax.tree.structure(
+      masks, is_leaf=tree_lib.is_none
+  ):
+    raise ValueError(
+        "filter_fn: a pytree filter must have the structure of "
+        "the params (one Python bool per leaf)."
+    )
+  return tree_lib.map_masked(
+      lambda m, f: m is not None and bool(f), masks, flags
+  )
 
 
-def scales_from_flags(masks: PyTree, flags: PyTree, params: PyTree | None,
-                      neuron_axis: int, correction: str) -> PyTree:
+def scales_from_flags(
+    masks: PyTree,
+    flags: PyTree,
+    params: PyTree | None,
+    neuron_axis: int,
+    correction: str,
+    *,
+    batch_stats: PyTree | None = None,
+    epsilon: float = BATCH_STATS_EPSILON,
+) -> PyTree:
   """Per-neuron factors for the leaves ``flags`` selects (internal)."""
+  if correction == "batch_stats":
+    return tree_lib.map_masked(
+        lambda path, mask, flag, var: None
+        if mask is None or not flag or np.ndim(mask) < 2
+        else batch_stats_scale(
+            mask,
+            var,
+            neuron_axis,
+            epsilon=epsilon,
+            name=tree_lib.path_str(path),
+        ),
+        masks,
+        flags,
+        batch_stats,
+        with_path=True,
+    )
+
   def scale(path, mask, flag, param):
     if mask is None or not flag or np.ndim(mask) < 2:
       return None
@@ -153,14 +316,21 @@ def scales_from_flags(masks: PyTree, flags: PyTree, params: PyTree | None,
 
 def _check_correction(correction: str) -> None:
   if correction not in CORRECTIONS:
-    raise ValueError(f"Unknown correction {correction!r}; expected one of "
-                     f"{CORRECTIONS}.")
+    raise ValueError(
+        f"Unknown correction {correction!r}; expected one of " f"{CORRECTIONS}."
+    )
 
 
-def sparseopt_scales(masks: PyTree, params: PyTree | None = None, *,
-                     neuron_axis: int = -1,
-                     filter_fn: tree_lib.LeafFilter | None = None,
-                     correction: str = "fan_in") -> PyTree:
+def sparseopt_scales(
+    masks: PyTree,
+    params: PyTree | None = None,
+    *,
+    neuron_axis: int = -1,
+    filter_fn: tree_lib.LeafFilter | None = None,
+    correction: str = "fan_in",
+    batch_stats: PyTree | None = None,
+    epsilon: float = BATCH_STATS_EPSILON,
+) -> PyTree:
   """Per-neuron SparseOpt factors for every corrected leaf of a mask tree.
 
   Args:
@@ -168,9 +338,16 @@ def sparseopt_scales(masks: PyTree, params: PyTree | None = None, *,
     params: the current params; needed for ``correction="norm"``.
     neuron_axis: the output-unit axis of every corrected leaf.
     filter_fn: which masked leaves are corrected (default: every masked leaf
-      with ``ndim >= 2``); evaluated on ``params`` when given, else on the
+      with ``ndim >= 2``, and with ``correction="batch_stats"`` only those
+      that have statistics); evaluated on ``params`` when given, else on the
       masks.
-    correction: ``"fan_in"`` (the paper's) or ``"norm"`` (measured).
+    correction: ``"fan_in"`` (the paper's), ``"norm"`` (measured) or
+      ``"batch_stats"`` (BatchNorm's variances, see
+      :func:`batch_stats_scale`).
+    batch_stats: for ``correction="batch_stats"``, a tree like the params
+      with each corrected kernel's BatchNorm variance vector, ``None``
+      elsewhere.
+    epsilon: added to the variances (``correction="batch_stats"``).
 
   Returns:
     A tree like ``masks`` with a float32 vector (one factor per neuron) for
@@ -181,14 +358,29 @@ def sparseopt_scales(masks: PyTree, params: PyTree | None = None, *,
     raise ValueError("correction='norm' needs params (the current weights).")
   if params is not None:
     tree_lib.validate_masks(params, masks)
-  flags = correction_flags(filter_fn, masks,
-                           masks if params is None else params)
-  return scales_from_flags(masks, flags, params, neuron_axis, correction)
+  reference = masks if params is None else params
+  if correction == "batch_stats":
+    if batch_stats is None:
+      raise ValueError("correction='batch_stats' needs batch_stats.")
+    flags = batch_stats_flags(filter_fn, masks, reference, batch_stats)
+  else:
+    flags = correction_flags(filter_fn, masks, reference)
+  return scales_from_flags(
+      masks,
+      flags,
+      params,
+      neuron_axis,
+      correction,
+      batch_stats=batch_stats,
+      epsilon=epsilon,
+  )
 
 
-def apply_scales(updates: PyTree, scales: PyTree, *,
-                 neuron_axis: int = -1) -> PyTree:
+def apply_scales(
+    updates: PyTree, scales: PyTree, *, neuron_axis: int = -1
+) -> PyTree:
   """Multiplies each leaf's neuron slices by its factor; keeps dtypes."""
+
   def apply(scale, u):
     if scale is None:
       return u
@@ -208,17 +400,20 @@ class ScaleBySparseOptState(NamedTuple):
       per neuron along ``neuron_axis``, for every leaf with ``ndim >= 2``
       (``None`` elsewhere): the factors of the masks seen last. The vectors
       of leaves that are not corrected are kept but unused. ``None`` with
-      ``correction="norm"``, whose factors follow the weights at every step.
+      ``correction="norm"`` or ``"batch_stats"``, whose factors follow the
+      weights or the statistics at every step.
       (Built from params without leaves, such as the placeholder
       ``optax.tree.map_params`` passes to ``init``, it is a float32 scalar.)
     valid: bool scalar, ``False`` until ``scales`` have been computed once.
   """
+
   scales: PyTree
   valid: jax.Array
 
 
 def _empty_cache(params: PyTree, neuron_axis: int) -> PyTree:
   """One float32 vector per leaf with ``ndim >= 2``, sized by its neurons."""
+
   def slot(p):
     ndim = np.ndim(p)
     if ndim < 2 or not -ndim <= neuron_axis < ndim:
@@ -228,11 +423,14 @@ def _empty_cache(params: PyTree, neuron_axis: int) -> PyTree:
   return jax.tree.map(slot, params)
 
 
-def scale_by_sparseopt(masks: MaskSource | None = None, *,
-                       neuron_axis: int = -1,
-                       filter_fn: tree_lib.LeafFilter | None = None,
-                       correction: str = "fan_in"
-                       ) -> optax.GradientTransformationExtraArgs:
+def scale_by_sparseopt(
+    masks: MaskSource | None = None,
+    *,
+    neuron_axis: int = -1,
+    filter_fn: tree_lib.LeafFilter | None = None,
+    correction: str = "fan_in",
+    epsilon: float = BATCH_STATS_EPSILON,
+) -> optax.GradientTransformationExtraArgs:
   r"""SparseOpt: undo BatchNorm's gradient skew across a sparse layer's neurons.
 
   BatchNorm after a sparse layer divides neuron :math:`i`'s backward signal by
@@ -255,6 +453,21 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
   BatchNorm a neuron's weights are scale invariant and its gradient scales
   like :math:`1/\lVert w_i \rVert`, so this targets the actual amplification
   whatever the initialization or training state (see ``docs``).
+
+  With ``correction="batch_stats"`` it is BatchNorm's own std:
+  :math:`c_i = \sigma_i / \operatorname{rms}_j \sigma_j` over the layer's
+  active neurons, :math:`\sigma = \sqrt{\mathrm{var} + \epsilon}`, where
+  ``var`` is the variance of the BatchNorm that normalizes the layer's output
+  (its running variance, or the current batch's), given at every step as
+  the ``batch_stats=`` keyword of ``update``: a tree like the params with
+  that vector at each kernel and ``None`` elsewhere.
+  ``sparseopt_jax.flax_utils`` builds it for Flax models by pairing every
+  kernel with the BatchNorm its output feeds. By default exactly the masked
+  kernels that have statistics are corrected (a head with no BatchNorm is
+  left alone); a leaf that an explicit ``filter_fn`` selects but that has no
+  statistics is an error naming its path. Active neurons are those with an
+  active incoming weight; the others get 0. Not cached: the statistics
+  change at every step.
 
   Place it first, on the loss gradient, and add weight decay after it:
   ``chain(scale_by_sparseopt(), add_decayed_weights(wd), sgd(lr, momentum))``.
@@ -279,7 +492,8 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
   gradients). A transformation that skips calls to this one, or drops their
   state (``optax.MultiSteps``, ``optax.apply_if_finite``), must therefore sit
   outside :func:`dynamic_sparse`, not between it and this transform, or the
-  flag can be lost. ``correction="norm"`` recomputes at every call.
+  flag can be lost. ``correction="norm"`` and ``"batch_stats"`` recompute at
+  every call.
 
   Args:
     masks: a mask tree (``bool`` arrays, ``None`` for dense leaves) or a
@@ -288,15 +502,20 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
     neuron_axis: the output-unit axis of corrected leaves; ``-1`` for Flax
       Dense ``(in, out)`` and Conv ``(H, W, Cin, Cout)`` kernels.
     filter_fn: which masked leaves to correct, as a ``filter_fn(path, leaf)``
-      or a pytree of bools; default all masked leaves with ``ndim >= 2``.
+      or a pytree of bools; default all masked leaves with ``ndim >= 2``
+      (with ``correction="batch_stats"``: those that have statistics).
       A layer with no normalization after it (a final classifier) is not
       skewed: ``filter_fn=sparseopt.exclude_paths("head")``.
-    correction: ``"fan_in"`` (the paper's factor) or ``"norm"``.
+    correction: ``"fan_in"`` (the paper's factor), ``"norm"`` or
+      ``"batch_stats"``.
+    epsilon: with ``correction="batch_stats"``, added to the variances as
+      BatchNorm does; match the BatchNorm's ``epsilon`` (Flax's default).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-    keywords ``masks=`` (a mask tree) and ``masks_updated=`` (a bool
-    scalar); its state is a :class:`ScaleBySparseOptState`.
+    keywords ``masks=`` (a mask tree), ``masks_updated=`` (a bool scalar)
+    and, for ``correction="batch_stats"``, ``batch_stats=``; its state is a
+    :class:`ScaleBySparseOptState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -318,34 +537,68 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
   """
   _check_correction(correction)
   if not isinstance(neuron_axis, (int, np.integer)) or isinstance(
-      neuron_axis, bool):
+      neuron_axis, bool
+  ):
     raise TypeError(f"neuron_axis must be an int, got {neuron_axis!r}.")
+  if not epsilon >= 0:
+    raise ValueError(f"epsilon must be >= 0, got {epsilon!r}.")
   ctor_masks = masks
 
   def init_fn(params):
-    if correction == "norm":
+    if correction in ("norm", "batch_stats"):
       return ScaleBySparseOptState(scales=None, valid=jnp.zeros([], bool))
     # optax.tree.map_params calls init with a placeholder that has no leaves.
     # The cache is not params-like, so one leaf stands for all of it there
     # (a leaf is a prefix of any subtree: map_params then leaves it alone).
     if not jax.tree.leaves(params):
-      return ScaleBySparseOptState(scales=jnp.zeros([], jnp.float32),
-                                   valid=jnp.zeros([], bool))
-    return ScaleBySparseOptState(scales=_empty_cache(params, neuron_axis),
-                                 valid=jnp.zeros([], bool))
+      return ScaleBySparseOptState(
+          scales=jnp.zeros([], jnp.float32), valid=jnp.zeros([], bool)
+      )
+    return ScaleBySparseOptState(
+        scales=_empty_cache(params, neuron_axis), valid=jnp.zeros([], bool)
+    )
 
-  def update_fn(updates, state, params=None, *, masks=None,
-                masks_updated=None, **extra_args):
+  def update_fn(
+      updates,
+      state,
+      params=None,
+      *,
+      masks=None,
+      masks_updated=None,
+      batch_stats=None,
+      **extra_args,
+  ):
     del extra_args
     if not jax.tree.leaves(updates):
       return updates, state  # Nothing to scale (and no cache to fill).
-    live = resolve_masks(updates, params, masks, ctor_masks,
-                         who="scale_by_sparseopt")
+    live = resolve_masks(
+        updates, params, masks, ctor_masks, who="scale_by_sparseopt"
+    )
+    if correction == "batch_stats":
+      if batch_stats is None:
+        raise ValueError(
+            "scale_by_sparseopt(correction='batch_stats') needs the update "
+            "keyword batch_stats= (each corrected kernel's BatchNorm "
+            "variances; sparseopt_jax.flax_utils builds it for Flax models)."
+        )
+      flags = batch_stats_flags(filter_fn, live, updates, batch_stats)
+      scales = scales_from_flags(
+          live,
+          flags,
+          None,
+          neuron_axis,
+          correction,
+          batch_stats=batch_stats,
+          epsilon=epsilon,
+      )
+      return apply_scales(updates, scales, neuron_axis=neuron_axis), state
     flags = correction_flags(filter_fn, live, updates)
     if correction == "norm":
       if params is None:
-        raise ValueError("scale_by_sparseopt(correction='norm') needs params "
-                         "in update (the current weights).")
+        raise ValueError(
+            "scale_by_sparseopt(correction='norm') needs params "
+            "in update (the current weights)."
+        )
       tree_lib.validate_masks(params, live)
       scales = scales_from_flags(live, flags, params, neuron_axis, correction)
       return apply_scales(updates, scales, neuron_axis=neuron_axis), state
@@ -354,30 +607,45 @@ def scale_by_sparseopt(masks: MaskSource | None = None, *,
       fresh = scales_from_flags(live, flags, None, neuron_axis, correction)
       # Uncorrected leaves keep a slot of ones, so the cache's structure is
       # fixed by the shapes alone (and a state=None call needs no state).
-      return jax.tree.map(lambda slot, new: slot if new is None else new,
-                          _empty_cache(updates, neuron_axis), fresh,
-                          is_leaf=tree_lib.is_none)
+      return jax.tree.map(
+          lambda slot, new: slot if new is None else new,
+          _empty_cache(updates, neuron_axis),
+          fresh,
+          is_leaf=tree_lib.is_none,
+      )
 
     if masks_updated is None:
       cache = recount()
     else:
       if state is None:
-        raise ValueError("scale_by_sparseopt: update(..., masks_updated=...) "
-                         "needs the state returned by init (its cache).")
+        raise ValueError(
+            "scale_by_sparseopt: update(..., masks_updated=...) "
+            "needs the state returned by init (its cache)."
+        )
       stale = jnp.logical_or(jnp.asarray(masks_updated, bool), ~state.valid)
       # float32 again in case the state was cast (cond needs equal types).
-      cache = jax.lax.cond(stale, recount, lambda: jax.tree.map(
-          lambda c: c.astype(jnp.float32), state.scales))
-    scales = jax.tree.map(lambda c, f: None if c is None or not f else c,
-                          cache, flags, is_leaf=tree_lib.is_none)
-    return (apply_scales(updates, scales, neuron_axis=neuron_axis),
-            ScaleBySparseOptState(scales=cache, valid=jnp.ones([], bool)))
+      cache = jax.lax.cond(
+          stale,
+          recount,
+          lambda: jax.tree.map(lambda c: c.astype(jnp.float32), state.scales),
+      )
+    scales = jax.tree.map(
+        lambda c, f: None if c is None or not f else c,
+        cache,
+        flags,
+        is_leaf=tree_lib.is_none,
+    )
+    return (
+        apply_scales(updates, scales, neuron_axis=neuron_axis),
+        ScaleBySparseOptState(scales=cache, valid=jnp.ones([], bool)),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def zero_masked_updates(masks: MaskSource | None = None
-                        ) -> optax.GradientTransformationExtraArgs:
+def zero_masked_updates(
+    masks: MaskSource | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Zeroes updates at masked-out positions, so pruned weights stay put.
 
   Put it last in a chain: ``chain(..., sgd(lr), zero_masked_updates())``.
@@ -414,8 +682,9 @@ def zero_masked_updates(masks: MaskSource | None = None
 
   def update_fn(updates, state, params=None, *, masks=None, **extra_args):
     del extra_args
-    live = resolve_masks(updates, params, masks, ctor_masks,
-                         who="zero_masked_updates")
+    live = resolve_masks(
+        updates, params, masks, ctor_masks, who="zero_masked_updates"
+    )
     return tree_lib.zero_masked(live, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
