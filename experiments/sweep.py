@@ -18,7 +18,8 @@ import dataclasses
 import importlib
 import itertools
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -41,6 +42,7 @@ class Sweep:
       product, and the sweep is the union of its grids' runs. The order of
       the fields names the run directories.
   """
+
   config: str
   description: str
   base: dict[str, Any]
@@ -54,10 +56,20 @@ SWEEPS = {
         "fmnist_resnet",
         "RigL at 95% on Fashion-MNIST, baseline SGD vs SparseOpt, one seed, "
         "900 steps (1.9 epochs); about 6 minutes on 2 CPU cores.",
-        base={"num_train_steps": 900, "eval_every": 150,
-              "checkpoint_every": 300},
-        grids=[{"method": ["rigl"], "sparsity": [0.95], "optimizer": _BOTH,
-                "seed": [0]}]),
+        base={
+            "num_train_steps": 900,
+            "eval_every": 150,
+            "checkpoint_every": 300,
+        },
+        grids=[
+            {
+                "method": ["rigl"],
+                "sparsity": [0.95],
+                "optimizer": _BOTH,
+                "seed": [0],
+            }
+        ],
+    ),
     "fmnist_convergence": Sweep(
         "fmnist_resnet",
         "Reproduction B: RigL and SET at 90/95/97% (+ RigL 99%), SGD vs "
@@ -66,40 +78,74 @@ SWEEPS = {
         # Short budget first, then the long one; RigL 99% last in each. The
         # 12-epoch RigL 97% cell is fmnist_when's 12-epoch default arm (the
         # same recipe), linked into this sweep's root rather than rerun.
-        grids=[{"num_epochs": [3.0], "method": ["rigl", "set"],
-                "sparsity": [0.9, 0.95, 0.97], "optimizer": _BOTH,
-                "seed": [0, 1, 2]},
-               {"num_epochs": [3.0], "method": ["rigl"], "sparsity": [0.99],
-                "optimizer": _BOTH, "seed": [0, 1, 2]},
-               {"num_epochs": [12.0], "method": ["rigl", "set"],
-                "sparsity": [0.9, 0.95, 0.97], "optimizer": _BOTH,
-                "seed": [0, 1, 2]},
-               {"num_epochs": [12.0], "method": ["rigl"], "sparsity": [0.99],
-                "optimizer": _BOTH, "seed": [0, 1, 2]}]),
+        grids=[
+            {
+                "num_epochs": [3.0],
+                "method": ["rigl", "set"],
+                "sparsity": [0.9, 0.95, 0.97],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+            {
+                "num_epochs": [3.0],
+                "method": ["rigl"],
+                "sparsity": [0.99],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+            {
+                "num_epochs": [12.0],
+                "method": ["rigl", "set"],
+                "sparsity": [0.9, 0.95, 0.97],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+            {
+                "num_epochs": [12.0],
+                "method": ["rigl"],
+                "sparsity": [0.99],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+        ],
+    ),
     "fmnist_lr_grid": Sweep(
         "fmnist_resnet",
         "Fair tuning at RigL 95%, 3 epochs: fmnist_why_097's learning-rate "
         "grid for SGD and SparseOpt, 3 seeds. The grid's lr 0.05 arm is "
         "fmnist_convergence's 3-epoch RigL 95% cell: plot with both roots.",
         base={"method": "rigl", "sparsity": 0.95},
-        grids=[{"learning_rate": [0.025, 0.1, 0.2], "optimizer": _BOTH,
-                "seed": [0, 1, 2]},
-               # Both optimizers' best of {0.025, ..., 0.2} was the edge, 0.2.
-               {"learning_rate": [0.4], "optimizer": _BOTH,
-                "seed": [0, 1, 2]}]),
+        grids=[
+            {
+                "learning_rate": [0.025, 0.1, 0.2],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+            # Both optimizers' best of {0.025, ..., 0.2} was the edge, 0.2.
+            {"learning_rate": [0.4], "optimizer": _BOTH, "seed": [0, 1, 2]},
+        ],
+    ),
     "fmnist_why_097": Sweep(
         "fmnist_resnet",
         "Why SparseOpt trails SGD at 97% (RigL, 3 epochs): correct only the "
         "layers a BatchNorm follows (not the classifier), and give both "
         "optimizers the same learning-rate grid around the default 0.05.",
         base={"method": "rigl", "sparsity": 0.97},
-        grids=[{"correct_filter": ["bn_only"], "optimizer": ["sparseopt"],
-                "seed": [0, 1, 2]},
-               {"learning_rate": [0.1, 0.025], "optimizer": _BOTH,
-                "seed": [0, 1, 2]},
-               # SparseOpt's best of {0.025, 0.05, 0.1} was the edge, 0.1.
-               {"learning_rate": [0.2], "optimizer": _BOTH,
-                "seed": [0, 1, 2]}]),
+        grids=[
+            {
+                "correct_filter": ["bn_only"],
+                "optimizer": ["sparseopt"],
+                "seed": [0, 1, 2],
+            },
+            {
+                "learning_rate": [0.1, 0.025],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+            # SparseOpt's best of {0.025, 0.05, 0.1} was the edge, 0.1.
+            {"learning_rate": [0.2], "optimizer": _BOTH, "seed": [0, 1, 2]},
+        ],
+    ),
     "fmnist_churn": Sweep(
         "fmnist_resnet",
         "Do dead neurons come back? RigL vs SET at 97%, 3 epochs, SGD vs "
@@ -107,8 +153,11 @@ SWEEPS = {
         "many revive (jump/L/died, jump/L/revived). One seed at a time, "
         "seed 0 first.",
         base={"sparsity": 0.97},
-        grids=[{"method": ["rigl", "set"], "optimizer": _BOTH,
-                "seed": [seed]} for seed in (0, 1, 2)]),
+        grids=[
+            {"method": ["rigl", "set"], "optimizer": _BOTH, "seed": [seed]}
+            for seed in (0, 1, 2)
+        ],
+    ),
     "fmnist_when": Sweep(
         "fmnist_resnet",
         "When and why SparseOpt helps (issue 7): from the default recipe "
@@ -119,41 +168,75 @@ SWEEPS = {
         grids=[
             # Correction: none vs the paper's fan-in factor vs measured norms.
             {"optimizer": ["sgd"], "seed": [0, 1, 2]},
-            {"optimizer": ["sparseopt"], "correction": ["fan_in", "norm"],
-             "seed": [0, 1, 2]},
+            {
+                "optimizer": ["sparseopt"],
+                "correction": ["fan_in", "norm"],
+                "seed": [0, 1, 2],
+            },
             # Optimizer: AdamW (decoupled decay) with and without it.
-            {"optimizer": ["adam", "sparseopt+adam"], "learning_rate": [2e-3],
-             "weight_decay": [0.05], "seed": [0, 1, 2]},
+            {
+                "optimizer": ["adam", "sparseopt+adam"],
+                "learning_rate": [2e-3],
+                "weight_decay": [0.05],
+                "seed": [0, 1, 2],
+            },
             # Weight decay: budget / tau from 0 to about 7 (extremes first).
-            {"weight_decay": [0.0, 5e-3], "optimizer": _BOTH,
-             "seed": [0, 1, 2]},
+            {
+                "weight_decay": [0.0, 5e-3],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
             # Initialization: fan-in-aware (equal neuron norms at step 0).
             {"init": ["fan_in"], "optimizer": _BOTH, "seed": [0, 1, 2]},
             # Dense control: turning imbalance without sparsity.
-            {"method": ["dense"], "optimizer": ["sgd"],
-             "grad_scale": [1.0, 1 / 3, 3.0], "seed": [0, 1, 2]},
+            {
+                "method": ["dense"],
+                "optimizer": ["sgd"],
+                "grad_scale": [1.0, 1 / 3, 3.0],
+                "seed": [0, 1, 2],
+            },
             {"weight_decay": [5e-5], "optimizer": _BOTH, "seed": [0, 1, 2]},
-            {"method": ["dense"], "optimizer": ["sgd"],
-             "grad_scale": [0.5, 2.0], "seed": [0, 1, 2]},
+            {
+                "method": ["dense"],
+                "optimizer": ["sgd"],
+                "grad_scale": [0.5, 2.0],
+                "seed": [0, 1, 2],
+            },
             # The headline comparison repeated at 95%.
             {"sparsity": [0.95], "optimizer": ["sgd"], "seed": [0, 1, 2]},
-            {"sparsity": [0.95], "optimizer": ["sparseopt"],
-             "correction": ["norm", "fan_in"], "seed": [0, 1, 2]},
+            {
+                "sparsity": [0.95],
+                "optimizer": ["sparseopt"],
+                "correction": ["norm", "fan_in"],
+                "seed": [0, 1, 2],
+            },
             # A 4x longer budget (12 epochs, 5625 steps) for the default and
             # the best setting (wd 5e-3), with fan-in histograms, dead
             # neurons and ITOP logged. (The default's 12-epoch arm is the
             # same recipe as fmnist_convergence's RigL 97% 12-epoch cell.)
             {"num_epochs": [12.0], "optimizer": _BOTH, "seed": [0, 1, 2]},
-            {"num_epochs": [12.0], "weight_decay": [5e-3], "optimizer": _BOTH,
-             "seed": [0, 1, 2]},
-        ]),
+            {
+                "num_epochs": [12.0],
+                "weight_decay": [5e-3],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+        ],
+    ),
     "cifar100_resnet20": Sweep(
         "resnet20_cifar100",
         "The paper's CIFAR-100 ResNet-20 grid at 100 epochs (needs a GPU/TPU "
         "and the tfds cifar100 array_record build).",
         base={},
-        grids=[{"method": ["rigl", "set"], "sparsity": [0.9, 0.95, 0.97],
-                "optimizer": _BOTH, "seed": [0, 1, 2]}]),
+        grids=[
+            {
+                "method": ["rigl", "set"],
+                "sparsity": [0.9, 0.95, 0.97],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            }
+        ],
+    ),
 }
 
 
@@ -171,7 +254,9 @@ def expand(sweep: Sweep) -> list[tuple[str, dict[str, Any]]]:
   return runs
 
 
-def make_config(module: str, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+def make_config(
+    module: str, overrides: dict[str, Any]
+) -> ml_collections.ConfigDict:
   """``configs/<module>.py``'s config with ``overrides`` applied."""
   config = importlib.import_module(f"experiments.configs.{module}").get_config()
   for key, value in overrides.items():
@@ -181,9 +266,12 @@ def make_config(module: str, overrides: dict[str, Any]) -> ml_collections.Config
   return config
 
 
-def select(sweep: Sweep, *, shard: tuple[int, int] = (0, 1),
-           where: dict[str, Any] | None = None
-           ) -> list[tuple[str, dict[str, Any]]]:
+def select(
+    sweep: Sweep,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    where: dict[str, Any] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
   """The runs of ``sweep`` in this shard whose overrides match ``where``.
 
   Sharding applies to the whole sweep, before ``where``: a run belongs to the
@@ -191,29 +279,42 @@ def select(sweep: Sweep, *, shard: tuple[int, int] = (0, 1),
   """
   index, count = shard
   where = where or {}
-  return [(run, overrides)
-          for i, (run, overrides) in enumerate(expand(sweep))
-          if i % count == index
-          and all(overrides.get(k) == v for k, v in where.items())]
+  return [
+      (run, overrides)
+      for i, (run, overrides) in enumerate(expand(sweep))
+      if i % count == index
+      and all(overrides.get(k) == v for k, v in where.items())
+  ]
 
 
-def run_sweep(name: str, root: str, *, shard: tuple[int, int] = (0, 1),
-              extra: dict[str, Any] | None = None,
-              where: dict[str, Any] | None = None) -> Iterator[str]:
+def run_sweep(
+    name: str,
+    root: str,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    extra: dict[str, Any] | None = None,
+    where: dict[str, Any] | None = None,
+) -> Iterator[str]:
   """Runs (or resumes) every unfinished run of sweep ``name`` in this shard.
 
   Only the runs whose grid values match ``where`` (for example
   ``{"num_epochs": 3.0}``), if given.
 
   Yields:
-    Each run's workdir once it is finished (skipped runs included).
+    Each run's workdir once it has ended (skipped runs included); a run
+    that diverged is logged and ends like a finished one.
   """
   sweep = SWEEPS[name]
   for run, overrides in select(sweep, shard=shard, where=where):
     workdir = os.path.join(root, run)
     if not records.is_finished(workdir):
       config = make_config(sweep.config, {**overrides, **(extra or {})})
-      train.train_and_evaluate(config, workdir)
+      try:
+        train.train_and_evaluate(config, workdir)
+      except train.DivergedError as e:
+        # An outcome of this grid point, recorded in its summary.json; the
+        # other runs of the sweep still run.
+        logging.warning("%s", e)
     yield workdir
 
 
@@ -227,16 +328,24 @@ def main(argv):
   index, count = (int(x) for x in FLAGS.shard.split("/"))
   where = records.parse_sets(FLAGS.where)
   if FLAGS.dry_run:
-    for run, _ in select(SWEEPS[FLAGS.sweep], shard=(index, count),
-                         where=where):
+    for run, _ in select(
+        SWEEPS[FLAGS.sweep], shard=(index, count), where=where
+    ):
       done = records.is_finished(os.path.join(FLAGS.root, run))
       print(f"{'done' if done else 'todo'}  {run}")
     return
-  for _ in run_sweep(FLAGS.sweep, FLAGS.root, shard=(index, count),
-                     extra=records.parse_sets(FLAGS.set), where=where):
+  for _ in run_sweep(
+      FLAGS.sweep,
+      FLAGS.root,
+      shard=(index, count),
+      extra=records.parse_sets(FLAGS.set),
+      where=where,
+  ):
     pass
-  print(f"Sweep {FLAGS.sweep} shard {FLAGS.shard} finished in {FLAGS.root}; "
-        f"plot with: python -m experiments.studies.plot --root={FLAGS.root}")
+  print(
+      f"Sweep {FLAGS.sweep} shard {FLAGS.shard} finished in {FLAGS.root}; "
+      f"plot with: python -m experiments.studies.plot --root={FLAGS.root}"
+  )
 
 
 if __name__ == "__main__":
@@ -244,8 +353,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("root", None, "Parent folder of the runs' workdirs.")
   flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run starting at i.")
   flags.DEFINE_multi_string("set", [], "field=value override for every run.")
-  flags.DEFINE_multi_string("where", [],
-                            "field=value: run only the runs with this value.")
+  flags.DEFINE_multi_string(
+      "where", [], "field=value: run only the runs with this value."
+  )
   flags.DEFINE_bool("dry_run", False, "List the runs and their status only.")
   flags.mark_flags_as_required(["sweep", "root"])
   app.run(main)

@@ -16,11 +16,18 @@ the host every ``log_every`` steps.
 
 The workdir holds ``config.json``, ``metrics.jsonl`` (one JSON object per
 logged step), the same records as TensorBoard event files under
-``tensorboard/``, orbax checkpoints under ``checkpoints/`` and, once
-finished, ``summary.json``. Starting again on the same workdir resumes from
-the latest checkpoint; because the data order and every random key are
-functions of ``(seed, step)``, a resumed run is bit-identical on CPU to an
-uninterrupted one.
+``tensorboard/``, orbax checkpoints under ``checkpoints/`` (each with the
+config it was written under) and, once ended, ``summary.json``. Starting
+again on the same workdir resumes from the latest checkpoint that restores,
+if it holds the same config; because the data order and every random key
+are functions of ``(seed, step)``, a resumed run is bit-identical on CPU to
+an uninterrupted one. A run that already ended is left as it is.
+
+A run never reports a diverged result: each step flags whether its loss and
+updated parameters are finite, on device; the flags are read when metrics
+come to the host and before each checkpoint, and the first bad step stops
+the run (`DivergedError`) with ``summary.json`` saying so and no checkpoint
+of a diverged state.
 
 The harness, one job per module:
 
@@ -31,7 +38,8 @@ The harness, one job per module:
 * ``optimizers.py``: learning-rate schedule and the optimizer a config names;
 * ``workdir.py``: writing the workdir (config check, checkpoints, metrics,
   TensorBoard, summary); ``records.py``: its file names and readers;
-* ``models.py``, ``input_pipeline.py``, ``configs/``: models, data, configs;
+* ``models.py``, ``input_pipeline.py``, ``configs/``: models, data, configs
+  (``configs/fields.py``: every field's type and accepted values);
 * ``studies/``: tables and plots from workdirs, through ``records.py`` only
   (never importing the training code).
 """
@@ -49,7 +57,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import sparseopt_jax as sparseopt
 import tqdm
 
@@ -58,9 +65,7 @@ from experiments import models
 from experiments import optimizers
 from experiments import records
 from experiments import workdir as workdir_lib
-
-METHODS = ("dense", "static", "set", "rigl")
-INITS = ("masked_dense", "fan_in")
+from experiments.configs import fields
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -73,6 +78,7 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: optimizer state; for sparse methods it holds the masks.
     key: base PRNG key (raw uint32); step ``t`` uses ``fold_in(key, t)``.
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -80,50 +86,27 @@ class TrainState(flax.struct.PyTreeNode):
   key: jax.Array
 
 
+class DivergedError(RuntimeError):
+  """The loss or a parameter became non-finite: the run stopped.
+
+  Attributes:
+    step: the first step whose loss or updated parameters were not finite.
+    summary: the run's summary (also in ``summary.json``).
+  """
+
+  def __init__(self, message: str, step: int, summary: dict[str, Any]):
+    super().__init__(message)
+    self.step = step
+    self.summary = summary
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field of ``config``."""
-  def check(ok, message):
-    if not ok:
-      raise ValueError(f"Invalid config: {message}")
-  check(config.method in METHODS,
-        f"method={config.method!r}, expected one of {METHODS}.")
-  check(config.optimizer in optimizers.OPTIMIZERS,
-        f"optimizer={config.optimizer!r}, expected one of "
-        f"{optimizers.OPTIMIZERS}.")
-  check(config.correct_filter in optimizers.CORRECT_FILTERS,
-        f"correct_filter={config.correct_filter!r}, expected one of "
-        f"{optimizers.CORRECT_FILTERS}.")
-  check(config.schedule in optimizers.SCHEDULES,
-        f"schedule={config.schedule!r}, expected one of "
-        f"{optimizers.SCHEDULES}.")
-  check(config.correction in ("fan_in", "norm"),
-        f"correction={config.correction!r}, expected 'fan_in' or 'norm'.")
-  check(config.init in INITS, f"init={config.init!r}, expected one of {INITS}.")
-  check(config.init == "masked_dense" or config.method != "dense",
-        "init='fan_in' re-draws sparse kernels; it needs a sparse method.")
-  check(config.grad_scale > 0, f"grad_scale={config.grad_scale} must be > 0.")
-  check(0.0 <= config.grad_scale_fraction <= 1.0,
-        f"grad_scale_fraction={config.grad_scale_fraction} must be in [0, 1].")
-  check(config.distribution in ("erk", "uniform"),
-        f"distribution={config.distribution!r}, expected 'erk' or 'uniform'.")
-  check(0.0 <= config.sparsity < 1.0,
-        f"sparsity={config.sparsity} must be in [0, 1).")
-  check(0.0 <= config.end_fraction <= 1.0,
-        f"end_fraction={config.end_fraction} must be in [0, 1].")
-  check(0.0 <= config.drop_fraction <= 1.0,
-        f"drop_fraction={config.drop_fraction} must be in [0, 1].")
-  check(config.update_every > 0, f"update_every={config.update_every} <= 0.")
-  check(config.learning_rate > 0, f"learning_rate={config.learning_rate} <= 0.")
-  check(config.batch_size > 0, f"batch_size={config.batch_size} <= 0.")
-  check(config.num_train_steps > 0 or config.num_epochs > 0,
-        "set num_epochs > 0 or num_train_steps > 0.")
-  for field in ("log_every", "eval_every", "checkpoint_every"):
-    check(config[field] > 0, f"{field}={config[field]} must be positive.")
-  num_devices = jax.device_count()
-  for field in ("batch_size", "eval_batch_size"):
-    check(config[field] % num_devices == 0,
-          f"{field}={config[field]} does not divide over {num_devices} "
-          "devices.")
+  """Raises `fields.ConfigError` naming the first invalid field of ``config``.
+
+  Every field is checked against `experiments.configs.fields.FIELDS`, and
+  the batch sizes against this machine's devices and processes.
+  """
+  fields.validate(config, jax.device_count(), jax.process_count())
 
 
 def num_train_steps(config, num_train_examples: int) -> int:
@@ -135,8 +118,12 @@ def num_train_steps(config, num_train_examples: int) -> int:
 
 def create_model(config, spec: input_pipeline.DatasetSpec):
   """The Flax model of ``config.model`` sized for ``spec``'s classes."""
-  return models.create_model(config.model, num_classes=spec.num_classes,
-                             dtype=jnp.dtype(config.dtype), width=config.width)
+  return models.create_model(
+      config.model,
+      num_classes=spec.num_classes,
+      dtype=jnp.dtype(config.dtype),
+      width=config.width,
+  )
 
 
 def input_shape(config, spec: input_pipeline.DatasetSpec) -> tuple[int, ...]:
@@ -146,11 +133,13 @@ def input_shape(config, spec: input_pipeline.DatasetSpec) -> tuple[int, ...]:
   return spec.image_shape
 
 
-def create_train_state(config, model, spec, total_steps: int,
-                       steps_per_epoch: float):
+def create_train_state(
+    config, model, spec, total_steps: int, steps_per_epoch: float
+):
   """Initial `TrainState`, optimizer and schedule, all from ``config.seed``."""
   k_params, k_masks, k_dst, k_train = jax.random.split(
-      jax.random.PRNGKey(config.seed), 4)
+      jax.random.PRNGKey(config.seed), 4
+  )
   dummy = jnp.zeros((1, *input_shape(config, spec)), jnp.dtype(config.dtype))
 
   @jax.jit  # Eagerly, every op of the init would compile on its own.
@@ -158,25 +147,36 @@ def create_train_state(config, model, spec, total_steps: int,
     variables = model.init(k_params, dummy, train=False)
     params, masks = variables["params"], None
     if config.method != "dense":
-      masks = sparseopt.init_masks(k_masks, params, config.sparsity,
-                                   distribution=config.distribution,
-                                   filter_fn=optimizers.sparse_filter(config))
+      masks = sparseopt.init_masks(
+          k_masks,
+          params,
+          config.sparsity,
+          distribution=config.distribution,
+          filter_fn=optimizers.sparse_filter(config),
+      )
       params = sparseopt.apply_masks(params, masks)
       if config.init == "fan_in":
         # A key derived from k_masks leaves every other key, and so the
         # masks and data order of paired runs, unchanged.
-        params = sparseopt.sparse_init(jax.random.fold_in(k_masks, 1),
-                                       params, masks)
+        params = sparseopt.sparse_init(
+            jax.random.fold_in(k_masks, 1), params, masks
+        )
     return params, variables["batch_stats"], masks
 
   params, batch_stats, masks = init_variables(k_params, k_masks)
   schedule = optimizers.create_learning_rate_schedule(
-      config, steps_per_epoch, total_steps)
-  tx = optimizers.create_optimizer(config, schedule, masks, total_steps, k_dst,
-                                   params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=batch_stats,
-                     opt_state=tx.init(params), key=k_train)
+      config, steps_per_epoch, total_steps
+  )
+  tx = optimizers.create_optimizer(
+      config, schedule, masks, total_steps, k_dst, params
+  )
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      key=k_train,
+  )
   return state, tx, schedule
 
 
@@ -193,19 +193,27 @@ def _kernel_masks(state: TrainState, opt_state, config):
   if config.method != "dense":
     return sparseopt.get_masks(opt_state)
   return jax.tree.map(
-      lambda p: jnp.ones(p.shape, bool) if p.ndim >= 2 else None,
-      state.params)
+      lambda p: jnp.ones(p.shape, bool) if p.ndim >= 2 else None, state.params
+  )
 
 
 def _cond_or_zeros(pred, fn):
   """``fn()`` when ``pred``, else zeros of the same structure (lax.cond)."""
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(fn))
+  zeros = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn)
+  )
   return jax.lax.cond(pred, fn, lambda: zeros)
 
 
-def step_diagnostics(before: TrainState, params, opt_state, is_update, *,
-                     config, total_steps: int) -> dict[str, jax.Array]:
+def step_diagnostics(
+    before: TrainState,
+    params,
+    opt_state,
+    is_update,
+    *,
+    config,
+    total_steps: int,
+) -> dict[str, jax.Array]:
   """Turning rates at log steps, norm vs factor jumps at mask updates.
 
   ``turn/L/...``: :func:`sparseopt.diagnostics.turning_diagnostics` of this
@@ -225,26 +233,39 @@ def step_diagnostics(before: TrainState, params, opt_state, is_update, *,
   t = before.step  # Steps taken before this one.
   masks_before = _kernel_masks(before, before.opt_state, config)
   masks_after = _kernel_masks(before, opt_state, config)
-  log_now = (((t + 1) % config.log_every == 0) | (t + 1 == total_steps)
-             | is_update)
+  log_now = (
+      ((t + 1) % config.log_every == 0) | (t + 1 == total_steps) | is_update
+  )
   turning = _cond_or_zeros(
-      log_now, lambda: sparseopt.diagnostics.turning_diagnostics(
-          before.params, params, masks_after))
+      log_now,
+      lambda: sparseopt.diagnostics.turning_diagnostics(
+          before.params, params, masks_after
+      ),
+  )
   out = {f"turn/{k}": v for k, v in turning.items()}
   if config.method != "dense":
     jump = _cond_or_zeros(
-        is_update, lambda: sparseopt.diagnostics.mask_update_jump(
-            before.params, params, masks_before, masks_after))
+        is_update,
+        lambda: sparseopt.diagnostics.mask_update_jump(
+            before.params, params, masks_before, masks_after
+        ),
+    )
     out.update({f"jump/{k}": v for k, v in jump.items()})
   return out
 
 
-def train_step(state: TrainState, batch, *, model, tx, config, spec,
-               total_steps: int = 0):
+# Metrics key of the train step's flag: loss and updated params all finite.
+_FINITE = "finite"
+
+
+def train_step(
+    state: TrainState, batch, *, model, tx, config, spec, total_steps: int = 0
+):
   """One optimizer step on ``batch``; returns the new state and metrics.
 
-  The metrics hold the loss, the accuracy and, for sparse methods,
-  ``mask_update`` (1.0 when this step updated the masks). With
+  The metrics hold the loss, the accuracy, ``finite`` (whether the loss and
+  every updated parameter and BatchNorm statistic are finite) and, for sparse
+  methods, ``mask_update`` (1.0 when this step updated the masks). With
   ``config.turning_diagnostics`` they also hold `step_diagnostics`
   (``total_steps``: the last step, always logged).
   """
@@ -254,18 +275,41 @@ def train_step(state: TrainState, batch, *, model, tx, config, spec,
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, images,
-        train=True, mutable=["batch_stats"])
-    loss = cross_entropy(logits, batch["label"], spec.num_classes,
-                         config.label_smoothing).mean()
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    loss = cross_entropy(
+        logits, batch["label"], spec.num_classes, config.label_smoothing
+    ).mean()
     return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+      loss_fn, has_aux=True
+  )(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"train_loss": loss,
-             "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  if config.method != "dense":
+    # dynamic_sparse's updates zero pruned weights only while they are
+    # finite (NaN + x is NaN); this select keeps them exactly 0 whatever a
+    # diverging step held, so no NaN sits where the masks say 0.
+    params = sparseopt.apply_masks(params, sparseopt.get_masks(opt_state))
+  metrics = {
+      "train_loss": loss,
+      "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      # Checked on the host only when metrics come there anyway (log steps)
+      # and before each checkpoint: no sync per step.
+      _FINITE: jnp.isfinite(loss)
+      & jnp.all(
+          jnp.stack(
+              [
+                  jnp.all(jnp.isfinite(x))
+                  for x in jax.tree.leaves((params, batch_stats))
+              ]
+          )
+      ),
+  }
   # The optimizer knows its mask-update schedule; ask it rather than
   # recomputing the schedule here.
   is_update = jnp.asarray(False)
@@ -273,23 +317,45 @@ def train_step(state: TrainState, batch, *, model, tx, config, spec,
     is_update = sparseopt.masks_updated(opt_state)
     metrics["mask_update"] = is_update.astype(jnp.float32)
   if config.turning_diagnostics:
-    metrics.update(step_diagnostics(state, params, opt_state, is_update,
-                                    config=config, total_steps=total_steps))
-  return state.replace(step=state.step + 1, params=params,
-                       batch_stats=batch_stats, opt_state=opt_state), metrics
+    metrics.update(
+        step_diagnostics(
+            state,
+            params,
+            opt_state,
+            is_update,
+            config=config,
+            total_steps=total_steps,
+        )
+    )
+  return (
+      state.replace(
+          step=state.step + 1,
+          params=params,
+          batch_stats=batch_stats,
+          opt_state=opt_state,
+      ),
+      metrics,
+  )
 
 
 def eval_step(state: TrainState, batch, *, model, config, spec):
   """Sums of loss, correct predictions and examples over ``batch["mask"]``."""
-  images = input_pipeline.normalize(batch["image"], spec,
-                                    jnp.dtype(config.dtype))
-  logits = model.apply({"params": state.params,
-                        "batch_stats": state.batch_stats}, images, train=False)
+  images = input_pipeline.normalize(
+      batch["image"], spec, jnp.dtype(config.dtype)
+  )
+  logits = model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      images,
+      train=False,
+  )
   loss = cross_entropy(logits, batch["label"], spec.num_classes)
   correct = jnp.argmax(logits, -1) == batch["label"]
   mask = batch["mask"]
-  return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
-          "count": jnp.sum(mask)}
+  return {
+      "loss": jnp.sum(loss * mask),
+      "correct": jnp.sum(correct * mask),
+      "count": jnp.sum(mask),
+  }
 
 
 def diagnostics(state: TrainState, *, config) -> dict[str, jax.Array]:
@@ -303,19 +369,24 @@ def diagnostics(state: TrainState, *, config) -> dict[str, jax.Array]:
     return {}
   masks = sparseopt.get_masks(state.opt_state)
   scales = sparseopt.diagnostics.sparseopt_scales(
-      masks, state.params, filter_fn=optimizers.correction_filter(config),
-      correction=config.correction)
-  max_scales = {f"{sparseopt.path_str(path)}/max_scale": jnp.max(scale)
-                for path, scale in jax.tree.leaves_with_path(scales)}
-  out = {**sparseopt.diagnostics.dst_diagnostics(state.opt_state),
-         **max_scales}
+      masks,
+      state.params,
+      filter_fn=optimizers.correction_filter(config),
+      correction=config.correction,
+  )
+  max_scales = {
+      f"{sparseopt.path_str(path)}/max_scale": jnp.max(scale)
+      for path, scale in jax.tree.leaves_with_path(scales)
+  }
+  out = {**sparseopt.diagnostics.dst_diagnostics(state.opt_state), **max_scales}
   if config.fan_in_histogram:
     out.update(sparseopt.diagnostics.fan_in_histogram(masks))
   return out
 
 
-def summarize_window(window: list[dict[str, Any]],
-                     steps: Sequence[int] = ()) -> dict[str, Any]:
+def summarize_window(
+    window: list[dict[str, Any]], steps: Sequence[int] = ()
+) -> dict[str, Any]:
   """One log record from the metrics of the steps since the last one.
 
   Losses and accuracies are averaged; turning rates are this (log) step's;
@@ -333,18 +404,30 @@ def summarize_window(window: list[dict[str, Any]],
     The record: floats, and the list ``mask_update_steps`` if any.
   """
   last = window[-1]
-  record = {k: float(np.mean([m[k] for m in window])) for k in last
-            if not k.startswith(("turn/", "jump/")) and k != "mask_update"}
-  record.update({k: float(v) for k, v in last.items()
-                 if k.startswith("turn/")})
+  record = {
+      k: float(np.mean([m[k] for m in window]))
+      for k in last
+      if not k.startswith(("turn/", "jump/"))
+      and k not in ("mask_update", _FINITE)
+  }
+  record.update({k: float(v) for k, v in last.items() if k.startswith("turn/")})
   for m in window:
     if m.get("mask_update", 0.0) > 0:
-      record.update({k: float(v) for k, v in m.items()
-                     if k.startswith("jump/")})
-      record.update({f"update_{k}": float(v) for k, v in m.items()
-                     if k.startswith("turn/")})
-  updated = [int(step) for step, m in zip(steps, window)
-             if m.get("mask_update", 0.0) > 0]
+      record.update(
+          {k: float(v) for k, v in m.items() if k.startswith("jump/")}
+      )
+      record.update(
+          {
+              f"update_{k}": float(v)
+              for k, v in m.items()
+              if k.startswith("turn/")
+          }
+      )
+  updated = [
+      int(step)
+      for step, m in zip(steps, window)
+      if m.get("mask_update", 0.0) > 0
+  ]
   if updated:
     record[records.MASK_UPDATE_STEPS] = updated
   return record
@@ -354,17 +437,61 @@ def _to_float(tree) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def _divergence(window, steps: Sequence[int]) -> tuple[int, float] | None:
+  """``(step, loss)`` of the first step of ``window`` flagged non-finite.
+
+  Args:
+    window: train-step metrics (on device or host), one per step.
+    steps: their step numbers.
+
+  Returns:
+    None when every step's loss and parameters were finite.
+  """
+  flags = jax.device_get([m[_FINITE] for m in window])
+  for i, flag in enumerate(flags):
+    if not bool(flag):
+      return int(steps[i]), float(jax.device_get(window[i]["train_loss"]))
+  return None
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+
+  Every field is validated before anything is read or written. A run that
+  already ended is left as it is. Otherwise the newest checkpoint that
+  restores is resumed (see `workdir.restore_latest`) if it holds the same
+  config; ``config.json`` is written once the run has started.
 
   Returns:
     The summary also written to ``workdir/summary.json``.
+
+  Raises:
+    fields.ConfigError: an invalid config, or a workdir holding a run of a
+      different one.
+    DivergedError: the loss or a parameter became non-finite (now, or when
+      the run ended before); ``summary.json`` says at which step and the
+      checkpoints before it are kept.
   """
   validate_config(config)
+  if records.is_finished(workdir):
+    summary = workdir_lib.finished_summary(config, workdir)
+    if summary.get("status") == records.DIVERGED:
+      raise DivergedError(
+          f"{workdir}: this run already ended: {summary['message']}",
+          summary["diverged_at_step"],
+          summary,
+      )
+    print(
+        f"{workdir}: already finished (test accuracy "
+        f"{summary.get('final_test_accuracy')} after {summary.get('step')} "
+        "steps); nothing to do. Use a new --workdir to train again."
+    )
+    return summary
   dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None)
   spec = dataset.spec
-  workdir_lib.check_or_save_config(config, workdir)
+  config_json = workdir_lib.json_config(config)
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
   replicated = NamedSharding(mesh, P())
@@ -372,60 +499,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   total_steps = num_train_steps(config, len(dataset.train))
   model = create_model(config, spec)
   state, tx, schedule = create_train_state(
-      config, model, spec, total_steps, len(dataset.train) / config.batch_size)
+      config, model, spec, total_steps, len(dataset.train) / config.batch_size
+  )
   # The train step donates the state, and donation needs every leaf in its
   # own buffer; an optimizer's init may reuse one array in two places (the
   # initial masks, say). A host copy per leaf guarantees distinct buffers.
   state = jax.tree.map(lambda x: jax.device_put(np.array(x), replicated), state)
 
-  checkpoints = workdir_lib.checkpoint_manager(workdir,
-                                               config.keep_checkpoints)
-  start_step = checkpoints.latest_step() or 0
+  checkpoints = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
+  start_step, state = workdir_lib.restore_latest(
+      checkpoints, state, config, workdir
+  )
   if start_step:
-    state = checkpoints.restore(start_step,
-                                args=ocp.args.StandardRestore(state))
     logging.info("Resumed %s from step %d.", workdir, start_step)
-  metrics_writer = workdir_lib.MetricsWriter(workdir, start_step,
-                                             tensorboard=config.tensorboard)
+  # Started: from here on the workdir describes this run.
+  workdir_lib.save_config(config_json, workdir)
+  metrics_writer = workdir_lib.MetricsWriter(
+      workdir, start_step, tensorboard=config.tensorboard
+  )
 
   p_train_step = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, config=config,
-                        spec=spec, total_steps=total_steps),
-      out_shardings=replicated, donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, model=model,
-                                          config=config, spec=spec),
-                        out_shardings=replicated)
-  p_diagnostics = jax.jit(functools.partial(diagnostics, config=config),
-                          out_shardings=replicated)
+      functools.partial(
+          train_step,
+          model=model,
+          tx=tx,
+          config=config,
+          spec=spec,
+          total_steps=total_steps,
+      ),
+      out_shardings=replicated,
+      donate_argnums=0,
+  )
+  p_eval_step = jax.jit(
+      functools.partial(eval_step, model=model, config=config, spec=spec),
+      out_shardings=replicated,
+  )
+  p_diagnostics = jax.jit(
+      functools.partial(diagnostics, config=config), out_shardings=replicated
+  )
 
   def global_batch(local):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
-        local)
+        local,
+    )
 
   def evaluate(state):
     sums = None
     for batch in input_pipeline.eval_batches(
-        dataset, global_batch_size=config.eval_batch_size,
+        dataset,
+        global_batch_size=config.eval_batch_size,
         image_size=config.image_size or None,
         process_index=jax.process_index(),
-        process_count=jax.process_count()):
+        process_count=jax.process_count(),
+    ):
       out = p_eval_step(state, global_batch(batch))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = _to_float(sums)
-    return {"test_loss": sums["loss"] / sums["count"],
-            "test_accuracy": sums["correct"] / sums["count"]}
+    return {
+        "test_loss": sums["loss"] / sums["count"],
+        "test_accuracy": sums["correct"] / sums["count"],
+    }
 
   batches = input_pipeline.train_batches(
-      dataset, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step, image_size=config.image_size or None,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.num_data_threads)
-  progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                       disable=not config.progress_bar or jax.process_index() != 0)
+      dataset,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      start_step=start_step,
+      image_size=config.image_size or None,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_threads=config.num_data_threads,
+  )
+  progress = tqdm.tqdm(
+      total=total_steps,
+      initial=start_step,
+      unit="step",
+      disable=not config.progress_bar or jax.process_index() != 0,
+  )
   pending, pending_steps, step_times, last_eval = [], [], [], {}
   window_start, window_steps, compile_time = time.perf_counter(), 0, None
   session_start = time.perf_counter()
+  divergence = None
   for step in range(start_step + 1, total_steps + 1):
     state, metrics = p_train_step(state, global_batch(next(batches)))
     if compile_time is None:
@@ -439,37 +594,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     progress.update(1)
     record = {}
     if step % config.log_every == 0 or step == total_steps:
-      record.update(summarize_window(jax.device_get(pending),
-                                     pending_steps))
+      window = jax.device_get(pending)
+      divergence = _divergence(window, pending_steps)
+      if divergence:
+        break
+      record.update(summarize_window(window, pending_steps))
       pending, pending_steps = [], []
       record.update(_to_float(p_diagnostics(state)))
       if window_steps:
-        record["step_time"] = (time.perf_counter() - window_start) / window_steps
+        record["step_time"] = (
+            time.perf_counter() - window_start
+        ) / window_steps
         step_times.append(record["step_time"])
       record["lr"] = float(schedule(step - 1))
-      progress.set_postfix(loss=f"{record['train_loss']:.3f}",
-                           acc=f"{record['train_accuracy']:.3f}")
+      progress.set_postfix(
+          loss=f"{record['train_loss']:.3f}",
+          acc=f"{record['train_accuracy']:.3f}",
+      )
+    is_checkpoint = step % config.checkpoint_every == 0 or step == total_steps
+    if is_checkpoint and pending:
+      # Never save a diverged state: check the steps since the last log.
+      divergence = _divergence(pending, pending_steps)
+      if divergence:
+        break
     if step % config.eval_every == 0 or step == total_steps:
       last_eval = evaluate(state)
       record.update(last_eval)
     if record:
       metrics_writer.write({"step": step, **record})
-    if step % config.checkpoint_every == 0 or step == total_steps:
-      checkpoints.save(step, args=ocp.args.StandardSave(state))
-    if record or step % config.checkpoint_every == 0:
+    if is_checkpoint:
+      workdir_lib.save_checkpoint(checkpoints, step, state, config_json)
+    if record or is_checkpoint:
       # Evaluation and checkpointing are not training time.
       window_start, window_steps = time.perf_counter(), 0
   progress.close()
   metrics_writer.close()
   checkpoints.wait_until_finished()
+  last_checkpoint = checkpoints.latest_step()
   checkpoints.close()
 
-  if not last_eval:  # Already finished before this call: evaluate the result.
-    last_eval = evaluate(state)
   summary = {
+      "status": records.FINISHED,
       "step": total_steps,
-      "final_test_accuracy": last_eval["test_accuracy"],
-      "final_test_loss": last_eval["test_loss"],
       "median_step_time": float(np.median(step_times)) if step_times else None,
       "compile_time": compile_time,
       "session_time": time.perf_counter() - session_start,
@@ -477,10 +643,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "devices": jax.device_count(),
       "platform": jax.devices()[0].platform,
       "environment": workdir_lib.environment(),
+      "config": config_json,
   }
+  if divergence:
+    diverged_at, loss = divergence
+    message = (
+        f"diverged at step {diverged_at}: the training loss ({loss}) or a "
+        "parameter is not finite. "
+        + (
+            f"The last good checkpoint, step {last_checkpoint}, is kept"
+            if last_checkpoint
+            else "No checkpoint was saved before it"
+        )
+        + "; lower the learning rate and use a new --workdir."
+    )
+    summary.update(
+        status=records.DIVERGED,
+        step=diverged_at,
+        diverged_at_step=diverged_at,
+        last_checkpoint=last_checkpoint,
+        message=message,
+        final_test_accuracy=None,
+        final_test_loss=None,
+    )
+    workdir_lib.write_summary(workdir, summary)
+    raise DivergedError(f"{workdir}: {message}", diverged_at, summary)
+
+  if not last_eval:  # Restored the last step's checkpoint: evaluate it.
+    last_eval = evaluate(state)
+  summary.update(
+      final_test_accuracy=last_eval["test_accuracy"],
+      final_test_loss=last_eval["test_loss"],
+  )
   workdir_lib.write_summary(workdir, summary)
-  print(f"{workdir}: {config.method} {config.optimizer} s={config.sparsity} "
-        f"seed={config.seed}: test accuracy "
-        f"{summary['final_test_accuracy']:.4f} after {total_steps} steps, "
-        f"{summary['session_time']:.0f}s")
+  print(
+      f"{workdir}: {config.method} {config.optimizer} s={config.sparsity} "
+      f"seed={config.seed}: test accuracy "
+      f"{summary['final_test_accuracy']:.4f} after {total_steps} steps, "
+      f"{summary['session_time']:.0f}s"
+  )
   return summary

@@ -20,8 +20,10 @@ IS_NONE = lambda x: x is None  # noqa: E731
 
 
 def flat(tree):
-  return {sparseopt.path_str(p): x for p, x in
-          jax.tree_util.tree_leaves_with_path(tree, is_leaf=IS_NONE)}
+  return {
+      sparseopt.path_str(p): x
+      for p, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=IS_NONE)
+  }
 
 
 def make_tx(masks, method="rigl", inner=None, **kw):
@@ -58,8 +60,8 @@ def test_rigl_hand_checked_drop_grow_and_ties():
   # {4..7} = 3, 1, 3, 3 picks 4 and 6 (ties to the lower index); index 0,
   # just dropped, has the largest gradient but must not be regrown.
   mask = jnp.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool)
-  w = jnp.array([[0.1, -0.5, -0.1, 0.1], [0., 0., 0., 0.]])
-  g = jnp.array([[100., 0., 0., 0.], [-3., 1., 3., -3.]])
+  w = jnp.array([[0.1, -0.5, -0.1, 0.1], [0.0, 0.0, 0.0, 0.0]])
+  g = jnp.array([[100.0, 0.0, 0.0, 0.0], [-3.0, 1.0, 3.0, -3.0]])
   tx = make_tx({"w": mask}, "rigl", drop_fraction=0.5)
   hist = steps(tx, {"w": w}, [{"w": g}, {"w": g}])
   # Step 0 never updates the topology (count 0).
@@ -97,7 +99,7 @@ def test_set_hand_checked():
   # SET drops like RigL (smallest |w|) and grows at random among the
   # previously inactive entries, never the ones just dropped.
   mask = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], bool)
-  params = {"w": jnp.array([[0.3, 0.1, 0.6, 0.2, 0.5, 0.4], [0.] * 6])}
+  params = {"w": jnp.array([[0.3, 0.1, 0.6, 0.2, 0.5, 0.4], [0.0] * 6])}
   grads = {"w": jnp.zeros((2, 6))}
   tx = make_tx({"w": mask}, "set", drop_fraction=0.5)
   step = jax.jit(tx.update)  # one compilation; the key lives in the state
@@ -126,8 +128,8 @@ def test_grow_with_corrected_prefers_denser_neurons():
   # Raw growth takes the larger raw gradient, (1, 1); corrected takes
   # 0.9 * 1.22 = 1.10 > 1.0 * 0.71, i.e. (3, 0).
   mask = jnp.array([[1, 1], [1, 0], [1, 0], [0, 0]], bool)
-  w = jnp.array([[0.05, 2.0], [1.0, 0.], [1.0, 0.], [0., 0.]])
-  g = jnp.array([[0., 0.], [0., 1.0], [0., 1.0], [0.9, 1.0]])
+  w = jnp.array([[0.05, 2.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+  g = jnp.array([[0.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.9, 1.0]])
   result = {}
   for grow_with in ("raw", "corrected"):
     tx = make_tx({"w": mask}, "rigl", drop_fraction=0.25, grow_with=grow_with)
@@ -148,7 +150,8 @@ def test_drop_fraction_schedule():
   f = sparseopt.drop_fraction_schedule(0.3, 1000, "cosine")
   for t in (0, 1, 100, 500, 999, 1000, 5000):
     assert float(f(jnp.int32(t))) == pytest.approx(
-        ref.cosine_fraction(0.3, t, 1000), abs=1e-6)
+        ref.cosine_fraction(0.3, t, 1000), abs=1e-6
+    )
   assert float(f(jnp.int32(0))) == pytest.approx(0.3)
   assert float(f(jnp.int32(500))) == pytest.approx(0.15, abs=1e-6)
   g = sparseopt.drop_fraction_schedule(0.2, 100, "constant")
@@ -168,13 +171,13 @@ def test_cosine_schedule_drives_k():
   rng = np.random.default_rng(0)
   mask = jnp.asarray(np.arange(32).reshape(4, 8) % 2 == 0)
   w = jnp.asarray(rng.normal(size=(4, 8))) * mask
-  tx = make_tx({"w": mask}, "rigl", drop_fraction=0.5,
-               drop_schedule="cosine", end_step=5)
+  tx = make_tx(
+      {"w": mask}, "rigl", drop_fraction=0.5, drop_schedule="cosine", end_step=5
+  )
   grads = [{"w": jnp.asarray(rng.normal(size=(4, 8)))} for _ in range(7)]
   hist = steps(tx, {"w": w}, grads)
   ks = [int(h[5].num_changed["w"]) for h in hist]
-  want = [math.floor(ref.cosine_fraction(0.5, t, 5) * 16)
-          for t in (1, 2, 3, 4)]
+  want = [math.floor(ref.cosine_fraction(0.5, t, 5) * 16) for t in (1, 2, 3, 4)]
   assert want == [7, 5, 2, 0]
   assert ks == [0] + want + [0, 0]  # num_changed holds the last update's
   for t in (1, 2, 3):
@@ -200,12 +203,18 @@ def random_problem(seed, density):
     m = np.zeros(size, bool)
     m[rng.permutation(size)[:k]] = True
     masks[name] = {"kernel": jnp.asarray(m.reshape(shape)), "bias": None}
-    params[name] = {"kernel": jnp.asarray(rng.normal(size=shape) * m.reshape(
-        shape), jnp.float32), "bias": jnp.asarray(rng.normal(size=shape[-1]),
-                                                  jnp.float32)}
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
-                                              jnp.float32), params)
-           for _ in range(N_STEPS)]
+    params[name] = {
+        "kernel": jnp.asarray(
+            rng.normal(size=shape) * m.reshape(shape), jnp.float32
+        ),
+        "bias": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32),
+    }
+  grads = [
+      jax.tree.map(
+          lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params
+      )
+      for _ in range(N_STEPS)
+  ]
   grads = jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
   return params, masks, grads
 
@@ -216,17 +225,29 @@ def scan_dst(params, masks, grads, key, fraction, *, method, update_every):
   traced) so one compilation serves every hypothesis example."""
   tx = sparseopt.dynamic_sparse(
       optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
-      masks, method=method, update_every=update_every, end_step=END_STEP,
-      drop_schedule=lambda t: fraction, key=key)
+      masks,
+      method=method,
+      update_every=update_every,
+      end_step=END_STEP,
+      drop_schedule=lambda t: fraction,
+      key=key,
+  )
 
   def body(carry, g):
     p, s = carry
     u, s = tx.update(g, s, p)
     new_p = optax.apply_updates(p, u)
     trace = s.inner_state[1][0].trace
-    return (new_p, s), (s.masks, new_p, trace, sparseopt.itop_rate(s),
-                        s.num_changed, p, s.masks_updated,
-                        s.inner_state[0].scales)
+    return (new_p, s), (
+        s.masks,
+        new_p,
+        trace,
+        sparseopt.itop_rate(s),
+        s.num_changed,
+        p,
+        s.masks_updated,
+        s.inner_state[0].scales,
+    )
 
   _, hist = jax.lax.scan(body, (params, tx.init(params)), grads)
   return hist
@@ -235,29 +256,48 @@ def scan_dst(params, masks, grads, key, fraction, *, method, update_every):
 # One compilation per method (update_every=2 covers both updating and
 # non-updating steps; consecutive updates are covered by the hand-checked
 # tests with update_every=1).
-@hypothesis.settings(max_examples=25, deadline=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
-@hypothesis.given(seed=st.integers(0, 2**31 - 1),
-                  density=st.sampled_from([0.05, 0.2, 0.5, 0.8, 1.0]),
-                  frac16=st.integers(0, 16),
-                  method=st.sampled_from(["rigl", "set", "static"]),
-                  update_every=st.sampled_from([2]))
+@hypothesis.settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    density=st.sampled_from([0.05, 0.2, 0.5, 0.8, 1.0]),
+    frac16=st.integers(0, 16),
+    method=st.sampled_from(["rigl", "set", "static"]),
+    update_every=st.sampled_from([2]),
+)
 def test_property_dst_invariants(seed, density, frac16, method, update_every):
   # Fractions are multiples of 1/16 so fraction * active is exact in float32
   # and the floor agrees with the float64 reference.
   fraction = frac16 / 16
   params, masks0, grads = random_problem(seed, density)
-  hist = scan_dst(params, masks0, grads, jax.random.key(seed),
-                  jnp.float32(fraction), method=method,
-                  update_every=update_every)
+  hist = scan_dst(
+      params,
+      masks0,
+      grads,
+      jax.random.key(seed),
+      jnp.float32(fraction),
+      method=method,
+      update_every=update_every,
+  )
   hist = jax.tree.map(np.asarray, hist)
-  (masks_h, params_h, trace_h, itop_h, changed_h, params_in, updated_h,
-   scales_h) = hist
-  counts0 = {n: int(m.sum()) for n, m in flat(masks0).items()
-             if m is not None}
+  (
+      masks_h,
+      params_h,
+      trace_h,
+      itop_h,
+      changed_h,
+      params_in,
+      updated_h,
+      scales_h,
+  ) = hist
+  counts0 = {n: int(m.sum()) for n, m in flat(masks0).items() if m is not None}
   total = sum(math.prod(s) for s in SHAPES.values())
-  prev_masks = {n: np.asarray(m) for n, m in flat(masks0).items()
-                if m is not None}
+  prev_masks = {
+      n: np.asarray(m) for n, m in flat(masks0).items() if m is not None
+  }
   prev_itop = sum(counts0.values()) / total
   ever = {n: m.copy() for n, m in prev_masks.items()}
   for t in range(N_STEPS):
@@ -270,9 +310,12 @@ def test_property_dst_invariants(seed, density, frac16, method, update_every):
       assert int(new.sum()) == counts0[n], (t, n)  # exact counts
       # SparseOpt's cached factors follow the masks it was given (those
       # before this step's mask update), refreshed by masks_updated=.
-      np.testing.assert_allclose(scales_h[name]["kernel"][t],
-                                 ref.sparseopt_factor(old), rtol=1e-6,
-                                 err_msg=f"{t} {n}")
+      np.testing.assert_allclose(
+          scales_h[name]["kernel"][t],
+          ref.sparseopt_factor(old),
+          rtol=1e-6,
+          err_msg=f"{t} {n}",
+      )
       p_after = params_h[name]["kernel"][t]
       # Inactive weights (incl. just dropped) are exactly zero.
       assert np.all(p_after[~new] == 0), (t, n)
@@ -301,8 +344,9 @@ def test_property_dst_invariants(seed, density, frac16, method, update_every):
     itop = float(itop_h[t])
     assert itop >= prev_itop - 1e-7  # monotone
     assert sum(counts0.values()) / total - 1e-6 <= itop <= 1.0 + 1e-6
-    assert itop == pytest.approx(sum(e.sum() for e in ever.values()) / total,
-                                 abs=1e-6)
+    assert itop == pytest.approx(
+        sum(e.sum() for e in ever.values()) / total, abs=1e-6
+    )
     prev_itop = itop
     # Biases (dense) get their plain SGD updates: never frozen.
     assert np.all(params_h[name]["bias"][t] != params_in[name]["bias"][t])
@@ -313,28 +357,42 @@ def test_property_dst_invariants(seed, density, frac16, method, update_every):
 
 def mlp_problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"a": {"kernel": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32),
-                  "bias": jnp.zeros(8)},
-            "b": {"kernel": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}}
+  params = {
+      "a": {
+          "kernel": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32),
+          "bias": jnp.zeros(8),
+      },
+      "b": {"kernel": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)},
+  }
   masks = sparseopt.init_masks(jax.random.key(seed), params, 0.5, "uniform")
   params = sparseopt.apply_masks(params, masks)
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
-                                              jnp.float32), params)
-           for _ in range(4)]
+  grads = [
+      jax.tree.map(
+          lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params
+      )
+      for _ in range(4)
+  ]
   return params, masks, grads
 
 
-@pytest.mark.parametrize("opt,moments", [
-    (lambda: optax.sgd(0.1, momentum=0.9), ("trace",)),
-    (lambda: optax.adam(0.1), ("mu", "nu")),
-    (lambda: optax.adamw(0.1, weight_decay=0.1), ("mu", "nu")),
-])
+@pytest.mark.parametrize(
+    "opt,moments",
+    [
+        (lambda: optax.sgd(0.1, momentum=0.9), ("trace",)),
+        (lambda: optax.adam(0.1), ("mu", "nu")),
+        (lambda: optax.adamw(0.1, weight_decay=0.1), ("mu", "nu")),
+    ],
+)
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_inner_moments_reset_at_changed_positions(opt, moments, method):
   params, masks, grads = mlp_problem()
-  tx = make_tx(masks, method,
-               inner=optax.chain(sparseopt.scale_by_sparseopt(), opt()),
-               update_every=2, drop_fraction=0.5)
+  tx = make_tx(
+      masks,
+      method,
+      inner=optax.chain(sparseopt.scale_by_sparseopt(), opt()),
+      update_every=2,
+      drop_fraction=0.5,
+  )
   hist = steps(tx, params, grads)
   old, _, _, _, new_params, state = hist[2]  # step with count 2 updates
   new = state.masks
@@ -364,14 +422,17 @@ def test_reset_changed_moments_generic():
   params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
   state = optax.MultiSteps(optax.adam(0.1), 2).init(params)
   state = jax.tree.map(lambda x: jnp.ones_like(x) if x.ndim else x, state)
-  changed = {"w": jnp.array([[True, False, False], [False, False, True]]),
-             "b": None}
+  changed = {
+      "w": jnp.array([[True, False, False], [False, False, True]]),
+      "b": None,
+  }
   out = sparseopt.reset_changed_moments(state, params, changed)
   for path, leaf in jax.tree_util.tree_leaves_with_path(out):
     name = jax.tree_util.keystr(path)
     if leaf.shape == (2, 3):
-      np.testing.assert_array_equal(leaf, np.where(changed["w"], 0.0, 1.0),
-                                    err_msg=name)
+      np.testing.assert_array_equal(
+          leaf, np.where(changed["w"], 0.0, 1.0), err_msg=name
+      )
     elif leaf.shape == (3,):
       np.testing.assert_array_equal(leaf, 1.0, err_msg=name)
   assert int(out.mini_step) == int(state.mini_step)
@@ -382,19 +443,27 @@ def test_reset_changed_moments_generic():
 
 def _recorder():
   """An inner transform whose state is the last ``masks_updated=`` seen."""
+
   def update(updates, state, params=None, *, masks_updated=None, **extra):
     del state, params, extra
     return updates, jnp.asarray(masks_updated, bool)
+
   return optax.GradientTransformationExtraArgs(
-      lambda params: jnp.zeros([], bool), update)
+      lambda params: jnp.zeros([], bool), update
+  )
 
 
 @pytest.mark.parametrize("method", ["rigl", "set", "static"])
 def test_masks_updated_follows_the_schedule(method):
   params, masks, grads = mlp_problem()
   update_every, end_step, n = 3, 10, 13
-  dst = make_tx(masks, method, inner=optax.chain(_recorder(), optax.sgd(0.1)),
-                update_every=update_every, end_step=end_step)
+  dst = make_tx(
+      masks,
+      method,
+      inner=optax.chain(_recorder(), optax.sgd(0.1)),
+      update_every=update_every,
+      end_step=end_step,
+  )
   # Nested in a chain, as in a training script: the accessor finds it.
   tx = optax.chain(optax.clip_by_global_norm(10.0), dst)
   state = tx.init(params)
@@ -409,16 +478,19 @@ def test_masks_updated_follows_the_schedule(method):
     masks_seen.append(sparseopt.get_masks(state))
   # The update called with count t produced a mask update iff t is on the
   # schedule; the state it returns says so.
-  want = [method != "static" and 0 < t < end_step and t % update_every == 0
-          for t in range(n)]
+  want = [
+      method != "static" and 0 < t < end_step and t % update_every == 0
+      for t in range(n)
+  ]
   assert flags == want
   # The inner transform is told at the first step and after each update.
   assert forwarded == [t == 0 or want[t - 1] for t in range(n)]
   if method != "static":
     # The flag marks real changes here (drop fraction > 0 on every update).
     for t in range(n):
-      changed = not np.array_equal(masks_seen[t]["a"]["kernel"],
-                                   masks_seen[t + 1]["a"]["kernel"])
+      changed = not np.array_equal(
+          masks_seen[t]["a"]["kernel"], masks_seen[t + 1]["a"]["kernel"]
+      )
       assert changed == want[t], t
 
 
@@ -434,19 +506,39 @@ def test_normal_step_never_counts_masks():
   # Counting masks (SparseOpt's factors) and ranking weights (RigL) must
   # only happen inside the lax.cond branches taken at mask updates.
   params, masks, grads = mlp_problem()
-  tx = make_tx(masks, "rigl", update_every=100, end_step=1000,
-               inner=optax.chain(sparseopt.scale_by_sparseopt(),
-                                 optax.sgd(0.1, momentum=0.9)))
+  tx = make_tx(
+      masks,
+      "rigl",
+      update_every=100,
+      end_step=1000,
+      inner=optax.chain(
+          sparseopt.scale_by_sparseopt(), optax.sgd(0.1, momentum=0.9)
+      ),
+  )
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(grads[0], state, params).jaxpr
   # RigL ranks flattened layers, so their flat shapes count too.
-  mask_shapes = {s for m in jax.tree.leaves(masks)
-                 for s in (m.shape, (m.size,))}
-  costly = ("reduce_sum", "reduce_or", "reduce_and", "reduce_max",
-            "reduce_min", "argmax", "argmin", "top_k", "sort", "cumsum")
-  found = [(name, inside) for name, avals, inside in _eqns(jaxpr)
-           if name in costly
-           and any(getattr(a, "shape", None) in mask_shapes for a in avals)]
+  mask_shapes = {
+      s for m in jax.tree.leaves(masks) for s in (m.shape, (m.size,))
+  }
+  costly = (
+      "reduce_sum",
+      "reduce_or",
+      "reduce_and",
+      "reduce_max",
+      "reduce_min",
+      "argmax",
+      "argmin",
+      "top_k",
+      "sort",
+      "cumsum",
+  )
+  found = [
+      (name, inside)
+      for name, avals, inside in _eqns(jaxpr)
+      if name in costly
+      and any(getattr(a, "shape", None) in mask_shapes for a in avals)
+  ]
   assert found, "no reductions over masks at all: the check is vacuous"
   assert all(inside for _, inside in found), found
   # Both caches are in play: SparseOpt's counts and RigL's top-k.
@@ -463,10 +555,17 @@ def test_static_equals_manual_chain_step_for_step():
   lr = 0.05
   dst = sparseopt.dynamic_sparse(
       optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(lr, 0.9)),
-      masks, method="static", update_every=2, end_step=100,
-      key=jax.random.key(0))
-  manual = optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(lr, 0.9),
-                       sparseopt.zero_masked_updates())
+      masks,
+      method="static",
+      update_every=2,
+      end_step=100,
+      key=jax.random.key(0),
+  )
+  manual = optax.chain(
+      sparseopt.scale_by_sparseopt(),
+      optax.sgd(lr, 0.9),
+      sparseopt.zero_masked_updates(),
+  )
   sd, sm = dst.init(params), manual.init(params)
   pd = pm = params
   step_d = jax.jit(dst.update)
@@ -512,6 +611,7 @@ def test_no_retrace_no_host_sync():
 
 def test_sharded_params_over_mesh():
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
   devices = np.array(jax.devices())
   mesh = Mesh(devices, ("data",))
   replicated = NamedSharding(mesh, P())
@@ -528,8 +628,9 @@ def test_sharded_params_over_mesh():
   for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want_u)):
     np.testing.assert_array_equal(a, b)
     assert a.sharding.is_equivalent_to(replicated, a.ndim)
-  np.testing.assert_array_equal(ss.masks["a"]["kernel"],
-                                want_s.masks["a"]["kernel"])
+  np.testing.assert_array_equal(
+      ss.masks["a"]["kernel"], want_s.masks["a"]["kernel"]
+  )
 
 
 # ------------------------------------------------------- state accessors
@@ -544,10 +645,18 @@ def test_accessors_inside_outside_jit_and_nested():
   for g in grads[:3]:
     u, state = step(g, state, params)
     params = optax.apply_updates(params, u)
-  outside = (sparseopt.get_masks(state), sparseopt.itop_rate(state),
-             diagnostics.dst_diagnostics(state))
-  inside = jax.jit(lambda s: (sparseopt.get_masks(s), sparseopt.itop_rate(s),
-                              diagnostics.dst_diagnostics(s)))(state)
+  outside = (
+      sparseopt.get_masks(state),
+      sparseopt.itop_rate(state),
+      diagnostics.dst_diagnostics(state),
+  )
+  inside = jax.jit(
+      lambda s: (
+          sparseopt.get_masks(s),
+          sparseopt.itop_rate(s),
+          diagnostics.dst_diagnostics(s),
+      )
+  )(state)
   for a, b in zip(jax.tree.leaves(outside), jax.tree.leaves(inside)):
     # Not bitwise: XLA turns count / fan_in into count * (1 / fan_in) under
     # jit, so a full neuron's s_i is -3e-8 instead of 0 (see
@@ -557,16 +666,24 @@ def test_accessors_inside_outside_jit_and_nested():
   assert m["a"]["bias"] is None
   ever = state[1].ever_active
   total = 48 + 24
-  want_itop = (np.asarray(ever["a"]["kernel"]).sum()
-               + np.asarray(ever["b"]["kernel"]).sum()) / total
+  want_itop = (
+      np.asarray(ever["a"]["kernel"]).sum()
+      + np.asarray(ever["b"]["kernel"]).sum()
+  ) / total
   assert float(outside[1]) == pytest.approx(want_itop)
   assert float(outside[1]) > 0.5  # rigl explored beyond the initial masks
   diag = outside[2]
   assert float(diag["sparsity"]) == pytest.approx(
-      1 - (np.asarray(m["a"]["kernel"]).sum() + np.asarray(
-          m["b"]["kernel"]).sum()) / total)
+      1
+      - (
+          np.asarray(m["a"]["kernel"]).sum()
+          + np.asarray(m["b"]["kernel"]).sum()
+      )
+      / total
+  )
   assert float(diag["changed"]) == float(diag["a/kernel/changed"]) + float(
-      diag["b/kernel/changed"])
+      diag["b/kernel/changed"]
+  )
   assert float(diag["changed"]) > 0
   for key in ("s_min", "s_mean", "s_max", "s_std", "amp_spread", "dead"):
     assert f"a/kernel/{key}" in diag
@@ -579,23 +696,33 @@ def test_skew_diagnostics_vs_reference():
   conv = rng.random((3, 3, 2, 5)) < 0.3
   conv[..., 1] = False  # a dead neuron
   dense = rng.random((6, 4)) < 0.6
-  masks = {"conv": jnp.asarray(conv), "dense": jnp.asarray(dense), "b": None,
-           "all_dead": jnp.zeros((3, 2), bool),
-           "vec": jnp.ones((4,), bool)}  # 1-D sparse leaf: no neurons, skipped
+  masks = {
+      "conv": jnp.asarray(conv),
+      "dense": jnp.asarray(dense),
+      "b": None,
+      "all_dead": jnp.zeros((3, 2), bool),
+      "vec": jnp.ones((4,), bool),
+  }  # 1-D sparse leaf: no neurons, skipped
   out = jax.jit(diagnostics.skew_diagnostics)(masks)
   assert not any(k.startswith("vec/") or k.startswith("b/") for k in out)
-  for name, m in (("conv", conv), ("dense", dense),
-                  ("all_dead", np.zeros((3, 2), bool))):
+  for name, m in (
+      ("conv", conv),
+      ("dense", dense),
+      ("all_dead", np.zeros((3, 2), bool)),
+  ):
     want = ref.skew_stats(m)
     for key, v in want.items():
       assert float(out[f"{name}/{key}"]) == pytest.approx(v, abs=1e-5), (
-          name, key)
+          name,
+          key,
+      )
   assert float(out["conv/dead"]) >= 1 and float(out["conv/amp_spread"]) > 1
   assert float(out["all_dead/amp_spread"]) == 1.0
   # neuron_axis is honoured.
   out0 = diagnostics.skew_diagnostics({"d": jnp.asarray(dense)}, neuron_axis=0)
   assert float(out0["d/s_std"]) == pytest.approx(
-      ref.skew_stats(dense, 0)["s_std"], abs=1e-5)
+      ref.skew_stats(dense, 0)["s_std"], abs=1e-5
+  )
 
 
 def _fan_in_histogram_reference(mask: np.ndarray, axis: int = -1) -> dict:
@@ -609,8 +736,9 @@ def _fan_in_histogram_reference(mask: np.ndarray, axis: int = -1) -> dict:
     label = str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
     labels[label] = lambda k, lo=lo, hi=hi: lo <= k < hi
     width = hi
-  return {label: sum(bool(f(int(k))) for k in counts)
-          for label, f in labels.items()}
+  return {
+      label: sum(bool(f(int(k))) for k in counts) for label, f in labels.items()
+  }
 
 
 def test_fan_in_histogram_vs_reference():
@@ -619,14 +747,21 @@ def test_fan_in_histogram_vs_reference():
   conv[..., 0] = False  # an ablated neuron
   conv[..., 1] = True  # a full one: fan-in 36 lands in the 32-63 bin
   dense = rng.random((8, 5)) < 0.5  # fan-in 8 is a power of two: bin 8-15
-  masks = {"conv": jnp.asarray(conv), "dense": jnp.asarray(dense), "b": None,
-           "vec": jnp.ones((4,), bool)}
+  masks = {
+      "conv": jnp.asarray(conv),
+      "dense": jnp.asarray(dense),
+      "b": None,
+      "vec": jnp.ones((4,), bool),
+  }
   out = jax.jit(diagnostics.fan_in_histogram)(masks)
   assert not any(k.startswith(("vec/", "b/")) for k in out)
   for name, m in (("conv", conv), ("dense", dense)):
     want = _fan_in_histogram_reference(m)
-    got = {k.split("/fan_in/")[1]: float(v) for k, v in out.items()
-           if k.startswith(f"{name}/")}
+    got = {
+        k.split("/fan_in/")[1]: float(v)
+        for k, v in out.items()
+        if k.startswith(f"{name}/")
+    }
     assert got == want, name
     assert sum(got.values()) == m.shape[-1]
   assert out["conv/fan_in/0"] >= 1 and out["conv/fan_in/32-63"] >= 1
@@ -647,28 +782,28 @@ def test_errors():
   with pytest.raises(ValueError, match=r"Unknown method 'grasp'"):
     sparseopt.dynamic_sparse(inner, masks, method="grasp", end_step=10, key=k)
   with pytest.raises(ValueError, match=r"Unknown drop_schedule 'linear'"):
-    sparseopt.dynamic_sparse(inner, masks, drop_schedule="linear",
-                             end_step=10, key=k)
+    sparseopt.dynamic_sparse(
+        inner, masks, drop_schedule="linear", end_step=10, key=k
+    )
   with pytest.raises(ValueError, match=r"Unknown grow_with 'grad'"):
-    sparseopt.dynamic_sparse(inner, masks, grow_with="grad", end_step=10,
-                             key=k)
+    sparseopt.dynamic_sparse(inner, masks, grow_with="grad", end_step=10, key=k)
   for bad in (0, -1):
     with pytest.raises(ValueError, match=r"update_every must be >= 1"):
-      sparseopt.dynamic_sparse(inner, masks, update_every=bad, end_step=10,
-                               key=k)
+      sparseopt.dynamic_sparse(
+          inner, masks, update_every=bad, end_step=10, key=k
+      )
   with pytest.raises(TypeError, match=r"update_every must be an int"):
-    sparseopt.dynamic_sparse(inner, masks, update_every=1.5, end_step=10,
-                             key=k)
+    sparseopt.dynamic_sparse(inner, masks, update_every=1.5, end_step=10, key=k)
   for bad in (-0.1, 1.5, float("nan")):
     with pytest.raises(ValueError, match=r"drop_fraction must be in \[0, 1\]"):
-      sparseopt.dynamic_sparse(inner, masks, drop_fraction=bad, end_step=10,
-                               key=k)
+      sparseopt.dynamic_sparse(
+          inner, masks, drop_fraction=bad, end_step=10, key=k
+      )
   for bad in (None, 0, "seed", np.zeros(3, np.uint32)):
     with pytest.raises(TypeError, match=r"key must be a PRNG key"):
       sparseopt.dynamic_sparse(inner, masks, end_step=10, key=bad)
   # A legacy uint32[2] key is accepted.
-  sparseopt.dynamic_sparse(inner, masks, end_step=10,
-                           key=jax.random.PRNGKey(0))
+  sparseopt.dynamic_sparse(inner, masks, end_step=10, key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match=r"end_step must be >= 0"):
     sparseopt.dynamic_sparse(inner, masks, end_step=-1, key=k)
   bad_masks = jax.tree.map(lambda m: m.astype(jnp.float32), masks)
@@ -713,27 +848,36 @@ def test_flax_linen_mlp_with_batchnorm_trains():
     masks = sparseopt.init_masks(jax.random.key(1), params, 0.8, "erk")
     params = sparseopt.apply_masks(params, masks)
     tx = sparseopt.dynamic_sparse(
-        sparseopt.sparseopt(0.05, momentum=0.9, weight_decay=1e-4), masks,
-        method=method, update_every=20, end_step=int(0.75 * n_steps),
-        key=jax.random.key(2))
+        sparseopt.sparseopt(0.05, momentum=0.9, weight_decay=1e-4),
+        masks,
+        method=method,
+        update_every=20,
+        end_step=int(0.75 * n_steps),
+        key=jax.random.key(2),
+    )
 
     def loss_fn(p, stats, x, y):
-      logits, upd = model.apply({"params": p, "batch_stats": stats}, x,
-                                train=True, mutable=["batch_stats"])
+      logits, upd = model.apply(
+          {"params": p, "batch_stats": stats},
+          x,
+          train=True,
+          mutable=["batch_stats"],
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, upd["batch_stats"]
 
     def step(carry, idx):
       p, stats, s = carry
       (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(
-          p, stats, xs[idx], ys[idx])
+          p, stats, xs[idx], ys[idx]
+      )
       u, s = tx.update(g, s, p)
       return (optax.apply_updates(p, u), stats, s), loss
 
     idx = jax.random.randint(jax.random.key(3), (n_steps, 64), 0, 512)
-    (p, _, s), losses = jax.jit(
-        lambda c, i: jax.lax.scan(step, c, i))((params, stats,
-                                                tx.init(params)), idx)
+    (p, _, s), losses = jax.jit(lambda c, i: jax.lax.scan(step, c, i))(
+        (params, stats, tx.init(params)), idx
+    )
     return p, s, np.asarray(losses)
 
   for method in ("rigl", "set", "static"):
@@ -744,8 +888,7 @@ def test_flax_linen_mlp_with_batchnorm_trains():
     m = sparseopt.get_masks(s)
     # The kernels really are sparse, at the ERK target.
     assert float(sparseopt.sparsity(m)) == pytest.approx(0.8, abs=0.01)
-    for w, mk in zip(jax.tree.leaves(p),
-                     jax.tree.leaves(m, is_leaf=IS_NONE)):
+    for w, mk in zip(jax.tree.leaves(p), jax.tree.leaves(m, is_leaf=IS_NONE)):
       if mk is not None:
         assert np.all(np.asarray(w)[~np.asarray(mk)] == 0)
     itop = float(sparseopt.itop_rate(s))
@@ -757,10 +900,12 @@ def test_flax_linen_mlp_with_batchnorm_trains():
 
 def test_nan_gradients_never_corrupt_masks():
   # NaN gradients on a mask-update step: alone, dynamic_sparse still keeps
-  # exact per-layer counts and zero pruned weights (NaN scores rank as 0);
+  # exact per-layer counts and zero pruned weights (NaN scores rank last);
   # wrapped in optax.apply_if_finite, the step is skipped entirely.
-  params = {"w": jax.random.normal(jax.random.key(0), (16, 8)),
-            "b": jnp.zeros(8)}
+  params = {
+      "w": jax.random.normal(jax.random.key(0), (16, 8)),
+      "b": jnp.zeros(8),
+  }
   masks = sparseopt.init_masks(jax.random.key(1), params, 0.8, "uniform")
   params = sparseopt.apply_masks(params, masks)
   nan_grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
@@ -769,8 +914,12 @@ def test_nan_gradients_never_corrupt_masks():
   def make():
     return sparseopt.dynamic_sparse(
         optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
-        masks, method="rigl", update_every=1, end_step=10,
-        key=jax.random.key(2))
+        masks,
+        method="rigl",
+        update_every=1,
+        end_step=10,
+        key=jax.random.key(2),
+    )
 
   tx = make()
   state = tx.init(params)._replace(count=jnp.int32(1))  # an update step
@@ -784,6 +933,51 @@ def test_nan_gradients_never_corrupt_masks():
   gstate = guarded.init(params)
   updates, gstate2 = jax.jit(guarded.update)(nan_grads, gstate, params)
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
-  np.testing.assert_array_equal(sparseopt.get_masks(gstate2)["w"],
-                                masks["w"])
+  np.testing.assert_array_equal(sparseopt.get_masks(gstate2)["w"], masks["w"])
   assert int(gstate2.notfinite_count) == 1
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_non_finite_weights_and_gradients_never_reach_pruned_slots(method):
+  # A diverging run: NaN and inf in active weights, in gradients everywhere,
+  # and (after an earlier drop) in an inactive slot. Hand-checked on one
+  # (2, 4) layer, active {0, 1, 2, 3}, k = floor(0.5 * 4) = 2 per update.
+  mask = jnp.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool)
+  w = jnp.array([[0.5, jnp.nan, 0.1, jnp.inf], [0.0, jnp.nan, 0.0, 0.0]])
+  g = jnp.array([[jnp.nan, 1.0, -jnp.inf, 2.0], [jnp.inf, 9.0, jnp.nan, 3.0]])
+  tx = make_tx({"w": mask}, method, inner=optax.sgd(0.1), drop_fraction=0.5)
+  state = tx.init({"w": w})._replace(count=jnp.int32(1))  # an update step
+  updates, state = jax.jit(tx.update)({"w": g}, state, {"w": w})
+  new = np.asarray(sparseopt.get_masks(state)["w"]).reshape(-1)
+  # The two non-finite active weights (1: NaN, 3: inf) are dropped first.
+  assert not new[1] and not new[3] and new[0] and new[2]
+  # Growth: never the NaN slot 5; RigL ranks the inf gradient of slot 4 and
+  # the NaN of slot 6 below every finite |g| (9 at 5 is excluded): 7, then 4.
+  assert new.sum() == 4 and not new[5]
+  if method == "rigl":
+    np.testing.assert_array_equal(np.flatnonzero(new), [0, 2, 4, 7])
+  raw = np.asarray(optax.apply_updates({"w": w}, updates)["w"]).reshape(-1)
+  grown = new & ~np.asarray(mask).reshape(-1)
+  assert np.all(raw[grown] == 0)  # Regrown connections start at exactly 0.
+  finite_off = ~new & np.isfinite(np.asarray(w).reshape(-1))
+  assert np.all(raw[finite_off] == 0)
+  # An additive update cannot zero the non-finite dropped weights; the
+  # documented re-masking (a jnp.where) does, whatever the gradients held.
+  masked = sparseopt.apply_masks(
+      optax.apply_updates({"w": w}, updates), sparseopt.get_masks(state)
+  )
+  out = np.asarray(masked["w"]).reshape(-1)
+  assert np.all(out[~new] == 0) and np.all(out[grown] == 0)
+
+  # The next update step from the re-masked params: pruned slots stay 0,
+  # regrown ones start at 0, counts stay exact.
+  state = state._replace(count=jnp.int32(2))
+  updates, state = jax.jit(tx.update)({"w": g}, state, masked)
+  new2 = np.asarray(sparseopt.get_masks(state)["w"]).reshape(-1)
+  out2 = np.asarray(
+      sparseopt.apply_masks(
+          optax.apply_updates(masked, updates), sparseopt.get_masks(state)
+      )["w"]
+  ).reshape(-1)
+  assert new2.sum() == 4 and np.all(out2[~new2] == 0)
+  assert np.all(out2[new2 & ~new] == 0)

@@ -18,12 +18,26 @@ from experiments.studies import plot
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _fake_run(root, name, optimizer, seed, curve, sparsity=0.95, finished=True,
-              learning_rate=0.05):
+def _fake_run(
+    root,
+    name,
+    optimizer,
+    seed,
+    curve,
+    sparsity=0.95,
+    finished=True,
+    learning_rate=0.05,
+):
   workdir = os.path.join(root, name)
   os.makedirs(workdir)
-  config = {"method": "rigl", "sparsity": sparsity, "optimizer": optimizer,
-            "seed": seed, "learning_rate": learning_rate, "log_every": 10}
+  config = {
+      "method": "rigl",
+      "sparsity": sparsity,
+      "optimizer": optimizer,
+      "seed": seed,
+      "learning_rate": learning_rate,
+      "log_every": 10,
+  }
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config, f)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
@@ -32,12 +46,6 @@ def _fake_run(root, name, optimizer, seed, curve, sparsity=0.95, finished=True,
       f.write(json.dumps({"step": 100 * (i + 1), "test_accuracy": acc}) + "\n")
   if finished:
     open(os.path.join(workdir, "summary.json"), "w").close()
-
-
-
-
-
-
 
 
 def test_tuned_differences_need_a_grid_for_both_optimizers(tmp_path):
@@ -64,7 +72,8 @@ def test_paired_differences_pair_finished_runs_by_seed(tmp_path):
   assert row["mean"] == pytest.approx(diffs.mean())
   assert row["sem"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
   assert "| - | 0.95 | sparseopt - sgd | 3 | +1.33 ± 2.03 |" in plot.report(
-      root)
+      root
+  )
 
 
 def test_panels_follow_varying_fields(tmp_path):
@@ -75,44 +84,70 @@ def test_panels_follow_varying_fields(tmp_path):
   assert sorted(groups) == [("", 0.9), ("", 0.95)]
 
 
-
-
-
-
 def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
   root = str(tmp_path)
-  for seed, opt in ((0, "sgd"), (1, "sgd"), (0, "sparseopt"),
-                    (1, "sparseopt")):
+  for seed, opt in ((0, "sgd"), (1, "sgd"), (0, "sparseopt"), (1, "sparseopt")):
     _fake_run(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
   _fake_run(root, "sgd2", "sgd", 2, [0.5], finished=False)  # Left out.
   # sgd seed 0: two layers, 3 dead at the start; update 1 kills 2 and
   # revives 1, update 2 revives 1: 3 dead at the end. sgd seed 1: 5 -> 9.
-  logs = {"sgd0": [(50, {"a/kernel/dead": 2.0, "b/kernel/dead": 1.0}),
-                   (150, {"jump/a/kernel/died": 2.0,
-                          "jump/a/kernel/revived": 1.0,
-                          "jump/b/kernel/died": 0.0,
-                          "jump/b/kernel/revived": 0.0,
-                          "a/kernel/dead": 3.0, "b/kernel/dead": 1.0}),
-                   (250, {"jump/a/kernel/died": 0.0,
-                          "jump/a/kernel/revived": 0.0,
-                          "jump/b/kernel/died": 0.0,
-                          "jump/b/kernel/revived": 1.0,
-                          "a/kernel/dead": 3.0, "b/kernel/dead": 0.0})],
-          "sgd2": [(50, {"a/kernel/dead": 50.0}),
-                   (150, {"jump/a/kernel/died": 40.0, "a/kernel/dead": 90.0})],
-          # Resumed across the change that added the counts: its first
-          # update has jump keys but no died/revived. Left out.
-          "sparseopt1": [(50, {"a/kernel/dead": 1.0}),
-                         (150, {"jump/a/kernel/norm_jump": 0.1,
-                                "a/kernel/dead": 4.0}),
-                         (250, {"jump/a/kernel/norm_jump": 0.1,
-                                "jump/a/kernel/died": 0.0,
-                                "jump/a/kernel/revived": 1.0,
-                                "a/kernel/dead": 3.0})],
-          "sgd1": [(50, {"a/kernel/dead": 5.0}),
-                   (150, {"jump/a/kernel/died": 4.0,
-                          "jump/a/kernel/revived": 0.0,
-                          "a/kernel/dead": 9.0})]}
+  logs = {
+      "sgd0": [
+          (50, {"a/kernel/dead": 2.0, "b/kernel/dead": 1.0}),
+          (
+              150,
+              {
+                  "jump/a/kernel/died": 2.0,
+                  "jump/a/kernel/revived": 1.0,
+                  "jump/b/kernel/died": 0.0,
+                  "jump/b/kernel/revived": 0.0,
+                  "a/kernel/dead": 3.0,
+                  "b/kernel/dead": 1.0,
+              },
+          ),
+          (
+              250,
+              {
+                  "jump/a/kernel/died": 0.0,
+                  "jump/a/kernel/revived": 0.0,
+                  "jump/b/kernel/died": 0.0,
+                  "jump/b/kernel/revived": 1.0,
+                  "a/kernel/dead": 3.0,
+                  "b/kernel/dead": 0.0,
+              },
+          ),
+      ],
+      "sgd2": [
+          (50, {"a/kernel/dead": 50.0}),
+          (150, {"jump/a/kernel/died": 40.0, "a/kernel/dead": 90.0}),
+      ],
+      # Resumed across the change that added the counts: its first
+      # update has jump keys but no died/revived. Left out.
+      "sparseopt1": [
+          (50, {"a/kernel/dead": 1.0}),
+          (150, {"jump/a/kernel/norm_jump": 0.1, "a/kernel/dead": 4.0}),
+          (
+              250,
+              {
+                  "jump/a/kernel/norm_jump": 0.1,
+                  "jump/a/kernel/died": 0.0,
+                  "jump/a/kernel/revived": 1.0,
+                  "a/kernel/dead": 3.0,
+              },
+          ),
+      ],
+      "sgd1": [
+          (50, {"a/kernel/dead": 5.0}),
+          (
+              150,
+              {
+                  "jump/a/kernel/died": 4.0,
+                  "jump/a/kernel/revived": 0.0,
+                  "a/kernel/dead": 9.0,
+              },
+          ),
+      ],
+  }
   for name, records in logs.items():
     with open(tmp_path / name / "metrics.jsonl", "a") as f:
       for step, record in records:
@@ -124,8 +159,7 @@ def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
   assert row["died"] == pytest.approx(3.0)  # (2 + 4) / 2
   assert row["revived"] == pytest.approx(1.0)  # (2 + 0) / 2
   assert row["dead_end"] == pytest.approx(6.0)  # (3 + 9) / 2
-  assert ("| - | 0.95 | sgd | 2 | 4.0 | 3.0 | 1.0 | 6.0 |"
-          in plot.report(root))
+  assert "| - | 0.95 | sgd | 2 | 4.0 | 3.0 | 1.0 | 6.0 |" in plot.report(root)
 
 
 def test_report_draws_skew_diagnostics_when_logged(tmp_path):
@@ -136,12 +170,21 @@ def test_report_draws_skew_diagnostics_when_logged(tmp_path):
   assert not os.path.exists(tmp_path / "accuracy_skew.png")  # Not logged.
   with open(tmp_path / "sgd0" / "metrics.jsonl", "a") as f:
     for step in (100, 200):
-      f.write(json.dumps({"step": step, "conv/kernel/max_scale": 2.0,
-                          "conv/kernel/s_std": 0.1,
-                          "conv/kernel/dead": 1.0}) + "\n")
+      f.write(
+          json.dumps(
+              {
+                  "step": step,
+                  "conv/kernel/max_scale": 2.0,
+                  "conv/kernel/s_std": 0.1,
+                  "conv/kernel/dead": 1.0,
+              }
+          )
+          + "\n"
+      )
   plot.report(root)
   assert plot.skew_path(str(tmp_path / "accuracy.png")) == str(
-      tmp_path / "accuracy_skew.png")
+      tmp_path / "accuracy_skew.png"
+  )
   assert os.path.getsize(tmp_path / "accuracy_skew.png") > 10_000
 
 
@@ -149,7 +192,10 @@ def test_sweep_names_runs_by_their_overrides():
   runs = sweep.expand(sweep.SWEEPS["fmnist_convergence"])
   names = [name for name, _ in runs]
   assert len(names) == len(set(names)) == 2 * 2 * 3 * 2 * 3 + 2 * 2 * 3
-  assert "num_epochs-3.0__method-rigl__sparsity-0.99__optimizer-sgd__seed-2" in names
+  assert (
+      "num_epochs-3.0__method-rigl__sparsity-0.99__optimizer-sgd__seed-2"
+      in names
+  )
   for name in sweep.SWEEPS:
     for _, overrides in sweep.expand(sweep.SWEEPS[name]):
       sweep.make_config(sweep.SWEEPS[name].config, overrides)  # All valid.
@@ -160,13 +206,16 @@ def test_sweep_select_filters_within_a_fixed_shard():
   everything = sweep.expand(conv)
   short = sweep.select(conv, where={"num_epochs": 3, "method": "rigl"})
   assert [n for n, _ in short] == [
-      n for n, o in everything
-      if o["num_epochs"] == 3.0 and o["method"] == "rigl"]
+      n
+      for n, o in everything
+      if o["num_epochs"] == 3.0 and o["method"] == "rigl"
+  ]
   assert len(short) == 4 * 2 * 3  # 90/95/97/99% x 2 optimizers x 3 seeds
   # A run's shard does not depend on the filter.
   shard1 = sweep.select(conv, shard=(1, 2))
   assert sweep.select(conv, shard=(1, 2), where={"num_epochs": 3.0}) == [
-      (n, o) for n, o in shard1 if o["num_epochs"] == 3.0]
+      (n, o) for n, o in shard1 if o["num_epochs"] == 3.0
+  ]
   assert {n for n, _ in shard1} == {n for n, _ in everything[1::2]}
   assert not sweep.select(conv, where={"num_epochs": 6.0})
 
@@ -174,24 +223,50 @@ def test_sweep_select_filters_within_a_fixed_shard():
 def test_sweep_skips_finished_and_resumes(tmp_path, monkeypatch):
   data = fake_data.write_fashion_mnist(str(tmp_path / "data"), 64, 16)
   calls = []
-  monkeypatch.setattr(sweep.train, "train_and_evaluate",
-                      lambda config, workdir: calls.append(workdir))
+  monkeypatch.setattr(
+      sweep.train,
+      "train_and_evaluate",
+      lambda config, workdir: calls.append(workdir),
+  )
   root = str(tmp_path / "runs")
   done = os.path.join(root, "method-rigl__sparsity-0.95__optimizer-sgd__seed-0")
   os.makedirs(done)
   open(os.path.join(done, "summary.json"), "w").close()
   finished = list(sweep.run_sweep("quickstart", root, extra={"data_dir": data}))
   assert len(finished) == 2
-  assert calls == [os.path.join(
-      root, "method-rigl__sparsity-0.95__optimizer-sparseopt__seed-0")]
+  assert calls == [
+      os.path.join(
+          root, "method-rigl__sparsity-0.95__optimizer-sparseopt__seed-0"
+      )
+  ]
+
+
+def test_sweep_goes_on_past_a_diverged_run(tmp_path, monkeypatch):
+  calls = []
+
+  def diverge_first(config, workdir):
+    calls.append(workdir)
+    if len(calls) == 1:
+      raise sweep.train.DivergedError("diverged at step 3", 3, {})
+
+  monkeypatch.setattr(sweep.train, "train_and_evaluate", diverge_first)
+  finished = list(sweep.run_sweep("quickstart", str(tmp_path)))
+  assert finished == calls and len(calls) == 2
 
 
 def test_grad_ratio_tiny():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(128, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 128)
-  results = grad_ratio.measure(images, labels, sparsities=(0.9,), hidden=64,
-                               num_seeds=1, num_batches=2, batch_size=64)
+  results = grad_ratio.measure(
+      images,
+      labels,
+      sparsities=(0.9,),
+      hidden=64,
+      num_seeds=1,
+      num_batches=2,
+      batch_size=64,
+  )
   r = results[0.9]
   # BN amplifies by about 1/sqrt(1 - 0.9) = 3.16; without BN no amplification.
   assert 2.5 < r["bn"] < 4.0
@@ -214,32 +289,51 @@ def test_colab_notebook_runs_on_mock_data(tmp_path, monkeypatch):
       "OVERRIDES = {'num_train_steps': 2, 'batch_size': 8, "
       "'eval_batch_size': 8, 'update_every': 1, 'progress_bar': False,"
       # The MLP: the notebook's code path without a ResNet compile.
-      "'model': 'fmnist_mlp'}\n")
+      "'model': 'fmnist_mlp'}\n"
+  )
   monkeypatch.setenv("MPLBACKEND", "Agg")
   namespace = {}
   with tfds.testing.mock_data(num_examples=16):
     for cell, cell_tags in zip(cells, tags):
       if "setup" in cell_tags:
         continue
-      source = parameters if "parameters" in cell_tags else "".join(
-          cell["source"])
+      source = (
+          parameters if "parameters" in cell_tags else "".join(cell["source"])
+      )
       exec(compile(source, "colab.ipynb", "exec"), namespace)
   assert os.path.exists(tmp_path / "accuracy.png")
-  assert sorted(os.listdir(tmp_path)) == ["accuracy.png", "accuracy_skew.png",
-                                         "sgd", "sparseopt"]
+  assert sorted(os.listdir(tmp_path)) == [
+      "accuracy.png",
+      "accuracy_skew.png",
+      "sgd",
+      "sparseopt",
+  ]
 
 
 def test_quickstart_main_writes_table_and_plots(tmp_path):
   data = fake_data.write_fashion_mnist(str(tmp_path / "data"), 64, 16)
   root = tmp_path / "quickstart"
-  sets = [f"data_dir={data}", "num_train_steps=4", "eval_every=2",
-          "checkpoint_every=2", "log_every=2", "batch_size=16",
-          "eval_batch_size=16", "update_every=2", "model=fmnist_mlp",
-          "progress_bar=False"]
+  sets = [
+      f"data_dir={data}",
+      "num_train_steps=4",
+      "eval_every=2",
+      "checkpoint_every=2",
+      "log_every=2",
+      "batch_size=16",
+      "eval_batch_size=16",
+      "update_every=2",
+      "model=fmnist_mlp",
+      "progress_bar=False",
+  ]
   result = subprocess.run(
       [sys.executable, "-m", "experiments.quickstart", f"--root={root}"]
       + [f"--set={s}" for s in sets],
-      cwd=_REPO, capture_output=True, text=True, timeout=600, check=False)
+      cwd=_REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| - | 0.95 | sparseopt - sgd | 1 |" in result.stdout
   for name in ("table.md", "accuracy.png", "accuracy_skew.png"):
@@ -248,7 +342,8 @@ def test_quickstart_main_writes_table_and_plots(tmp_path):
 
 def test_markdown_table_layout_and_ragged_rows():
   assert markdown.table(["a", "b"], [[1, "x"], [2.5, None]]) == (
-      "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | None |")
+      "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | None |"
+  )
   assert markdown.table(["a"], []) == "| a |\n|---|"
   with pytest.raises(ValueError, match="row 1 has 1 cells, the header has 2"):
     markdown.table(["a", "b"], [[1, 2], [3]])

@@ -1,5 +1,6 @@
 """End-to-end tests of the training CLI pieces on generated or mock data."""
 
+import functools
 import glob
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -17,9 +19,11 @@ import tensorflow_datasets as tfds
 from tensorboardX.proto import event_pb2
 
 from experiments import fake_data
+from experiments import input_pipeline
 from experiments import records
 from experiments import sweep
 from experiments import train
+from experiments.configs import fields
 import sparseopt_jax as sparseopt
 
 _TIMING = ("step_time",)
@@ -28,7 +32,8 @@ _TIMING = ("step_time",)
 @pytest.fixture(scope="module")
 def fmnist_dir(tmp_path_factory):
   return fake_data.write_fashion_mnist(
-      str(tmp_path_factory.mktemp("fmnist")), num_train=96, num_test=40)
+      str(tmp_path_factory.mktemp("fmnist")), num_train=96, num_test=40
+  )
 
 
 def _config(name, **overrides):
@@ -37,9 +42,16 @@ def _config(name, **overrides):
 
 
 def _mlp(fmnist_dir, **overrides):
-  base = dict(data_dir=fmnist_dir, batch_size=16, eval_batch_size=16,
-              num_train_steps=6, log_every=2, eval_every=3,
-              checkpoint_every=3, update_every=2)
+  base = dict(
+      data_dir=fmnist_dir,
+      batch_size=16,
+      eval_batch_size=16,
+      num_train_steps=6,
+      log_every=2,
+      eval_every=3,
+      checkpoint_every=3,
+      update_every=2,
+  )
   return _config("fmnist_mlp", **{**base, **overrides})
 
 
@@ -47,9 +59,38 @@ def _deterministic(logged):
   return [{k: v for k, v in r.items() if k not in _TIMING} for r in logged]
 
 
-def _checkpoint(workdir, step):
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
+def _checkpoint(workdir, step, item=records.STATE_ITEM):
+  path = os.path.join(workdir, "checkpoints", str(step), item)
   return ocp.PyTreeCheckpointer().restore(path)
+
+
+def _strict_json(path):
+  """The JSON at ``path``; fails on the bare NaN/Infinity Python accepts."""
+
+  def refuse(name):
+    raise ValueError(f"{path} holds a bare {name}")
+
+  with open(path) as f:
+    return json.loads(f.read(), parse_constant=refuse)
+
+
+def _cli(workdir, *flags):
+  """Runs ``experiments.main`` on fmnist_mlp; returns the finished process."""
+  return subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "experiments.main",
+          "--config=experiments/configs/fmnist_mlp.py",
+          f"--workdir={workdir}",
+          "--config.progress_bar=False",
+          *flags,
+      ],
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True,
+      text=True,
+  )
 
 
 def _event_files(workdir):
@@ -59,17 +100,18 @@ def _event_files(workdir):
   TensorFlow nor TensorBoard.
   """
   files = []
-  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard",
-                                            "events.out.tfevents.*")),
-                     key=os.path.getmtime):
+  for path in sorted(
+      glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")),
+      key=os.path.getmtime,
+  ):
     events = []
     with open(path, "rb") as f:
       data = f.read()
     # TFRecord framing: u64 length, u32 length CRC, payload, u32 payload CRC.
     offset = 0
     while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      payload = data[offset + 12:offset + 12 + length]
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      payload = data[offset + 12 : offset + 12 + length]
       events.append(event_pb2.Event.FromString(payload))
       offset += 12 + length + 4
     files.append(events)
@@ -87,14 +129,22 @@ def _scalars(events):
 
 # Every method and every optimizer at least once (rigl + sparseopt is in the
 # resume test); the full product would only repeat the same code paths.
-@pytest.mark.parametrize("method, optimizer", [
-    ("dense", "sparseopt"), ("static", "sgd"), ("set", "sparseopt+adam"),
-    ("rigl", "adam")])
-def test_every_method_and_optimizer_trains(tmp_path, fmnist_dir, method,
-                                           optimizer):
+@pytest.mark.parametrize(
+    "method, optimizer",
+    [
+        ("dense", "sparseopt"),
+        ("static", "sgd"),
+        ("set", "sparseopt+adam"),
+        ("rigl", "adam"),
+    ],
+)
+def test_every_method_and_optimizer_trains(
+    tmp_path, fmnist_dir, method, optimizer
+):
   summary = train.train_and_evaluate(
       _mlp(fmnist_dir, method=method, optimizer=optimizer, sparsity=0.9),
-      str(tmp_path))
+      str(tmp_path),
+  )
   logged = records.read_metrics(str(tmp_path))
   assert [r["step"] for r in logged] == [2, 3, 4, 6]
   assert all(np.isfinite(r["train_loss"]) for r in logged if "train_loss" in r)
@@ -111,16 +161,21 @@ def test_every_method_and_optimizer_trains(tmp_path, fmnist_dir, method,
       if "/fan_in/" in key:
         layer = key.split("/fan_in/")[0]
         hist[layer] = hist.get(layer, 0.0) + value
-    neurons = {sparseopt.path_str(path): float(x.shape[-1])
-               for path, x in jax.tree_util.tree_leaves_with_path(
-                   _checkpoint(str(tmp_path), 6)["params"]) if x.ndim >= 2}
+    neurons = {
+        sparseopt.path_str(path): float(x.shape[-1])
+        for path, x in jax.tree_util.tree_leaves_with_path(
+            _checkpoint(str(tmp_path), 6)["params"]
+        )
+        if x.ndim >= 2
+    }
     assert hist and all(hist[layer] == neurons[layer] for layer in hist)
   assert os.path.exists(tmp_path / "summary.json")
 
 
 def test_summary_records_environment(tmp_path, fmnist_dir):
-  summary = train.train_and_evaluate(_mlp(fmnist_dir, num_train_steps=2),
-                                     str(tmp_path))
+  summary = train.train_and_evaluate(
+      _mlp(fmnist_dir, num_train_steps=2), str(tmp_path)
+  )
   with open(tmp_path / "summary.json") as f:
     written = json.load(f)
   assert written["environment"] == summary["environment"]
@@ -134,14 +189,19 @@ def test_records_name_their_mask_update_steps(tmp_path, fmnist_dir):
   # Updates at DST counts 2 and 4 (end 1.0 * 6): logged steps 3 and 5, in
   # the windows that end at steps 4 and 6.
   train.train_and_evaluate(
-      _mlp(fmnist_dir, method="rigl", end_fraction=1.0), str(tmp_path))
+      _mlp(fmnist_dir, method="rigl", end_fraction=1.0), str(tmp_path)
+  )
   logged = records.read_metrics(str(tmp_path))
-  updates = {r["step"]: r["mask_update_steps"] for r in logged
-             if "mask_update_steps" in r}
+  updates = {
+      r["step"]: r["mask_update_steps"]
+      for r in logged
+      if "mask_update_steps" in r
+  }
   assert updates == {4: [3], 6: [5]}
   # The windows with an update are the ones that logged its jump.
-  assert set(updates) == {r["step"] for r in logged
-                          if any(k.startswith("jump/") for k in r)}
+  assert set(updates) == {
+      r["step"] for r in logged if any(k.startswith("jump/") for k in r)
+  }
 
 
 def test_records_go_to_tensorboard(tmp_path, fmnist_dir):
@@ -160,22 +220,31 @@ def test_records_go_to_tensorboard(tmp_path, fmnist_dir):
 def test_learns_on_separable_data(tmp_path, fmnist_dir):
   summary = train.train_and_evaluate(
       _mlp(fmnist_dir, num_train_steps=30, sparsity=0.5, learning_rate=0.1),
-      str(tmp_path))
+      str(tmp_path),
+  )
   assert summary["final_test_accuracy"] > 0.5  # Chance is 0.1.
 
 
 def test_resume_is_bit_identical(tmp_path, fmnist_dir):
   # Mask updates at steps 2 and 4 (end 0.75 * 8 = 6); the resumed part
   # (steps 5-8 from the checkpoint at 4) contains one.
-  config = _mlp(fmnist_dir, method="rigl", num_train_steps=8,
-                checkpoint_every=4, eval_every=4, drop_fraction=0.5)
+  config = _mlp(
+      fmnist_dir,
+      method="rigl",
+      num_train_steps=8,
+      checkpoint_every=4,
+      eval_every=4,
+      drop_fraction=0.5,
+  )
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
   train.train_and_evaluate(config, full)
   shutil.copytree(full, part)
   shutil.rmtree(os.path.join(part, "checkpoints", "8"))
   os.remove(os.path.join(part, "summary.json"))
   with open(os.path.join(part, "metrics.jsonl"), "a") as f:
-    f.write(json.dumps({"step": 6, "train_loss": -1.0}) + "\n")  # A killed run's tail.
+    f.write(
+        json.dumps({"step": 6, "train_loss": -1.0}) + "\n"
+    )  # A killed run's tail.
   summary = train.train_and_evaluate(config, part)
   assert summary["resumed_from"] == 4
   # TensorBoard: the resumed session writes a new event file that purges
@@ -184,51 +253,283 @@ def test_resume_is_bit_identical(tmp_path, fmnist_dir):
   assert sorted(_scalars(first)["train_loss"]) == [2, 4, 6, 8]
   assert [e.step for e in resumed if e.HasField("session_log")] == [5]
   assert sorted(_scalars(resumed)["train_loss"]) == [6, 8]
-  jax.tree.map(np.testing.assert_array_equal, _checkpoint(full, 8),
-               _checkpoint(part, 8))
-  assert (_deterministic(records.read_metrics(full))
-          == _deterministic(records.read_metrics(part)))
+  jax.tree.map(
+      np.testing.assert_array_equal, _checkpoint(full, 8), _checkpoint(part, 8)
+  )
+  assert _deterministic(records.read_metrics(full)) == _deterministic(
+      records.read_metrics(part)
+  )
   assert any(r.get("changed", 0) > 0 for r in records.read_metrics(full))
 
 
-def test_finished_run_is_not_retrained(tmp_path, fmnist_dir):
+def test_finished_run_is_left_as_it_is(tmp_path, fmnist_dir, capsys):
   config = _mlp(fmnist_dir)
   first = train.train_and_evaluate(config, str(tmp_path))
+  files = {
+      name: (tmp_path / name).read_bytes()
+      for name in ("summary.json", "config.json", "metrics.jsonl")
+  }
   again = train.train_and_evaluate(config, str(tmp_path))
-  assert again["resumed_from"] == 6
-  assert again["final_test_accuracy"] == first["final_test_accuracy"]
+  assert "already finished" in capsys.readouterr().out
+  assert again == _strict_json(tmp_path / "summary.json")
+  assert again["compile_time"] == first["compile_time"] is not None
+  assert again["median_step_time"] == first["median_step_time"] is not None
+  for name, data in files.items():
+    assert (tmp_path / name).read_bytes() == data, name
+  with pytest.raises(ValueError, match=r"different config \(sparsity"):
+    train.train_and_evaluate(_mlp(fmnist_dir, sparsity=0.8), str(tmp_path))
 
 
 def test_refuses_incompatible_workdir(tmp_path, fmnist_dir):
-  train.train_and_evaluate(_mlp(fmnist_dir), str(tmp_path))
-  with pytest.raises(ValueError, match=r"different config \(sparsity"):
-    train.train_and_evaluate(_mlp(fmnist_dir, sparsity=0.8), str(tmp_path))
-  # Bookkeeping fields may change.
-  train.train_and_evaluate(_mlp(fmnist_dir, log_every=1), str(tmp_path))
+  config = _mlp(fmnist_dir, num_train_steps=8, checkpoint_every=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  # Not even with config.json and the last checkpoint gone: every
+  # checkpoint holds its config.
+  for name in ("summary.json", "config.json"):
+    os.remove(tmp_path / name)
+  shutil.rmtree(tmp_path / "checkpoints" / "8")
+  with pytest.raises(
+      ValueError, match=r"different config \(sparsity.*checkpoint 6"
+  ):
+    train.train_and_evaluate(
+        _mlp(fmnist_dir, num_train_steps=8, checkpoint_every=2, sparsity=0.8),
+        str(tmp_path),
+    )
+  # Nor with config.json edited to the new config.
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({**json.loads(config.to_json()), "sparsity": 0.8}, f)
+  with pytest.raises(ValueError, match="checkpoint 6"):
+    train.train_and_evaluate(
+        _mlp(fmnist_dir, num_train_steps=8, checkpoint_every=2, sparsity=0.8),
+        str(tmp_path),
+    )
+  # Bookkeeping fields may change; config.json is the run's again.
+  summary = train.train_and_evaluate(
+      _mlp(fmnist_dir, num_train_steps=8, checkpoint_every=2, log_every=1),
+      str(tmp_path),
+  )
+  assert summary["resumed_from"] == 6
+  assert records.load_saved_config(str(tmp_path))["sparsity"] == 0.95
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("method", "lottery", "method='lottery'"),
-    ("optimizer", "lion", "optimizer='lion'"),
-    ("sparsity", 1.0, "sparsity=1.0"),
-    ("correct_filter", "head", "correct_filter='head'"),
-    ("batch_size", 0, "batch_size=0"),
-])
-def test_bad_config_values_are_named(tmp_path, fmnist_dir, field, value,
-                                     message):
+def test_corrupt_checkpoint_and_torn_log_are_survived(tmp_path, fmnist_dir):
+  config = _mlp(fmnist_dir, num_train_steps=8, checkpoint_every=2)
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  train.train_and_evaluate(config, full)
+  shutil.copytree(full, part)
+  os.remove(os.path.join(part, "summary.json"))
+  shutil.rmtree(os.path.join(part, "checkpoints", "8"))
+  os.remove(os.path.join(part, "checkpoints", "6", "state", "_METADATA"))
+  with open(os.path.join(part, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 7, "train_lo')  # A write torn by a kill.
+  with pytest.warns(UserWarning, match="torn last line"):
+    assert len(records.read_metrics(part)) == len(records.read_metrics(full))
+  summary = train.train_and_evaluate(config, part)
+  assert summary["resumed_from"] == 4  # Fell back past the corrupt 6 ...
+  assert os.listdir(os.path.join(part, "corrupt_checkpoints")) == ["6"]
+  assert os.path.exists(  # ... kept aside, not deleted.
+      os.path.join(part, "corrupt_checkpoints", "6", "state", "d")
+  )
+  jax.tree.map(
+      np.testing.assert_array_equal, _checkpoint(full, 8), _checkpoint(part, 8)
+  )
+  assert _deterministic(records.read_metrics(full)) == _deterministic(
+      records.read_metrics(part)
+  )
+
+
+def test_train_step_keeps_pruned_weights_zero_through_nan(fmnist_dir):
+  # A diverged step: NaN weights in every active position and NaN gradients,
+  # on a mask-update step. Pruned positions stay exactly 0 and the step says
+  # it is not finite.
+  config = _mlp(fmnist_dir, method="rigl", update_every=1, end_fraction=1.0)
+  spec = input_pipeline.DATASETS["fashion_mnist"]
+  model = train.create_model(config, spec)
+  state, tx, _ = train.create_train_state(config, model, spec, 6, 6.0)
+  masks = sparseopt.get_masks(state.opt_state)
+  state = state.replace(
+      step=jnp.int32(1),
+      params=jax.tree.map(
+          lambda p, m: p if m is None else jnp.where(m, jnp.nan, 0.0),
+          state.params,
+          masks,
+          is_leaf=lambda x: x is None,
+      ),
+  )
+  batch = {
+      "image": np.zeros((16, 28, 28, 1), np.uint8),
+      "label": np.zeros(16, np.int32),
+  }
+  step = jax.jit(
+      functools.partial(
+          train.train_step, model=model, tx=tx, config=config, spec=spec
+      )
+  )
+  for _ in range(2):  # Drops the NaN weights, then regrows connections.
+    state, metrics = step(state, batch)
+    assert not bool(metrics["finite"])
+  assert bool(sparseopt.masks_updated(state.opt_state))
+  new_masks = sparseopt.get_masks(state.opt_state)
+  for p, m in zip(
+      jax.tree.leaves(state.params),
+      jax.tree.leaves(new_masks, is_leaf=lambda x: x is None),
+  ):
+    if m is not None:
+      assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+
+
+def test_divergence_stops_the_run(tmp_path, fmnist_dir):
+  # Through the command line, as it was found: learning rate 1e6.
+  workdir = str(tmp_path / "w")
+  out = _cli(
+      workdir,
+      f"--config.data_dir={fmnist_dir}",
+      "--config.learning_rate=1e6",
+      "--config.batch_size=16",
+      "--config.eval_batch_size=16",
+      "--config.num_train_steps=12",
+      "--config.log_every=4",
+      "--config.checkpoint_every=1",
+  )
+  assert out.returncode == 1, out.stderr
+  summary = _strict_json(os.path.join(workdir, "summary.json"))
+  step = summary["diverged_at_step"]
+  assert summary["status"] == "diverged" and 1 < step <= 12
+  assert f"diverged at step {step}" in out.stderr
+  assert "test accuracy" not in out.stdout
+  # The checkpoints before it are kept, finite, pruned weights exactly 0;
+  # nothing from the diverged step on was saved.
+  steps = sorted(
+      int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+  )
+  assert steps and steps[-1] == step - 1 == summary["last_checkpoint"]
+  saved = _checkpoint(workdir, steps[-1])
+  masks = saved["opt_state"]["masks"]  # A raw restore: dicts.
+  for p in jax.tree.leaves(saved["params"]):
+    assert np.all(np.isfinite(p))
+  for layer in ("hidden", "head"):
+    kernel = np.asarray(saved["params"][layer]["kernel"])
+    assert np.all(kernel[~np.asarray(masks[layer]["kernel"])] == 0)
+  for record in (
+      records.read_metrics(workdir)
+      if os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+      else []
+  ):
+    assert record["step"] < step
+  # Running it again says so and changes nothing.
+  before = open(os.path.join(workdir, "summary.json")).read()
+  again = _cli(
+      workdir,
+      f"--config.data_dir={fmnist_dir}",
+      "--config.learning_rate=1e6",
+      "--config.batch_size=16",
+      "--config.eval_batch_size=16",
+      "--config.num_train_steps=12",
+      "--config.log_every=4",
+      "--config.checkpoint_every=1",
+  )
+  assert again.returncode == 1 and "already ended" in again.stderr
+  assert open(os.path.join(workdir, "summary.json")).read() == before
+
+
+# The hostile-input table: each value passes the type check of ConfigDict but
+# cannot run. Each must fail at once, naming the field and what it accepts,
+# and leave nothing in the workdir that would block the corrected command.
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("method", "lottery", "method='lottery'.*one of"),
+        ("optimizer", "lion", "optimizer='lion'"),
+        ("sparsity", 1.0, "sparsity=1.0"),
+        ("correct_filter", "head", "correct_filter='head'"),
+        ("batch_size", 0, "batch_size=0"),
+        ("batch_size", 1, "batch_size=1: expected an int >= 2"),
+        ("eval_batch_size", 0, "eval_batch_size=0: expected an int >= 1"),
+        ("keep_checkpoints", 0, "keep_checkpoints=0: expected an int >= 1"),
+        ("keep_checkpoints", -1, "keep_checkpoints=-1"),
+        ("width", -1, "width=-1: expected an int >= 0"),
+        ("model", "foo", "model='foo': expected one of .*'fmnist_mlp'"),
+        ("dataset", "foo", "dataset='foo': expected one of"),
+        ("grow_with", "foo", r"grow_with='foo': expected one of \('raw'"),
+        ("drop_schedule", "foo", "drop_schedule='foo'"),
+        ("augment", "foo", "augment='foo': expected one of"),
+        ("distribution", "foo", "distribution='foo'"),
+        ("dtype", "foo", r"dtype='foo': expected one of \('float32'"),
+        ("learning_rate", float("inf"), "learning_rate=inf: expected a finite"),
+        ("learning_rate", float("nan"), "learning_rate=nan"),
+        ("learning_rate", 0.0, "learning_rate=0.0"),
+        ("log_every", 0, "log_every=0"),
+        ("step_boundaries", (0.5, 2.0), "step_boundaries"),
+        ("init", "fan_in", None),  # with method dense: a cross-field check
+    ],
+)
+def test_bad_config_values_are_named(
+    tmp_path, fmnist_dir, field, value, message
+):
+  workdir = tmp_path / "w"
+  overrides = {field: value}
+  if message is None:
+    overrides["method"], message = "dense", "init='fan_in'.*sparse method"
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(_mlp(fmnist_dir, **{field: value}), str(tmp_path))
+    train.train_and_evaluate(_mlp(fmnist_dir, **overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_corrected_command_runs_after_a_failed_start(tmp_path, fmnist_dir):
+  workdir = str(tmp_path / "w")
+  flags = (
+      f"--config.data_dir={fmnist_dir}",
+      "--config.batch_size=16",
+      "--config.eval_batch_size=16",
+      "--config.num_train_steps=2",
+  )
+  for bad, message in (
+      ("--config.foo=1", "unknown field 'foo'; the fields are"),
+      ("--config.model=foo", "model='foo': expected one of"),
+      ("--config.keep_checkpoints=0", "keep_checkpoints=0"),
+  ):
+    out = _cli(workdir, *flags, bad)
+    assert out.returncode == 1 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+  out = _cli(workdir, *flags)
+  assert out.returncode == 0, out.stderr
+  assert _strict_json(os.path.join(workdir, "summary.json"))["status"] == (
+      "finished"
+  )
+
+
+def test_every_config_field_is_in_the_table():
+  for name in ("default", "fmnist_mlp", "fmnist_resnet", "resnet20_cifar100"):
+    config = sweep.make_config(name, {})
+    assert set(config.keys()) == set(fields.FIELDS), name
+    fields.validate(config)
+  config = sweep.make_config("fmnist_mlp", {})
+  with config.unlocked():
+    config.foo = 1
+  with pytest.raises(ValueError, match="unknown field 'foo'"):
+    fields.validate(config)
+  with pytest.raises(ValueError, match="multiple of the 3 devices"):
+    fields.validate(sweep.make_config("fmnist_mlp", {}), num_devices=3)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
-  with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion"):
+  with pytest.raises(
+      FileNotFoundError, match="apt-get install dataset-fashion"
+  ):
     train.train_and_evaluate(_mlp(str(tmp_path / "empty")), str(tmp_path / "w"))
 
 
 def test_fmnist_resnet_preset_runs(tmp_path, fmnist_dir):
-  config = _config("fmnist_resnet", data_dir=fmnist_dir, batch_size=16,
-                   eval_batch_size=40, num_train_steps=2, log_every=1,
-                   update_every=1, end_fraction=1.0)
+  config = _config(
+      "fmnist_resnet",
+      data_dir=fmnist_dir,
+      batch_size=16,
+      eval_batch_size=40,
+      num_train_steps=2,
+      log_every=1,
+      update_every=1,
+      end_fraction=1.0,
+  )
   summary = train.train_and_evaluate(config, str(tmp_path))
   logged = records.read_metrics(str(tmp_path))
   assert np.isfinite(logged[-1]["train_loss"]) and summary["step"] == 2
@@ -236,9 +537,16 @@ def test_fmnist_resnet_preset_runs(tmp_path, fmnist_dir):
 
 
 def test_resnet20_cifar100_preset_runs_on_mock_data(tmp_path):
-  config = _config("resnet20_cifar100", batch_size=8, eval_batch_size=8,
-                   num_train_steps=2, log_every=1, eval_every=2,
-                   update_every=1, end_fraction=1.0)
+  config = _config(
+      "resnet20_cifar100",
+      batch_size=8,
+      eval_batch_size=8,
+      num_train_steps=2,
+      log_every=1,
+      eval_every=2,
+      update_every=1,
+      end_fraction=1.0,
+  )
   with tfds.testing.mock_data(num_examples=16):
     summary = train.train_and_evaluate(config, str(tmp_path))
   logged = records.read_metrics(str(tmp_path))
@@ -251,9 +559,16 @@ def test_resnet50_imagenet_preset_runs_on_mock_data(tmp_path):
   # ResNet-50's layout at 1/8 width, tiny images and batch: full-width
   # kernels make the CPU compile of the RigL step take minutes. The stem
   # stays dense as in RigL.
-  config = _config("resnet50_imagenet", batch_size=2, eval_batch_size=4,
-                   image_size=32, width=8, dtype="float32", num_train_steps=1,
-                   num_data_threads=1)
+  config = _config(
+      "resnet50_imagenet",
+      batch_size=2,
+      eval_batch_size=4,
+      image_size=32,
+      width=8,
+      dtype="float32",
+      num_train_steps=1,
+      num_data_threads=1,
+  )
   with tfds.testing.mock_data(num_examples=4):
     summary = train.train_and_evaluate(config, str(tmp_path))
   logged = records.read_metrics(str(tmp_path))
@@ -274,18 +589,31 @@ print(jax.device_count())
 
 
 def test_eight_devices_match_one(tmp_path, fmnist_dir):
-  overrides = dict(data_dir=fmnist_dir, batch_size=16, eval_batch_size=16,
-                   num_train_steps=6, log_every=1, eval_every=6,
-                   update_every=2, progress_bar=False)
+  overrides = dict(
+      data_dir=fmnist_dir,
+      batch_size=16,
+      eval_batch_size=16,
+      num_train_steps=6,
+      log_every=1,
+      eval_every=6,
+      update_every=2,
+      progress_bar=False,
+  )
   results = {}
   for devices in (1, 8):
     workdir = str(tmp_path / str(devices))
-    env = {**os.environ, "XLA_FLAGS":
-           f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
     out = subprocess.run(
         [sys.executable, "-c", _MULTI_DEVICE, json.dumps(overrides), workdir],
-        env=env, capture_output=True, text=True, check=True)
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip().endswith(str(devices))
     results[devices] = records.read_metrics(workdir)
   for one, eight in zip(results[1], results[8]):
@@ -307,15 +635,25 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, fmnist_dir):
   # end bit-identical to a run that was never interrupted.
   import signal
   import time
-  overrides = dict(data_dir=fmnist_dir, batch_size=16, eval_batch_size=16,
-                   num_train_steps=600, log_every=50, eval_every=200,
-                   checkpoint_every=100, update_every=20, method="rigl",
-                   progress_bar=False)
+
+  overrides = dict(
+      data_dir=fmnist_dir,
+      batch_size=16,
+      eval_batch_size=16,
+      num_train_steps=600,
+      log_every=50,
+      eval_every=200,
+      checkpoint_every=100,
+      update_every=20,
+      method="rigl",
+      progress_bar=False,
+  )
   killed = str(tmp_path / "killed")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   args = [sys.executable, "-c", _TRAIN, json.dumps(overrides), killed]
-  proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+      args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
   first = os.path.join(killed, "checkpoints", "100")
   deadline = time.monotonic() + 240
   while not os.path.isdir(first) and proc.poll() is None:
@@ -324,16 +662,21 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, fmnist_dir):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-  assert not os.path.exists(os.path.join(killed, "summary.json")), (
-      "the run finished before it was killed; make it longer")
+  assert not os.path.exists(
+      os.path.join(killed, "summary.json")
+  ), "the run finished before it was killed; make it longer"
   subprocess.run(args, env=env, check=True, capture_output=True)
   with open(os.path.join(killed, "summary.json")) as f:
     assert json.load(f)["resumed_from"] >= 100  # Resumed, not restarted.
 
   full = str(tmp_path / "full")
   train.train_and_evaluate(sweep.make_config("fmnist_mlp", overrides), full)
-  jax.tree.map(np.testing.assert_array_equal, _checkpoint(full, 600),
-               _checkpoint(killed, 600))
-  assert (_deterministic(records.read_metrics(full))
-          == _deterministic(records.read_metrics(killed)))
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      _checkpoint(full, 600),
+      _checkpoint(killed, 600),
+  )
+  assert _deterministic(records.read_metrics(full)) == _deterministic(
+      records.read_metrics(killed)
+  )
   assert sum(r.get("changed", 0) > 0 for r in records.read_metrics(full)) >= 1

@@ -2,16 +2,28 @@
 
 The other configs in this folder start from `get_config()` here and change
 what their setting needs. Override any field on the command line:
-``--config.sparsity=0.9 --config.optimizer=sgd``.
+``--config.sparsity=0.9 --config.optimizer=sgd``. Each field's type and
+accepted values are in the table `fields.FIELDS`, checked before a run
+starts; a new field goes in both.
 """
 
 import ml_collections
 
 # Fields that may change when a run resumes: they do not change the numbers.
-RESUMABLE_FIELDS = frozenset({
-    "data_dir", "num_data_threads", "log_every", "eval_every",
-    "checkpoint_every", "keep_checkpoints", "progress_bar",
-    "turning_diagnostics", "fan_in_histogram", "tensorboard"})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "data_dir",
+        "num_data_threads",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "progress_bar",
+        "turning_diagnostics",
+        "fan_in_histogram",
+        "tensorboard",
+    }
+)
 
 
 def get_config() -> ml_collections.ConfigDict:

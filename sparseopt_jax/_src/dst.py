@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ METHODS = ("rigl", "set", "static")
 DROP_SCHEDULES = ("cosine", "constant")
 GROW_WITH = ("raw", "corrected")
 
-DropSchedule = Union[str, Callable[[jax.Array], jax.Array]]
+DropSchedule = str | Callable[[jax.Array], jax.Array]
 
 
 class DynamicSparseState(NamedTuple):
@@ -43,6 +43,7 @@ class DynamicSparseState(NamedTuple):
       in the state from ``init``.
     inner_state: the wrapped optimizer's state.
   """
+
   count: jax.Array
   key: jax.Array
   masks: PyTree
@@ -52,9 +53,9 @@ class DynamicSparseState(NamedTuple):
   inner_state: optax.OptState
 
 
-def drop_fraction_schedule(drop_fraction: float, end_step: int,
-                           schedule: DropSchedule = "cosine"
-                           ) -> Callable[[jax.Array], jax.Array]:
+def drop_fraction_schedule(
+    drop_fraction: float, end_step: int, schedule: DropSchedule = "cosine"
+) -> Callable[[jax.Array], jax.Array]:
   r"""The fraction of a layer's active weights replaced at step ``t``.
 
   ``"cosine"``: :math:`\frac{f}{2}\left(1 + \cos\frac{\pi t}{T_{end}}\right)`
@@ -72,8 +73,10 @@ def drop_fraction_schedule(drop_fraction: float, end_step: int,
   if callable(schedule):
     return schedule
   if schedule not in DROP_SCHEDULES:
-    raise ValueError(f"Unknown drop_schedule {schedule!r}; expected one of "
-                     f"{DROP_SCHEDULES} or a callable.")
+    raise ValueError(
+        f"Unknown drop_schedule {schedule!r}; expected one of "
+        f"{DROP_SCHEDULES} or a callable."
+    )
   if schedule == "constant":
     return lambda t: jnp.float32(drop_fraction)
 
@@ -85,10 +88,11 @@ def drop_fraction_schedule(drop_fraction: float, end_step: int,
 
 
 def _finite_magnitude(x: jax.Array) -> jax.Array:
-  # NaN scores as 0 and inf as the largest float, so a non-finite value can
-  # never push an active entry into the inactive ranks or vice versa.
-  x = jnp.abs(x.astype(jnp.float32))
-  return jnp.nan_to_num(x, nan=0.0, posinf=jnp.finfo(jnp.float32).max)
+  # A non-finite value scores -1, below every finite magnitude: a NaN or inf
+  # weight is the first to be dropped and a NaN or inf gradient the last to
+  # grow a connection, so garbage never outranks a real measurement.
+  x = x.astype(jnp.float32)
+  return jnp.where(jnp.isfinite(x), jnp.abs(x), -1.0)
 
 
 def _first_k_of_top(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
@@ -102,34 +106,42 @@ def _first_k_of_top(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   return jnp.zeros(scores.shape, bool).at[idx].set(jnp.arange(k_max) < k)
 
 
-def _update_layer(mask: jax.Array, weight: jax.Array, grow_score: jax.Array,
-                  fraction: jax.Array, k_max: int
-                  ) -> tuple[jax.Array, jax.Array]:
+def _update_layer(
+    mask: jax.Array,
+    weight: jax.Array,
+    grow_score: jax.Array,
+    fraction: jax.Array,
+    k_max: int,
+) -> tuple[jax.Array, jax.Array]:
   """Drops the k smallest |w| among active entries, grows the k best inactive.
 
   ``k = floor(fraction * active)``, capped by the number of inactive entries
-  (and by ``k_max``, the static bound of the schedule) so every layer keeps
-  exactly its active count. Entries dropped now are not candidates for
-  growth. Ties go to the lower flat index in both rankings.
+  that can grow (and by ``k_max``, the static bound of the schedule) so every
+  layer keeps exactly its active count. Entries dropped now are not
+  candidates for growth, and neither are inactive entries holding a
+  non-finite weight: the additive update that starts a grown weight at
+  ``p + (-p) = 0`` cannot do so from NaN or inf. Non-finite active weights
+  are dropped first. Ties go to the lower flat index in both rankings.
 
   Returns:
     The new mask and the int32 number of connections regrown.
   """
   if k_max == 0:
     return mask, jnp.zeros([], jnp.int32)
-  n = mask.size
   m = mask.reshape(-1)
+  w = weight.reshape(-1)
+  can_grow = ~m & jnp.isfinite(w)
   active = jnp.sum(m, dtype=jnp.int32)
   k = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
-  k = jnp.clip(k, 0, jnp.minimum(n - active, k_max))
+  k = jnp.clip(k, 0, jnp.minimum(jnp.sum(can_grow, dtype=jnp.int32), k_max))
 
   # Smallest magnitudes first; + 0.0 turns -0.0 into 0.0 so zeros tie.
-  keep_score = jnp.where(m, -_finite_magnitude(weight.reshape(-1)) + 0.0,
-                         -jnp.inf)
+  keep_score = jnp.where(m, -_finite_magnitude(w) + 0.0, -jnp.inf)
   dropped = _first_k_of_top(keep_score, k_max, k)
   # Scoring by the old mask excludes what was just dropped from growth.
-  grown = _first_k_of_top(jnp.where(m, -jnp.inf, grow_score.reshape(-1)),
-                          k_max, k)
+  grown = _first_k_of_top(
+      jnp.where(can_grow, grow_score.reshape(-1), -jnp.inf), k_max, k
+  )
   new = (m & ~dropped) | grown
   return new.reshape(mask.shape), k
 
@@ -139,8 +151,10 @@ def _max_changes(mask: Any, max_fraction: float) -> int:
   n = int(np.size(mask))
   try:
     active = int(np.sum(np.asarray(mask)))
-  except (jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError):
+  except (
+      jax.errors.ConcretizationTypeError,
+      jax.errors.TracerArrayConversionError,
+  ):
     return n  # Masks given as tracers: fall back to the loosest bound.
   return max(0, min(int(math.floor(max_fraction * active)), n - active))
 
@@ -158,8 +172,9 @@ def _params_like(params: PyTree) -> Callable[[Any], bool]:
   return pred
 
 
-def reset_changed_moments(inner_state: optax.OptState, params: PyTree,
-                          changed: PyTree) -> optax.OptState:
+def reset_changed_moments(
+    inner_state: optax.OptState, params: PyTree, changed: PyTree
+) -> optax.OptState:
   """Zeroes every params-shaped subtree of an optimizer state where changed.
 
   Works for any optax optimizer without knowing its state classes: momentum
@@ -183,35 +198,45 @@ def reset_changed_moments(inner_state: optax.OptState, params: PyTree,
   def reset(x):
     if not is_params_like(x):
       return x
-    leaves = [v if c is None else jnp.where(c, jnp.zeros_like(v), v)
-              for v, c in zip(jax.tree.leaves(x), flat_changed)]
+    leaves = [
+        v if c is None else jnp.where(c, jnp.zeros_like(v), v)
+        for v, c in zip(jax.tree.leaves(x), flat_changed)
+    ]
     return jax.tree.unflatten(treedef, leaves)
 
   return jax.tree.map(reset, inner_state, is_leaf=is_params_like)
 
 
 def _check_key(key: Any) -> jax.Array:
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype,
-                                                   jax.dtypes.prng_key):
+  if isinstance(key, jax.Array) and jnp.issubdtype(
+      key.dtype, jax.dtypes.prng_key
+  ):
     return key
-  if (isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32
-      and key.shape == (2,)):
+  if (
+      isinstance(key, (jax.Array, np.ndarray))
+      and key.dtype == np.uint32
+      and key.shape == (2,)
+  ):
     return jnp.asarray(key)
-  raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got "
-                  f"{key!r}.")
+  raise TypeError(
+      f"key must be a PRNG key (jax.random.key(seed)), got " f"{key!r}."
+  )
 
 
-def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
-                   method: str = "rigl",
-                   update_every: int = 100,
-                   end_step: int,
-                   drop_fraction: float = 0.3,
-                   drop_schedule: DropSchedule = "cosine",
-                   grow_with: str = "raw",
-                   key: jax.Array,
-                   neuron_axis: int = -1,
-                   correction_filter: tree_lib.LeafFilter | None = None,
-                   ) -> optax.GradientTransformationExtraArgs:
+def dynamic_sparse(
+    inner: optax.GradientTransformation,
+    masks: PyTree,
+    *,
+    method: str = "rigl",
+    update_every: int = 100,
+    end_step: int,
+    drop_fraction: float = 0.3,
+    drop_schedule: DropSchedule = "cosine",
+    grow_with: str = "raw",
+    key: jax.Array,
+    neuron_axis: int = -1,
+    correction_filter: tree_lib.LeafFilter | None = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic sparse training around any optax optimizer: RigL, SET or static.
 
   Every step, gradients at inactive positions are zeroed, ``inner`` is
@@ -242,6 +267,21 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
   leave grown weights at 0, and every params-shaped moment of the inner state
   (momentum, Adam's ``mu``/``nu``...) is zeroed at changed positions. The
   choice runs under ``lax.cond`` on the counter: no host sync, no retrace.
+
+  Non-finite values: whatever the gradients hold, the updates at positions
+  outside the live mask are ``-params`` (gradients there are zeroed before
+  ``inner`` sees them), so after ``optax.apply_updates`` every pruned weight
+  that was finite is exactly 0, and a regrown connection starts at exactly 0
+  (an inactive position holding a non-finite weight is never regrown).
+  Non-finite weights and gradients rank below every finite magnitude: NaN and
+  inf weights are dropped first, NaN and inf gradients grow last, and the
+  per-layer counts stay exact. What no optax update can do is turn a NaN or
+  inf weight into 0 (``NaN + x`` is NaN), so once a pruned or dropped weight
+  is non-finite it stays so. A caller whose params may become non-finite
+  (a diverging run) re-applies the live masks after each step, which is a
+  ``jnp.where`` and does zero them:
+  ``params = apply_masks(optax.apply_updates(params, updates),
+  get_masks(state))``.
 
   Args:
     inner: any optax transformation, e.g.
@@ -297,8 +337,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
   if grow_with not in GROW_WITH:
-    raise ValueError(f"Unknown grow_with {grow_with!r}; expected one of "
-                     f"{GROW_WITH}.")
+    raise ValueError(
+        f"Unknown grow_with {grow_with!r}; expected one of " f"{GROW_WITH}."
+    )
   for name, value in (("update_every", update_every), ("end_step", end_step)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
       raise TypeError(f"{name} must be an int, got {value!r}.")
@@ -307,14 +348,17 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
   if end_step < 0:
     raise ValueError(f"end_step must be >= 0, got {end_step}.")
   if not callable(drop_schedule) and not (
-      0.0 <= drop_fraction <= 1.0 and not math.isnan(drop_fraction)):
+      0.0 <= drop_fraction <= 1.0 and not math.isnan(drop_fraction)
+  ):
     raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}.")
   key = _check_key(key)
   for path, m in tree_lib.mask_leaves_with_path(masks):
     dtype = getattr(m, "dtype", None)
     if dtype is None or jnp.dtype(dtype) != jnp.bool_:
-      raise TypeError(f"masks[{tree_lib.path_str(path)!r}] must be a boolean "
-                      f"array, got dtype {dtype}.")
+      raise TypeError(
+          f"masks[{tree_lib.path_str(path)!r}] must be a boolean "
+          f"array, got dtype {dtype}."
+      )
   # The schedules we build never exceed drop_fraction; a callable might.
   max_fraction = 1.0 if callable(drop_schedule) else drop_fraction
   k_max = jax.tree.map(lambda m: _max_changes(m, max_fraction), masks)
@@ -337,32 +381,44 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         ever_active=jax.tree.map(jnp.copy, masks),
         num_changed=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), masks),
         masks_updated=jnp.zeros([], bool),
-        inner_state=inner.init(params))
+        inner_state=inner.init(params),
+    )
 
   def grow_scores(grads, old_masks, params, step_key):
     if method == "set":
       leaves = tree_lib.mask_leaves_with_path(old_masks)
       index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
       return tree_lib.map_masked(
-          lambda path, m, g: None if m is None else jax.random.uniform(
+          lambda path, m, g: None
+          if m is None
+          else jax.random.uniform(
               jax.random.fold_in(step_key, index[tree_lib.path_str(path)]),
-              m.shape),
-          old_masks, grads, with_path=True)
+              m.shape,
+          ),
+          old_masks,
+          grads,
+          with_path=True,
+      )
     if grow_with == "corrected":
       flags = transform.correction_flags(correction_filter, old_masks, params)
       # Counted here, inside the mask update's cond: never on normal steps.
-      scales = transform.scales_from_flags(old_masks, flags, None,
-                                           neuron_axis, "fan_in")
+      scales = transform.scales_from_flags(
+          old_masks, flags, None, neuron_axis, "fan_in"
+      )
       grads = transform.apply_scales(grads, scales, neuron_axis=neuron_axis)
     return tree_lib.map_masked(
         lambda m, g: None if m is None else _finite_magnitude(g),
-        old_masks, grads)
+        old_masks,
+        grads,
+    )
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
-      raise ValueError("dynamic_sparse needs params in update(grads, state, "
-                       "params): mask updates rank weights by magnitude and "
-                       "the emitted updates zero pruned weights.")
+      raise ValueError(
+          "dynamic_sparse needs params in update(grads, state, "
+          "params): mask updates rank weights by magnitude and "
+          "the emitted updates zero pruned weights."
+      )
     # The live masks and whether they just changed are ours to forward.
     extra_args.pop("masks", None)
     extra_args.pop("masks_updated", None)
@@ -373,15 +429,19 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
     # mask update; at count 0 nothing was forwarded yet.
     forwarded_new = state.masks_updated | (state.count == 0)
     inner_updates, inner_state = inner.update(
-        masked_grads, state.inner_state, params, masks=old,
-        masks_updated=forwarded_new, **extra_args)
+        masked_grads,
+        state.inner_state,
+        params,
+        masks=old,
+        masks_updated=forwarded_new,
+        **extra_args,
+    )
 
     new, num_changed, key = old, state.num_changed, state.key
     is_update = jnp.zeros([], bool)
     if method != "static":
       count = state.count
-      is_update = ((count > 0) & (count % update_every == 0)
-                   & (count < end_step))
+      is_update = (count > 0) & (count % update_every == 0) & (count < end_step)
 
       # Only the topology choice goes through the cond (masks, key).
       # The optimizer state stays out of it: a state passed through a cond is
@@ -391,32 +451,48 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         fraction = fraction_at(count)
         scores = grow_scores(grads, old, params, step_key)
         pairs = tree_lib.map_masked(
-            lambda m, w, s, kmax: None if m is None else _update_layer(
-                m, w, s, fraction, kmax), old, params, scores, k_max)
-        new = tree_lib.map_masked(lambda m, p: None if m is None else p[0],
-                                  old, pairs)
-        num = tree_lib.map_masked(lambda m, p: None if m is None else p[1],
-                                  old, pairs)
+            lambda m, w, s, kmax: None
+            if m is None
+            else _update_layer(m, w, s, fraction, kmax),
+            old,
+            params,
+            scores,
+            k_max,
+        )
+        new = tree_lib.map_masked(
+            lambda m, p: None if m is None else p[0], old, pairs
+        )
+        num = tree_lib.map_masked(
+            lambda m, p: None if m is None else p[1], old, pairs
+        )
         return new, num, key
 
       def keep(key):
         return old, state.num_changed, key
 
       new, num_changed, key = jax.lax.cond(
-          is_update, change_topology, keep, state.key)
+          is_update, change_topology, keep, state.key
+      )
       # Elementwise; all-False on normal steps.
       changed = tree_lib.map_masked(
-          lambda o, n: None if o is None else o ^ n, old, new)
+          lambda o, n: None if o is None else o ^ n, old, new
+      )
       inner_state = reset_changed_moments(inner_state, params, changed)
 
     # Kept connections take the inner update; every other position is set
-    # to exactly zero (p + (-p) == 0), which drops pruned weights and leaves
-    # grown ones at zero.
+    # to exactly zero (p + (-p) == 0 for finite p), which drops pruned
+    # weights and leaves grown ones at zero. No additive update can zero a
+    # NaN or inf weight: see "Non-finite values" in the docstring.
     updates = tree_lib.map_masked(
         lambda o, n, u, p: u if o is None else jnp.where(o & n, u, -p),
-        old, new, inner_updates, params)
+        old,
+        new,
+        inner_updates,
+        params,
+    )
     ever_active = tree_lib.map_masked(
-        lambda e, n: None if e is None else e | n, state.ever_active, new)
+        lambda e, n: None if e is None else e | n, state.ever_active, new
+    )
     return updates, DynamicSparseState(
         count=optax.safe_int32_increment(state.count),
         key=key,
@@ -424,20 +500,27 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: PyTree, *,
         ever_active=ever_active,
         num_changed=num_changed,
         masks_updated=is_update,
-        inner_state=inner_state)
+        inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def find_state(state: optax.OptState) -> DynamicSparseState:
   """The (single) :class:`DynamicSparseState` inside an optimizer state."""
-  found = [s for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, DynamicSparseState))
-           if isinstance(s, DynamicSparseState)]
+  found = [
+      s
+      for s in jax.tree.leaves(
+          state, is_leaf=lambda x: isinstance(x, DynamicSparseState)
+      )
+      if isinstance(s, DynamicSparseState)
+  ]
   if len(found) != 1:
-    raise ValueError(f"Expected exactly one DynamicSparseState in the "
-                     f"optimizer state, found {len(found)}. Is the optimizer "
-                     f"built with sparseopt.dynamic_sparse?")
+    raise ValueError(
+        f"Expected exactly one DynamicSparseState in the "
+        f"optimizer state, found {len(found)}. Is the optimizer "
+        f"built with sparseopt.dynamic_sparse?"
+    )
   return found[0]
 
 
@@ -516,8 +599,10 @@ def itop_rate(state: optax.OptState) -> jax.Array:
     Over-Parameterization in Sparse Training. ICML 2021.
     https://arxiv.org/abs/2102.02887
   """
-  leaves = [m for _, m in
-            tree_lib.mask_leaves_with_path(find_state(state).ever_active)]
+  leaves = [
+      m
+      for _, m in tree_lib.mask_leaves_with_path(find_state(state).ever_active)
+  ]
   total = sum(int(m.size) for m in leaves)
   if total == 0:
     return jnp.float32(0.0)
