@@ -15,6 +15,13 @@ import sparseopt_jax as sparseopt
 
 OPTIMIZERS = ("sgd", "sparseopt", "adam", "sparseopt+adam")
 CORRECT_FILTERS = ("all", "bn_only")
+CORRECTIONS = ("fan_in", "norm", "batch_stats")
+# correction="batch_stats": this step's batch variances or the running ones.
+BN_STATS = ("batch", "running")
+# The epsilon every BatchNorm of `experiments.models` adds to its variance
+# (PyTorch's default); correction="batch_stats" must add the same one, or
+# its sigma_i would not be the std BatchNorm actually divides by.
+BN_EPSILON = 1e-5
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -118,7 +125,10 @@ def create_optimizer(
 
   SparseOpt's correction comes first in the chain so that it scales only the
   loss gradient: weight decay is added after it (SGD), or decoupled (AdamW).
-  The dense control (``grad_scale != 1``) sits in the same place.
+  The dense control (``grad_scale != 1``) sits in the same place. With
+  ``correction="batch_stats"``, ``update`` needs the ``batch_stats=``
+  keyword (the BatchNorm variance at each corrected kernel, see
+  `experiments.train.train_step`); ``dynamic_sparse`` forwards it.
 
   Args:
     config: the run's config.
@@ -148,7 +158,9 @@ def create_optimizer(
   if config.optimizer.startswith("sparseopt"):
     correct.append(
         sparseopt.scale_by_sparseopt(
-            filter_fn=correction_filter(config), correction=config.correction
+            filter_fn=correction_filter(config),
+            correction=config.correction,
+            epsilon=BN_EPSILON,
         )
     )
   if config.optimizer.endswith("adam"):

@@ -223,6 +223,49 @@ SWEEPS = {
             },
         ],
     ),
+    "fmnist_bn_stats": Sweep(
+        "fmnist_resnet",
+        "SparseOpt with BatchNorm's measured std (correction=batch_stats, "
+        "this batch's variances) at RigL 97%, 3 epochs, 3 seeds, logging "
+        "how well sqrt(1 - s_i) and ||w_i|| predict it (sigma/L/...). Every "
+        "other field as fmnist_why_097's runs, whose sgd and fan-in arms at "
+        "lr 0.025/0.1/0.2 it pairs with by seed: plot with both roots.",
+        base={
+            "method": "rigl",
+            "sparsity": 0.97,
+            "correction": "batch_stats",
+            "bn_stats": "batch",
+            "sigma_diagnostics": True,
+        },
+        grids=[
+            {
+                "learning_rate": [0.05, 0.1, 0.2],
+                "optimizer": ["sparseopt"],
+                "seed": [0, 1, 2],
+            }
+        ],
+    ),
+    "fmnist_recalibrate": Sweep(
+        "fmnist_resnet",
+        "The quickstart (RigL 95%, 900 steps) with and without BatchNorm "
+        "recalibration (20 training batches) before the evaluations that "
+        "follow a mask update, SGD vs SparseOpt, 3 seeds. Recalibration "
+        "changes evaluation only: both arms train identically.",
+        base={
+            "num_train_steps": 900,
+            "eval_every": 150,
+            "checkpoint_every": 300,
+            "method": "rigl",
+            "sparsity": 0.95,
+        },
+        grids=[
+            {
+                "recalibrate_batches": [0, 20],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            }
+        ],
+    ),
     "cifar100_resnet20": Sweep(
         "resnet20_cifar100",
         "The paper's CIFAR-100 ResNet-20 grid at 100 epochs (needs a GPU/TPU "

@@ -11,8 +11,12 @@ One step is a single jitted `train_step`: augmentation, forward and backward
 with BatchNorm statistics, then ``tx.update`` of the optimizer, which for
 sparse methods is ``sparseopt.dynamic_sparse`` owning the masks (mask
 updates happen inside it under ``lax.cond``; ``sparseopt.masks_updated``
-says afterwards whether a step was one). Metrics stay on device and come to
-the host every ``log_every`` steps.
+says afterwards whether a step was one). With ``correction="batch_stats"``
+the same forward also captures each BatchNorm's variance for SparseOpt
+(`sparseopt_jax.flax_utils`). Metrics stay on device and come to the host
+every ``log_every`` steps. With ``recalibrate_batches`` an evaluation that
+follows a mask update first re-estimates BatchNorm's statistics, for that
+evaluation only (`recalibration_step`).
 
 The workdir holds ``config.json``, ``metrics.jsonl`` (one JSON object per
 logged step), the same records as TensorBoard event files under
@@ -51,6 +55,7 @@ from typing import Any
 
 from absl import logging
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -58,6 +63,7 @@ import ml_collections
 import numpy as np
 import optax
 import sparseopt_jax as sparseopt
+from sparseopt_jax import flax_utils
 import tqdm
 
 from experiments import input_pipeline
@@ -131,6 +137,30 @@ def input_shape(config, spec: input_pipeline.DatasetSpec) -> tuple[int, ...]:
   if spec.variable_size and config.image_size:
     return (config.image_size, config.image_size, spec.image_shape[-1])
   return spec.image_shape
+
+
+def bn_pairs(model, config, spec) -> dict[str, str]:
+  """``{kernel path: BatchNorm path}`` of ``model``, paired by data flow.
+
+  The kernels whose output a BatchNorm normalizes directly (all but the
+  classifier ``head`` in `experiments.models`); see
+  `sparseopt_jax.flax_utils.pair_batchnorms`. Abstract: no FLOPs.
+  """
+  dummy = jnp.zeros((1, *input_shape(config, spec)), jnp.dtype(config.dtype))
+  return flax_utils.pair_batchnorms(model, dummy, train=True)
+
+
+def _corrects_with_batch_stats(config) -> bool:
+  return config.optimizer.startswith("sparseopt") and (
+      config.correction == "batch_stats"
+  )
+
+
+def _needs_batch_variances(config) -> bool:
+  """Whether the train step captures this batch's BatchNorm variances."""
+  return config.sigma_diagnostics or (
+      _corrects_with_batch_stats(config) and config.bn_stats == "batch"
+  )
 
 
 def create_train_state(
@@ -254,12 +284,98 @@ def step_diagnostics(
   return out
 
 
+def _live_regression(x, y, live) -> tuple[jax.Array, jax.Array]:
+  """Correlation of ``x`` and ``y`` and slope of ``y`` on ``x`` over ``live``.
+
+  NaN where undefined (fewer than two live entries, or ``x`` or ``y``
+  constant over them): a layer whose neurons all have the same fan-in says
+  nothing about how sigma follows it, and a 0 would claim it does.
+  """
+  n = jnp.sum(live)
+  mean = lambda v: jnp.sum(jnp.where(live, v, 0.0)) / jnp.maximum(n, 1)
+  dx, dy = x - mean(x), y - mean(y)
+  cxx, cyy, cxy = mean(dx * dx), mean(dy * dy), mean(dx * dy)
+  defined = (n >= 2) & (cxx > 0)
+  slope = jnp.where(defined, cxy / jnp.where(defined, cxx, 1.0), jnp.nan)
+  defined &= cyy > 0
+  corr = jnp.where(
+      defined, cxy / jnp.sqrt(jnp.where(defined, cxx * cyy, 1.0)), jnp.nan
+  )
+  return corr, slope
+
+
+def sigma_diagnostics(params, masks, variances) -> dict[str, jax.Array]:
+  """How well sqrt(1 - s_i) and ||w_i|| predict BatchNorm's std sigma_i.
+
+  For each kernel a BatchNorm follows (``variances`` not None there),
+  ``sigma_i = sqrt(var_i + eps)`` is the std that BatchNorm divides neuron
+  ``i`` by (``var_i`` of this step's batch), ``s_i`` the neuron's fraction of
+  pruned incoming weights and ``||w_i||`` its live weight norm. Over the
+  layer's live neurons (an active weight, nonzero norm):
+
+  * ``sigma/L/corr_fan_in``, ``sigma/L/corr_norm``: the correlation of
+    ``log sigma_i`` with ``log sqrt(1 - s_i)`` (the paper's estimate, which
+    ``correction="fan_in"`` uses) and with ``log ||w_i||`` (``"norm"``'s);
+  * ``sigma/L/slope_fan_in``: the slope of ``log sigma_i`` on
+    ``log(1 - s_i)`` (the paper predicts 0.5), ``sigma/L/slope_norm`` that on
+    ``log ||w_i||`` (1 if the inputs were white).
+
+  NaN where undefined (see `_live_regression`).
+
+  Args:
+    params: the parameters the batch went through.
+    masks: the kernel masks (`_kernel_masks`), None for dense leaves.
+    variances: from `flax_utils.apply_with_batch_variances`: a tree like
+      ``params``, a variance vector at each BatchNorm-paired kernel.
+  """
+  flat_masks = {
+      sparseopt.path_str(p): m for p, m in jax.tree.leaves_with_path(masks)
+  }
+  flat_params = {
+      sparseopt.path_str(p): w for p, w in jax.tree.leaves_with_path(params)
+  }
+  out = {}
+  for path, var in jax.tree.leaves_with_path(variances):
+    name = sparseopt.path_str(path)
+    kernel = flat_params[name]
+    mask = flat_masks.get(name)
+    if mask is None:
+      mask = jnp.ones(kernel.shape, bool)
+    axes = tuple(range(kernel.ndim - 1))  # All but the neuron (last) axis.
+    density = jnp.sum(mask, axis=axes) / np.prod(mask.shape[:-1])  # 1 - s_i
+    w = jnp.where(mask, kernel, 0).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(w * w, axis=axes))
+    live = (density > 0) & (norm > 0)
+    log_sigma = 0.5 * jnp.log(
+        jnp.maximum(var.astype(jnp.float32), 0.0) + optimizers.BN_EPSILON
+    )
+    log_density = jnp.log(jnp.where(live, density, 1.0)).astype(jnp.float32)
+    log_norm = jnp.log(jnp.where(live, norm, 1.0))
+    layer = name.removesuffix("/kernel")
+    # corr(log sigma, log sqrt(1-s)) = corr(log sigma, log(1-s)).
+    corr, slope = _live_regression(log_density, log_sigma, live)
+    out[f"sigma/{layer}/corr_fan_in"] = corr
+    out[f"sigma/{layer}/slope_fan_in"] = slope
+    corr, slope = _live_regression(log_norm, log_sigma, live)
+    out[f"sigma/{layer}/corr_norm"] = corr
+    out[f"sigma/{layer}/slope_norm"] = slope
+  return out
+
+
 # Metrics key of the train step's flag: loss and updated params all finite.
 _FINITE = "finite"
 
 
 def train_step(
-    state: TrainState, batch, *, model, tx, config, spec, total_steps: int = 0
+    state: TrainState,
+    batch,
+    *,
+    model,
+    tx,
+    config,
+    spec,
+    total_steps: int = 0,
+    pairs: dict[str, str] | None = None,
 ):
   """One optimizer step on ``batch``; returns the new state and metrics.
 
@@ -267,28 +383,50 @@ def train_step(
   every updated parameter and BatchNorm statistic are finite) and, for sparse
   methods, ``mask_update`` (1.0 when this step updated the masks). With
   ``config.turning_diagnostics`` they also hold `step_diagnostics`
-  (``total_steps``: the last step, always logged).
+  (``total_steps``: the last step, always logged), and with
+  ``config.sigma_diagnostics`` `sigma_diagnostics` (at log steps, zeros
+  otherwise).
+
+  With ``correction="batch_stats"`` (SparseOpt), ``tx.update`` gets the
+  ``batch_stats=`` keyword: the variances this batch's forward pass
+  normalized by, captured in that same pass (``bn_stats="batch"``), or the
+  running variances the step started from (``"running"``; ``pairs`` from
+  `bn_pairs`, computed here when not given).
   """
   key = jax.random.fold_in(state.key, state.step)
   images = input_pipeline.augment(batch["image"], key, config.augment)
   images = input_pipeline.normalize(images, spec, jnp.dtype(config.dtype))
 
   def loss_fn(params):
-    logits, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats},
-        images,
-        train=True,
-        mutable=["batch_stats"],
-    )
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    kwargs = dict(train=True, mutable=["batch_stats"])
+    variances = None
+    if _needs_batch_variances(config):
+      # The same single forward, also recording each BatchNorm's variance.
+      (logits, updates), variances = flax_utils.apply_with_batch_variances(
+          model, variables, images, **kwargs
+      )
+    else:
+      logits, updates = model.apply(variables, images, **kwargs)
     loss = cross_entropy(
         logits, batch["label"], spec.num_classes, config.label_smoothing
     ).mean()
-    return loss, (logits, updates["batch_stats"])
+    return loss, (logits, updates["batch_stats"], variances)
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+  (loss, (logits, batch_stats, variances)), grads = jax.value_and_grad(
       loss_fn, has_aux=True
   )(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  extra = {}
+  if _corrects_with_batch_stats(config):
+    if config.bn_stats == "batch":
+      extra["batch_stats"] = variances
+    else:
+      extra["batch_stats"] = flax_utils.running_variances(
+          pairs if pairs is not None else bn_pairs(model, config, spec),
+          state.params,
+          state.batch_stats,
+      )
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   if config.method != "dense":
     # dynamic_sparse's updates zero pruned weights only while they are
@@ -316,6 +454,16 @@ def train_step(
   if config.method != "dense":
     is_update = sparseopt.masks_updated(opt_state)
     metrics["mask_update"] = is_update.astype(jnp.float32)
+  if config.sigma_diagnostics:
+    t = state.step
+    log_now = ((t + 1) % config.log_every == 0) | (t + 1 == total_steps)
+    masks = _kernel_masks(state, state.opt_state, config)
+    metrics.update(
+        _cond_or_zeros(
+            log_now,
+            lambda: sigma_diagnostics(state.params, masks, variances),
+        )
+    )
   if config.turning_diagnostics:
     metrics.update(
         step_diagnostics(
@@ -358,21 +506,120 @@ def eval_step(state: TrainState, batch, *, model, config, spec):
   }
 
 
-def diagnostics(state: TrainState, *, config) -> dict[str, jax.Array]:
+# Folded into the seed's key and data seed of the recalibration batches, a
+# stream of their own: the training data and keys are left untouched.
+_RECALIBRATION_STREAM = 0x5EED_BA7C
+
+
+def bn_momentum(model, config, spec) -> float:
+  """The momentum shared by every BatchNorm of ``model`` (read, not assumed).
+
+  Raises:
+    ValueError: the BatchNorms disagree (recalibration needs one value).
+  """
+  momenta = set()
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm):
+      momenta.add(float(context.module.momentum))
+    return next_fun(*args, **kwargs)
+
+  dummy = jnp.zeros((1, *input_shape(config, spec)), jnp.dtype(config.dtype))
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=True))
+  if len(momenta) != 1:
+    raise ValueError(f"BatchNorm momenta {sorted(momenta)}: expected one.")
+  return momenta.pop()
+
+
+def recalibration_seed(seed: int, step: int) -> int:
+  """Data-order seed of the recalibration batches before step ``step``'s eval."""
+  return int(
+      np.random.SeedSequence(
+          [seed, step, _RECALIBRATION_STREAM]
+      ).generate_state(1)[0]
+  )
+
+
+def recalibration_step(
+    params, average, batch, k, key, *, model, config, spec, momentum: float
+):
+  """Folds batch ``k``'s BatchNorm statistics into their running mean.
+
+  The forward runs in train mode from zero statistics, so BatchNorm's
+  update ``momentum * 0 + (1 - momentum) * batch`` divided by
+  ``1 - momentum`` is the batch's own mean and variance; ``average`` then
+  moves by ``1 / (k + 1)`` towards it (the cumulative average: all batches
+  weigh the same, and batch 0 replaces whatever ``average`` held).
+
+  Args:
+    params: the parameters to recalibrate for.
+    average: the mean of batches ``0..k-1``'s statistics (any values when
+      ``k == 0``), like the ``batch_stats`` collection.
+    batch: a training batch.
+    k: int32 scalar, its index.
+    key: its augmentation key.
+    model: the model.
+    config: the run's config.
+    spec: the dataset's spec.
+    momentum: the BatchNorms' momentum (`bn_momentum`).
+
+  Returns:
+    The mean of batches ``0..k``'s statistics.
+  """
+  images = input_pipeline.augment(batch["image"], key, config.augment)
+  images = input_pipeline.normalize(images, spec, jnp.dtype(config.dtype))
+  zeros = jax.tree.map(jnp.zeros_like, average)
+  _, updates = model.apply(
+      {"params": params, "batch_stats": zeros},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+  )
+  weight = 1.0 / (k.astype(jnp.float32) + 1.0)
+  return jax.tree.map(
+      lambda a, u: a + (u / (1.0 - momentum) - a) * weight,
+      average,
+      updates["batch_stats"],
+  )
+
+
+def _mask_updates_since_eval(logged: Sequence[dict[str, Any]]) -> bool:
+  """Whether ``logged`` records a mask update after its last evaluation."""
+  last_eval = max(
+      (r["step"] for r in logged if "test_accuracy" in r), default=0
+  )
+  return any(
+      s > last_eval
+      for r in logged
+      for s in r.get(records.MASK_UPDATE_STEPS, ())
+  )
+
+
+def diagnostics(
+    state: TrainState, *, config, pairs: dict[str, str] | None = None
+) -> dict[str, jax.Array]:
   """ITOP, regrown connections, per-layer skew and largest SparseOpt factor.
 
   With ``config.fan_in_histogram`` also each layer's fan-in histogram
   (:func:`sparseopt.diagnostics.fan_in_histogram`). Sparse methods only;
-  computed at log steps, not in the train step.
+  computed at log steps, not in the train step. With
+  ``correction="batch_stats"`` the largest factor is that of the running
+  variances (``pairs``: from `bn_pairs`; the batch's are not at hand here).
   """
   if config.method == "dense":
     return {}
   masks = sparseopt.get_masks(state.opt_state)
+  stats = None
+  if config.correction == "batch_stats":
+    stats = flax_utils.running_variances(pairs, state.params, state.batch_stats)
   scales = sparseopt.diagnostics.sparseopt_scales(
       masks,
       state.params,
       filter_fn=optimizers.correction_filter(config),
       correction=config.correction,
+      batch_stats=stats,
+      epsilon=optimizers.BN_EPSILON,
   )
   max_scales = {
       f"{sparseopt.path_str(path)}/max_scale": jnp.max(scale)
@@ -389,7 +636,8 @@ def summarize_window(
 ) -> dict[str, Any]:
   """One log record from the metrics of the steps since the last one.
 
-  Losses and accuracies are averaged; turning rates are this (log) step's;
+  Losses and accuracies are averaged; turning rates and sigma diagnostics
+  are this (log) step's;
   mask-update jumps come from the window's mask-update step, if any, with
   that step's turning rates as ``update_turn/...``.
 
@@ -407,10 +655,16 @@ def summarize_window(
   record = {
       k: float(np.mean([m[k] for m in window]))
       for k in last
-      if not k.startswith(("turn/", "jump/"))
+      if not k.startswith(("turn/", "jump/", "sigma/"))
       and k not in ("mask_update", _FINITE)
   }
-  record.update({k: float(v) for k, v in last.items() if k.startswith("turn/")})
+  record.update(
+      {
+          k: float(v)
+          for k, v in last.items()
+          if k.startswith(("turn/", "sigma/"))
+      }
+  )
   for m in window:
     if m.get("mask_update", 0.0) > 0:
       record.update(
@@ -517,6 +771,16 @@ def train_and_evaluate(
   metrics_writer = workdir_lib.MetricsWriter(
       workdir, start_step, tensorboard=config.tensorboard
   )
+  pairs = bn_pairs(model, config, spec)
+  # Whether the masks changed since the last evaluation. Across a resume
+  # the log says (every checkpoint is a log step, see fields.validate).
+  updated_since_eval = bool(
+      config.recalibrate_batches
+      and start_step
+      and records.has_metrics(workdir)
+      and _mask_updates_since_eval(records.read_metrics(workdir))
+  )
+  update_flags = []  # This session's mask_update flags since the last eval.
 
   p_train_step = jax.jit(
       functools.partial(
@@ -526,6 +790,7 @@ def train_and_evaluate(
           config=config,
           spec=spec,
           total_steps=total_steps,
+          pairs=pairs,
       ),
       out_shardings=replicated,
       donate_argnums=0,
@@ -535,7 +800,8 @@ def train_and_evaluate(
       out_shardings=replicated,
   )
   p_diagnostics = jax.jit(
-      functools.partial(diagnostics, config=config), out_shardings=replicated
+      functools.partial(diagnostics, config=config, pairs=pairs),
+      out_shardings=replicated,
   )
 
   def global_batch(local):
@@ -544,7 +810,63 @@ def train_and_evaluate(
         local,
     )
 
-  def evaluate(state):
+  recalibration_key = jax.random.fold_in(
+      jax.random.PRNGKey(config.seed), _RECALIBRATION_STREAM
+  )
+  p_recalibration_step = None
+  if config.recalibrate_batches:
+    p_recalibration_step = jax.jit(
+        functools.partial(
+            recalibration_step,
+            model=model,
+            config=config,
+            spec=spec,
+            momentum=bn_momentum(model, config, spec),
+        ),
+        out_shardings=replicated,
+    )
+
+  def recalibrated(state, step):
+    """``state`` with BatchNorm statistics of its own params (eval only).
+
+    The K batches are the first of a fresh shuffle seeded by ``(seed,
+    step)``, their keys folded from the seed's key: a function of ``(seed,
+    step)`` alone, so a resumed run recalibrates exactly as an
+    uninterrupted one, and the training iterator is never touched.
+    """
+    stream = input_pipeline.train_batches(
+        dataset,
+        global_batch_size=config.batch_size,
+        seed=recalibration_seed(config.seed, step),
+        image_size=config.image_size or None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_threads=config.num_data_threads,
+    )
+    average = state.batch_stats
+    step_key = jax.random.fold_in(recalibration_key, step)
+    for k in range(config.recalibrate_batches):
+      average = p_recalibration_step(
+          state.params,
+          average,
+          global_batch(next(stream)),
+          jnp.int32(k),
+          jax.random.fold_in(step_key, k),
+      )
+    return state.replace(batch_stats=average)
+
+  def evaluate(state, step):
+    """Test loss and accuracy at ``step``, recalibrated if the masks moved."""
+    nonlocal updated_since_eval, update_flags
+    if update_flags:
+      updated_since_eval |= bool(np.any(jax.device_get(update_flags)))
+      update_flags = []
+    result = {}
+    if config.recalibrate_batches:
+      result["recalibrated"] = float(updated_since_eval)
+      if updated_since_eval:
+        state = recalibrated(state, step)
+    updated_since_eval = False
     sums = None
     for batch in input_pipeline.eval_batches(
         dataset,
@@ -559,6 +881,7 @@ def train_and_evaluate(
     return {
         "test_loss": sums["loss"] / sums["count"],
         "test_accuracy": sums["correct"] / sums["count"],
+        **result,
     }
 
   batches = input_pipeline.train_batches(
@@ -591,6 +914,8 @@ def train_and_evaluate(
       window_steps += 1
     pending.append(metrics)
     pending_steps.append(step)
+    if config.recalibrate_batches and "mask_update" in metrics:
+      update_flags.append(metrics["mask_update"])  # On device: no sync.
     progress.update(1)
     record = {}
     if step % config.log_every == 0 or step == total_steps:
@@ -618,7 +943,7 @@ def train_and_evaluate(
       if divergence:
         break
     if step % config.eval_every == 0 or step == total_steps:
-      last_eval = evaluate(state)
+      last_eval = evaluate(state, step)
       record.update(last_eval)
     if record:
       metrics_writer.write({"step": step, **record})
@@ -670,7 +995,7 @@ def train_and_evaluate(
     raise DivergedError(f"{workdir}: {message}", diverged_at, summary)
 
   if not last_eval:  # Restored the last step's checkpoint: evaluate it.
-    last_eval = evaluate(state)
+    last_eval = evaluate(state, total_steps)
   summary.update(
       final_test_accuracy=last_eval["test_accuracy"],
       final_test_loss=last_eval["test_loss"],

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from experiments import fake_data
 from experiments import grad_ratio
+from experiments import records as run_records
 from experiments import sweep
 from experiments.studies import markdown
 from experiments.studies import plot
@@ -201,6 +202,44 @@ def test_sweep_names_runs_by_their_overrides():
       sweep.make_config(sweep.SWEEPS[name].config, overrides)  # All valid.
 
 
+def test_bn_stats_sweep_pairs_with_fmnist_why_097():
+  # Every field but the correction's (and the diagnostics switches) as the
+  # committed fmnist_why_097 runs at the same learning rate and seed.
+  root = os.path.join(_REPO, "experiments", "results", "fmnist_why_097")
+  runs = dict(sweep.expand(sweep.SWEEPS["fmnist_bn_stats"]))
+  assert len(runs) == 9
+  paired = 0
+  for name, overrides in runs.items():
+    config = sweep.make_config("fmnist_resnet", overrides)
+    assert config.correction == "batch_stats" and config.sigma_diagnostics
+    saved = os.path.join(root, name, "config.json")
+    if not os.path.exists(saved):  # lr 0.05: the default, not in that grid.
+      continue
+    paired += 1
+    with open(saved) as f:
+      theirs = run_records.config_from_json(json.load(f))
+    ours = json.loads(config.to_json_best_effort())
+    # (sigma_diagnostics, a diagnostics switch, never counts as a change.)
+    assert run_records.config_differences(theirs, ours) == [
+        "correction: saved 'fan_in', now 'batch_stats'"
+    ], name
+  assert paired == 6
+
+
+def test_recalibrate_sweep_is_the_quickstart_twice():
+  quick = dict(sweep.expand(sweep.SWEEPS["quickstart"]))
+  runs = sweep.expand(sweep.SWEEPS["fmnist_recalibrate"])
+  assert len(runs) == 2 * 2 * 3
+  base = sweep.make_config(
+      "fmnist_resnet",
+      quick["method-rigl__sparsity-0.95__optimizer-sgd__seed-0"],
+  )
+  for _, overrides in runs:
+    config = sweep.make_config("fmnist_resnet", overrides)
+    differ = {k for k in config.keys() if config[k] != base[k]}
+    assert differ <= {"recalibrate_batches", "optimizer", "seed"}
+
+
 def test_sweep_select_filters_within_a_fixed_shard():
   conv = sweep.SWEEPS["fmnist_convergence"]
   everything = sweep.expand(conv)
@@ -285,7 +324,7 @@ def test_colab_notebook_runs_on_mock_data(tmp_path, monkeypatch):
   assert any("parameters" in t for t in tags)
   parameters = (
       "NUM_EPOCHS = 1\nMETHOD = 'rigl'\nSPARSITY = 0.9\nSEED = 0\n"
-      f"DATA_DIR = None\nWORKDIR = {str(tmp_path)!r}\nPREPARE_DATA = False\n"
+      f"DATA_DIR = ''\nWORKDIR = {str(tmp_path)!r}\nPREPARE_DATA = False\n"
       "OVERRIDES = {'num_train_steps': 2, 'batch_size': 8, "
       "'eval_batch_size': 8, 'update_every': 1, 'progress_bar': False,"
       # The MLP: the notebook's code path without a ResNet compile.

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +21,13 @@ from tensorboardX.proto import event_pb2
 
 from experiments import fake_data
 from experiments import input_pipeline
+from experiments import optimizers
 from experiments import records
 from experiments import sweep
 from experiments import train
 from experiments.configs import fields
 import sparseopt_jax as sparseopt
+from sparseopt_jax import flax_utils
 
 _TIMING = ("step_time",)
 
@@ -680,3 +683,261 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, fmnist_dir):
       records.read_metrics(killed)
   )
   assert sum(r.get("changed", 0) > 0 for r in records.read_metrics(full)) >= 1
+
+
+@pytest.mark.parametrize("bn_stats", ["batch", "running"])
+def test_batch_stats_correction_trains(tmp_path, fmnist_dir, bn_stats):
+  summary = train.train_and_evaluate(
+      _mlp(
+          fmnist_dir,
+          method="rigl",
+          sparsity=0.9,
+          correction="batch_stats",
+          bn_stats=bn_stats,
+      ),
+      str(tmp_path),
+  )
+  logged = records.read_metrics(str(tmp_path))
+  assert all(np.isfinite(r["train_loss"]) for r in logged if "train_loss" in r)
+  assert summary["step"] == 6 and 0 <= summary["final_test_accuracy"] <= 1
+  # The factor SparseOpt applies to the BN-followed layer; the head, which
+  # no BatchNorm follows, is not corrected.
+  assert np.isfinite(logged[-1]["hidden/kernel/max_scale"])
+  assert "head/kernel/max_scale" not in logged[-1]
+
+
+def test_batch_stats_factor_is_batchnorms_not_fan_ins(fmnist_dir):
+  config = _mlp(fmnist_dir, method="rigl", sparsity=0.9)
+  spec = input_pipeline.DATASETS["fashion_mnist"]
+  model = train.create_model(config, spec)
+  state, _, _ = train.create_train_state(config, model, spec, 6, 6.0)
+  # Train-time statistics of a generated batch.
+  images = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+  (_, _), variances = flax_utils.apply_with_batch_variances(
+      model,
+      {"params": state.params, "batch_stats": state.batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+  )
+  assert set(train.bn_pairs(model, config, spec)) == {"hidden/kernel"}
+  masks = sparseopt.get_masks(state.opt_state)
+  scales = {
+      correction: sparseopt.diagnostics.sparseopt_scales(
+          masks,
+          state.params,
+          correction=correction,
+          batch_stats=variances,
+          epsilon=optimizers.BN_EPSILON,
+      )["hidden"]["kernel"]
+      for correction in ("fan_in", "batch_stats")
+  }
+  assert np.all(np.isfinite(scales["batch_stats"]))
+  assert not np.allclose(scales["fan_in"], scales["batch_stats"], rtol=1e-2)
+  # One train step under each: the updates differ.
+  batch = {
+      "image": np.asarray(images * 255, np.uint8),
+      "label": np.arange(16, dtype=np.int32) % 10,
+  }
+  after = {}
+  for correction in ("fan_in", "batch_stats"):
+    run_config = _mlp(
+        fmnist_dir, method="rigl", sparsity=0.9, correction=correction
+    )
+    state, tx, _ = train.create_train_state(run_config, model, spec, 6, 6.0)
+    state, metrics = jax.jit(
+        functools.partial(
+            train.train_step, model=model, tx=tx, config=run_config, spec=spec
+        )
+    )(state, batch)
+    assert bool(metrics["finite"])
+    after[correction] = np.asarray(state.params["hidden"]["kernel"])
+  assert not np.allclose(after["fan_in"], after["batch_stats"])
+
+
+def test_models_batchnorm_epsilon_is_the_corrections():
+  # correction="batch_stats" adds optimizers.BN_EPSILON; the models' own
+  # BatchNorms must add the same, or sigma_i is not the std they divide by.
+  spec = input_pipeline.DATASETS["fashion_mnist"]
+  epsilons = set()
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm):
+      epsilons.add(context.module.epsilon)
+    return next_fun(*args, **kwargs)
+
+  for name in ("fmnist_mlp", "fmnist_resnet"):
+    config = sweep.make_config(name, {})
+    model = train.create_model(config, spec)
+    with nn.intercept_methods(record):
+      jax.eval_shape(
+          lambda: model.init(  # noqa: B023
+              jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=True
+          )
+      )
+    assert epsilons == {optimizers.BN_EPSILON}, name
+
+
+def test_sigma_diagnostics_are_logged(tmp_path, fmnist_dir):
+  config = _config(
+      "fmnist_resnet",
+      data_dir=fmnist_dir,
+      batch_size=16,
+      eval_batch_size=40,
+      num_train_steps=4,
+      log_every=2,
+      update_every=2,
+      sparsity=0.9,
+      sigma_diagnostics=True,
+  )
+  train.train_and_evaluate(config, str(tmp_path / "on"))
+  logged = records.read_metrics(str(tmp_path / "on"))
+  pairs = train.bn_pairs(
+      train.create_model(config, input_pipeline.DATASETS["fashion_mnist"]),
+      config,
+      input_pipeline.DATASETS["fashion_mnist"],
+  )
+  for record in (r for r in logged if "train_loss" in r):
+    for kernel in pairs:
+      layer = kernel.removesuffix("/kernel")
+      for stat in ("corr_fan_in", "slope_fan_in", "corr_norm", "slope_norm"):
+        key = f"sigma/{layer}/{stat}"
+        # NaN only where the statistic is undefined: a layer whose neurons
+        # all have the same fan-in (ERK may keep a small layer dense).
+        assert key in record, key
+        if not stat.endswith("fan_in"):
+          assert np.isfinite(record[key]), key
+    corrs = [v for k, v in record.items() if "/corr_" in k and v is not None]
+    assert corrs and all(-1 - 1e-5 <= v <= 1 + 1e-5 for v in corrs)
+  # The masked ResNet's layers have uneven fan-ins: the paper's estimate
+  # has a defined slope somewhere.
+  assert any(
+      np.isfinite(v)
+      for k, v in logged[-1].items()
+      if k.endswith("/slope_fan_in") and v is not None
+  )
+  # A diagnostic only: training is bit-identical without it.
+  config.sigma_diagnostics = False
+  train.train_and_evaluate(config, str(tmp_path / "off"))
+  off = records.read_metrics(str(tmp_path / "off"))
+  loss = lambda rs: [r.get("train_loss") for r in rs]
+  assert loss(off) == loss(logged)
+
+
+def test_sigma_regression_on_known_numbers():
+  # sigma_i exactly proportional to sqrt(1 - s_i): slope 0.5, correlation 1.
+  mask = np.zeros((4, 3), bool)
+  mask[:1, 0] = mask[:2, 1] = mask[:4, 2] = True
+  kernel = np.where(mask, 1.0, 0.0).astype(np.float32)
+  density = mask.mean(0)
+  var = 3.0 * density - optimizers.BN_EPSILON
+  out = train.sigma_diagnostics(
+      {"d": {"kernel": kernel}},
+      {"d": {"kernel": mask}},
+      {"d": {"kernel": jnp.asarray(var, jnp.float32)}},
+  )
+  assert float(out["sigma/d/slope_fan_in"]) == pytest.approx(0.5, abs=1e-5)
+  assert float(out["sigma/d/corr_fan_in"]) == pytest.approx(1.0, abs=1e-5)
+  # ||w_i|| = sqrt(fan-in) here, so sigma_i is proportional to it too.
+  assert float(out["sigma/d/slope_norm"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_recalibration_after_mask_updates(tmp_path, fmnist_dir):
+  # One mask update, at step 3 (update_every 2, end 0.5 * 8); evaluations
+  # at 5, which follows it, and 8, which does not.
+  base = dict(
+      method="rigl",
+      num_train_steps=8,
+      end_fraction=0.5,
+      drop_fraction=0.5,
+      eval_every=5,
+      checkpoint_every=2,
+  )
+  off = str(tmp_path / "off")
+  train.train_and_evaluate(_mlp(fmnist_dir, **base), off)
+  config = _mlp(fmnist_dir, recalibrate_batches=2, **base)
+  on = str(tmp_path / "on")
+  train.train_and_evaluate(config, on)
+  logged_off, logged_on = records.read_metrics(off), records.read_metrics(on)
+  evals = {r["step"]: r for r in logged_on if "test_accuracy" in r}
+  assert {s: r["recalibrated"] for s, r in evals.items()} == {5: 1.0, 8: 0.0}
+  # Evaluation only: training is unchanged, the evaluations are not.
+  loss = lambda rs: [r.get("train_loss") for r in rs]
+  assert loss(logged_on) == loss(logged_off)
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      _checkpoint(off, 6)["batch_stats"],
+      _checkpoint(on, 6)["batch_stats"],
+  )
+  test_loss = lambda rs: [r["test_loss"] for r in rs if "test_loss" in r]
+  (at5, at8), (plain5, plain8) = test_loss(logged_on), test_loss(logged_off)
+  assert at5 != plain5 and at8 == plain8
+
+  # The recalibrated statistics are the equal average of the K batches'.
+  spec = input_pipeline.DATASETS["fashion_mnist"]
+  model = train.create_model(config, spec)
+  state = _checkpoint(on, 4)
+  dataset = input_pipeline.load_dataset("fashion_mnist", fmnist_dir)
+  stream = input_pipeline.train_batches(
+      dataset,
+      global_batch_size=16,
+      seed=train.recalibration_seed(config.seed, 5),
+      num_threads=1,
+  )
+  batches = [next(stream) for _ in range(2)]
+  own = []
+  for batch in batches:
+    images = input_pipeline.normalize(batch["image"], spec, jnp.float32)
+    _, updates = model.apply(
+        {"params": state["params"], "batch_stats": state["batch_stats"]},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    own.append(updates["batch_stats"])
+  momentum = train.bn_momentum(model, config, spec)
+  expected = jax.tree.map(
+      lambda old, a, b: ((a - momentum * old) + (b - momentum * old))
+      / (2 * (1 - momentum)),
+      state["batch_stats"],
+      *own,
+  )
+  got = train.recalibration_step(
+      state["params"],
+      state["batch_stats"],
+      batches[0],
+      jnp.int32(0),
+      jax.random.key(0),
+      model=model,
+      config=config,
+      spec=spec,
+      momentum=momentum,
+  )
+  got = train.recalibration_step(
+      state["params"],
+      got,
+      batches[1],
+      jnp.int32(1),
+      jax.random.key(1),
+      model=model,
+      config=config,
+      spec=spec,
+      momentum=momentum,
+  )
+  jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+      got,
+      expected,
+  )
+
+  # Resumed between the mask update at 3 and the evaluation at 5: the log
+  # says an update is pending, and the run matches the uninterrupted one.
+  part = str(tmp_path / "part")
+  shutil.copytree(on, part)
+  for step in ("6", "8"):
+    shutil.rmtree(os.path.join(part, "checkpoints", step))
+  os.remove(os.path.join(part, "summary.json"))
+  assert train.train_and_evaluate(config, part)["resumed_from"] == 4
+  assert _deterministic(records.read_metrics(part)) == _deterministic(logged_on)
+  with pytest.raises(ValueError, match="recalibrate_batches=2 needs"):
+    fields.validate(_mlp(fmnist_dir, recalibrate_batches=2, checkpoint_every=3))

@@ -21,6 +21,7 @@ RESUMABLE_FIELDS = frozenset(
         "progress_bar",
         "turning_diagnostics",
         "fan_in_histogram",
+        "sigma_diagnostics",
         "tensorboard",
     }
 )
@@ -63,9 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Layers the SparseOpt correction applies to: "all" masked kernels, or
   # "bn_only" = all but the classifier `head`, which no BatchNorm follows.
   config.correct_filter = "all"
-  # SparseOpt's factor: "fan_in" (the paper's sqrt(1-s_i)/sqrt(1-s_avg)) or
-  # "norm" (measured from the live weight norms).
+  # SparseOpt's factor: "fan_in" (the paper's sqrt(1-s_i)/sqrt(1-s_avg)),
+  # "norm" (measured from the live weight norms) or "batch_stats" (the
+  # std sigma_i of the BatchNorm that normalizes each kernel's output; the
+  # classifier head, which no BatchNorm follows, is left alone).
   config.correction = "fan_in"
+  # correction="batch_stats" only: whose variances give sigma_i: "batch"
+  # (this step's batch, which BatchNorm divides by in this very step) or
+  # "running" (the running averages, as the step started).
+  config.bn_stats = "batch"
   config.learning_rate = 0.1
   config.momentum = 0.9
   config.nesterov = False
@@ -100,7 +107,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Log each sparse layer's histogram of active fan-in per neuron
   # (``L/fan_in/<bin>``, power-of-two bins) at log steps.
   config.fan_in_histogram = True
+  # Log, for each kernel a BatchNorm follows, how well sqrt(1 - s_i) and
+  # ||w_i|| predict BatchNorm's measured per-neuron std sigma_i (this step's
+  # batch): ``sigma/L/...`` correlations across live neurons and the slope
+  # of log sigma_i on log(1 - s_i) (the paper predicts 0.5). Log steps only.
+  config.sigma_diagnostics = False
   config.eval_every = 200  # Steps between test evaluations (and at the end).
+  # Before an evaluation that follows a mask update, re-estimate BatchNorm's
+  # running statistics over this many training batches (an equal average,
+  # from scratch), for that evaluation only: training is unchanged. 0 = off.
+  config.recalibrate_batches = 0
   config.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
   config.keep_checkpoints = 3
   config.progress_bar = True

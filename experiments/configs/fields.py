@@ -132,7 +132,8 @@ FIELDS: dict[str, Field] = {
     # Optimizer.
     "optimizer": Field(str, choices=optimizers.OPTIMIZERS),
     "correct_filter": Field(str, choices=optimizers.CORRECT_FILTERS),
-    "correction": Field(str, choices=("fan_in", "norm")),
+    "correction": Field(str, choices=optimizers.CORRECTIONS),
+    "bn_stats": Field(str, choices=optimizers.BN_STATS),
     "learning_rate": Field(float, low=0.0, low_open=True),
     "momentum": _fraction(),
     "nesterov": Field(bool),
@@ -163,7 +164,9 @@ FIELDS: dict[str, Field] = {
     "log_every": _POSITIVE_INT,
     "turning_diagnostics": Field(bool),
     "fan_in_histogram": Field(bool),
+    "sigma_diagnostics": Field(bool),
     "eval_every": _POSITIVE_INT,
+    "recalibrate_batches": Field(int, low=0, note="0 = off"),
     "checkpoint_every": _POSITIVE_INT,
     "keep_checkpoints": _POSITIVE_INT,
     "progress_bar": Field(bool),
@@ -230,6 +233,17 @@ def validate(
       re.compile(pattern)
     except re.error as e:
       check(False, f"dense_paths: {pattern!r} is not a regex ({e}).")
+  # Whether a mask update happened since the last evaluation survives a
+  # resume only through the logged mask_update_steps, so every checkpoint
+  # must be a log step (see train.train_and_evaluate).
+  check(
+      config.recalibrate_batches == 0
+      or config.checkpoint_every % config.log_every == 0,
+      f"recalibrate_batches={config.recalibrate_batches} needs "
+      f"checkpoint_every ({config.checkpoint_every}) to be a multiple of "
+      f"log_every ({config.log_every}), so that a resumed run knows the "
+      "mask updates since its last evaluation.",
+  )
   for name in ("batch_size", "eval_batch_size"):
     check(
         config[name] % num_devices == 0,
