@@ -166,6 +166,13 @@ def is_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, SUMMARY))
 
 
+def has_diverged(workdir: str) -> bool:
+  """Whether ``workdir``'s run ended by diverging (its summary says so)."""
+  if not is_finished(workdir):
+    return False
+  return read_summary(workdir).get("status") == DIVERGED
+
+
 def read_summary(workdir: str) -> dict[str, Any]:
   """``workdir/summary.json``."""
   with open(os.path.join(workdir, SUMMARY)) as f:

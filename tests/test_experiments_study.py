@@ -944,3 +944,15 @@ def test_factors_on_the_live_masks_of_a_run_match_numpy(fmnist_dir):
         np.broadcast_to(want, masks[layer]["kernel"].shape),
         rtol=1e-6,
     )
+
+
+def test_a_diverged_run_is_not_finished_and_never_pairs(tmp_path):
+  root = str(tmp_path)
+  _fake_workdir(root, "sgd", "sgd", 0, [0.5, 0.7])
+  _fake_workdir(root, "so", "sparseopt", 0, [0.5, 0.6])
+  with open(os.path.join(root, "so", records.SUMMARY), "w") as f:
+    json.dump({"status": records.DIVERGED, "diverged_at_step": 150}, f)
+  loaded = {r.name: r for r in runs.load_runs(root)}
+  assert records.has_diverged(loaded["so"].workdir)
+  assert loaded["sgd"].finished and not loaded["so"].finished
+  assert runs.pair_by_seed([loaded["sgd"]], [loaded["so"]]) == []

@@ -43,7 +43,8 @@ class Run:
     records: the metrics records, in step order.
     steps: the steps at which the test accuracy was logged.
     accuracy: the test accuracy at those steps.
-    finished: whether the run wrote its summary (reached its last step).
+    finished: whether the run reached its last step (wrote a summary and did
+      not diverge).
   """
 
   name: str
@@ -134,7 +135,9 @@ def load_run(workdir: str) -> Run | None:
       records_lib.read_metrics(workdir),
       name=os.path.basename(os.path.normpath(workdir)),
       workdir=workdir,
-      finished=records_lib.is_finished(workdir),
+      # A diverged run ended without a final accuracy: it never pairs.
+      finished=records_lib.is_finished(workdir)
+      and not records_lib.has_diverged(workdir),
   )
   return run if run.steps.size else None
 
