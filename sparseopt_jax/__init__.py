@@ -1,8 +1,9 @@
 """sparseopt-jax: sparsity-aware optimization for sparse training in JAX.
 
 SparseOpt (Adnan et al., ICML 2026, arXiv:2605.27541) as composable optax
-gradient transformations, sparsity masks, and dynamic sparse training
-(RigL, SET) that runs inside one ``jax.jit``-compiled step.
+gradient transformations, sparsity masks (unstructured, constant fan-in,
+N:M), dynamic sparse training (RigL, SET) and gradual magnitude pruning that
+run inside one ``jax.jit``-compiled step.
 
 Use as ``import sparseopt_jax as sparseopt``. Research measurements (gradient
 skew, neuron turning, mask-update jumps, fan-in histograms, the per-neuron
@@ -30,6 +31,7 @@ from sparseopt_jax._src.masks import magnitude_masks
 from sparseopt_jax._src.masks import neuron_sparsity
 from sparseopt_jax._src.masks import sparse_init
 from sparseopt_jax._src.masks import sparsity
+from sparseopt_jax._src.pruning import gradual_pruning
 from sparseopt_jax._src.transform import scale_by_sparseopt
 from sparseopt_jax._src.transform import ScaleBySparseOptState
 from sparseopt_jax._src.transform import zero_masked_updates
@@ -52,6 +54,7 @@ __all__ = (
     "dynamic_sparse",
     "exclude_paths",
     "get_masks",
+    "gradual_pruning",
     "ham",
     "init_masks",
     "is_kernel",

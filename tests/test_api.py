@@ -16,6 +16,7 @@ EXPECTED = {
     "dynamic_sparse",
     "exclude_paths",
     "get_masks",
+    "gradual_pruning",
     "ham",
     "init_masks",
     "is_kernel",

@@ -73,6 +73,19 @@ TRANSFORMS = {
     "dst_rigl": (_dst("rigl"), False),
     "dst_set": (_dst("set"), False),
     "dst_static": (_dst("static"), False),
+    # Masks start dense and are pruned at steps 0, 2 and 4.
+    "gradual_pruning": (
+        lambda m: sparseopt.gradual_pruning(
+            optax.chain(
+                sparseopt.scale_by_sparseopt(), optax.sgd(0.05, momentum=0.9)
+            ),
+            0.6,
+            start_step=0,
+            end_step=4,
+            update_every=2,
+        ),
+        False,
+    ),
     # HAM around SparseOpt + SGD; masks= reaches the inner chain.
     "ham": (
         lambda m: sparseopt.ham(
@@ -285,7 +298,7 @@ def test_tree_map_params(name):
       assert a.dtype == jnp.float32 and b.dtype == jnp.bfloat16
       assert a.shape in shapes  # only params-like leaves are reached
       n_cast += 1
-  if name in ("sparseopt",) or name.startswith("dst"):
+  if name in ("sparseopt", "gradual_pruning") or name.startswith("dst"):
     assert n_cast > 0  # the momentum trace was reached
   # SparseOpt's cache of per-neuron factors is not params-like: left alone.
   for a in _sparse_states(cast):
@@ -433,6 +446,17 @@ def optimizer(name, lr, final, steps=None):
     return optax.chain(
         sparseopt.normalize_updates(name.removeprefix("normalize_updates_")),
         optax.sgd(optax.cosine_decay_schedule(lr, steps or 300), momentum=0.9),
+    )
+  if name == "gradual_pruning":
+    # Prunes the sparse target's kernel to its support plus slack after it
+    # has nearly converged; dense targets keep every weight (sparsity 0).
+    return sparseopt.gradual_pruning(
+        optax.chain(sparseopt.scale_by_sparseopt(), base),
+        0.5 if isinstance(final, dict) else 0.0,
+        start_step=50,
+        end_step=150,
+        update_every=10,
+        distribution="uniform",
     )
   return sparseopt.dynamic_sparse(
       optax.chain(sparseopt.scale_by_sparseopt(), base),

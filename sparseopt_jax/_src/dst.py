@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparseopt_jax._src import structure as structure_lib
 from sparseopt_jax._src import transform
 from sparseopt_jax._src import tree as tree_lib
 from sparseopt_jax._src.tree import PyTree
@@ -87,7 +88,7 @@ def drop_fraction_schedule(
   return cosine
 
 
-def _finite_magnitude(x: jax.Array) -> jax.Array:
+def finite_magnitude(x: jax.Array) -> jax.Array:
   # A non-finite value scores -1, below every finite magnitude: a NaN or inf
   # weight is the first to be dropped and a NaN or inf gradient the last to
   # grow a connection, so garbage never outranks a real measurement.
@@ -95,7 +96,7 @@ def _finite_magnitude(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(x), jnp.abs(x), -1.0)
 
 
-def _first_k_of_top(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
+def first_k_of_top(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   """Bool vector marking the ``k`` largest scores (``k <= k_max`` traced).
 
   ``lax.top_k`` returns equal scores lower index first, so ties go to the
@@ -136,14 +137,57 @@ def _update_layer(
   k = jnp.clip(k, 0, jnp.minimum(jnp.sum(can_grow, dtype=jnp.int32), k_max))
 
   # Smallest magnitudes first; + 0.0 turns -0.0 into 0.0 so zeros tie.
-  keep_score = jnp.where(m, -_finite_magnitude(w) + 0.0, -jnp.inf)
-  dropped = _first_k_of_top(keep_score, k_max, k)
+  keep_score = jnp.where(m, -finite_magnitude(w) + 0.0, -jnp.inf)
+  dropped = first_k_of_top(keep_score, k_max, k)
   # Scoring by the old mask excludes what was just dropped from growth.
-  grown = _first_k_of_top(
+  grown = first_k_of_top(
       jnp.where(can_grow, grow_score.reshape(-1), -jnp.inf), k_max, k
   )
   new = (m & ~dropped) | grown
   return new.reshape(mask.shape), k
+
+
+def _update_groups(
+    mask: jax.Array,
+    weight: jax.Array,
+    grow_score: jax.Array,
+    fraction: jax.Array,
+    k_max: int,
+    structure: structure_lib.Structure,
+    axis: int,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`_update_layer` within each group of a structured mask.
+
+  Each neuron (``"constant_fan_in"``) or group of ``m`` inputs (N:M) drops
+  its ``k = floor(fraction * active_in_group)`` smallest active weights and
+  grows as many of its own inactive entries, so every group keeps its count.
+  ``k_max`` bounds ``k`` per group.
+
+  Returns:
+    The new mask and the int32 number of connections regrown in the layer.
+  """
+
+  def view(x):
+    return structure_lib.to_groups(x, structure, axis)
+
+  new, k = jax.vmap(lambda m, w, s: _update_layer(m, w, s, fraction, k_max))(
+      view(mask), view(weight), view(grow_score)
+  )
+  new = structure_lib.from_groups(new, mask.shape, structure, axis)
+  return new, jnp.sum(k, dtype=jnp.int32)
+
+
+def _max_group_changes(
+    mask: Any, max_fraction: float, structure: Any, axis: int, name: str
+) -> int:
+  """Static bound on connections one update can replace in one group."""
+  shape = tuple(int(d) for d in np.shape(mask))
+  _, size = structure_lib.group_shape(shape, structure, axis, name)
+  counts = structure_lib.group_counts(mask, structure, axis, name)
+  if counts is None or counts.size == 0:
+    return size
+  active = int(counts.max())
+  return max(0, min(int(math.floor(max_fraction * active)), size - active))
 
 
 def _max_changes(mask: Any, max_fraction: float) -> int:
@@ -236,6 +280,7 @@ def dynamic_sparse(
     key: jax.Array,
     neuron_axis: int = -1,
     correction_filter: tree_lib.LeafFilter | None = None,
+    structure: str | tuple[int, int] = "unstructured",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic sparse training around any optax optimizer: RigL, SET or static.
 
@@ -263,7 +308,21 @@ def dynamic_sparse(
     at random; ``"static"`` never changes the masks.
 
   Ties go to the lower flat index, so per-layer active counts stay exactly
-  constant. The updates of a mask-update step set dropped weights to 0 and
+  constant.
+
+  With ``structure="constant_fan_in"`` (SRigL) or ``structure=(n, m)``
+  (N:M), drop and grow run within each neuron, or each group of ``m``
+  consecutive inputs of a neuron (along its fan-in flattened in C order,
+  ``H*W*Cin`` for a Conv, so along ``Cin``), with
+  :math:`k = \lfloor f(t) \cdot n_{active\_in\_group} \rfloor` per group
+  (so small groups may swap nothing at small :math:`f`): every neuron keeps
+  its number of active inputs, every group its ``n``, and SparseOpt's factor
+  is 1 throughout (``s_i == s_avg``). ``masks`` must have the structure
+  already (build them with ``init_masks(..., structure=...)``); a
+  ``ValueError`` names a leaf that does not, or whose fan-in is not a
+  multiple of ``m``.
+
+  The updates of a mask-update step set dropped weights to 0 and
   leave grown weights at 0, and every params-shaped moment of the inner state
   (momentum, Adam's ``mu``/``nu``...) is zeroed at changed positions. The
   choice runs under ``lax.cond`` on the counter: no host sync, no retrace.
@@ -302,6 +361,8 @@ def dynamic_sparse(
       factors are computed from the masks at the mask update itself).
     correction_filter: which masked leaves the ``"corrected"`` score scales
       (as ``filter_fn`` of :func:`scale_by_sparseopt`).
+    structure: ``"unstructured"`` (default), ``"constant_fan_in"`` or
+      ``(n, m)``; the neuron is ``neuron_axis``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
@@ -333,6 +394,9 @@ def dynamic_sparse(
     Mocanu et al. Scalable training of artificial neural networks with
     adaptive sparse connectivity inspired by network science (SET). Nature
     Communications 2018. https://arxiv.org/abs/1707.04780
+
+    Lasby et al. Dynamic Sparse Training with Structured Sparsity (SRigL).
+    ICLR 2024. https://arxiv.org/abs/2305.02299
   """
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
@@ -359,9 +423,19 @@ def dynamic_sparse(
           f"masks[{tree_lib.path_str(path)!r}] must be a boolean "
           f"array, got dtype {dtype}."
       )
+  structure = structure_lib.check_structure(structure)
   # The schedules we build never exceed drop_fraction; a callable might.
   max_fraction = 1.0 if callable(drop_schedule) else drop_fraction
-  k_max = jax.tree.map(lambda m: _max_changes(m, max_fraction), masks)
+  if structure_lib.is_unstructured(structure):
+    k_max = jax.tree.map(lambda m: _max_changes(m, max_fraction), masks)
+  else:
+
+    def group_bound(path, m):
+      name = tree_lib.path_str(path)
+      structure_lib.check_mask(m, structure, neuron_axis, name)
+      return _max_group_changes(m, max_fraction, structure, neuron_axis, name)
+
+    k_max = jax.tree_util.tree_map_with_path(group_bound, masks)
   masks = jax.tree.map(jnp.asarray, masks)
   inner = optax.with_extra_args_support(inner)
   fraction_at = drop_fraction_schedule(drop_fraction, end_step, drop_schedule)
@@ -407,103 +481,140 @@ def dynamic_sparse(
       )
       grads = transform.apply_scales(grads, scales, neuron_axis=neuron_axis)
     return tree_lib.map_masked(
-        lambda m, g: None if m is None else _finite_magnitude(g),
+        lambda m, g: None if m is None else finite_magnitude(g),
         old_masks,
         grads,
     )
 
+  def change_topology(count, old, params, grads, key):
+    key, step_key = jax.random.split(key)
+    fraction = fraction_at(count)
+    scores = grow_scores(grads, old, params, step_key)
+
+    def layer(m, w, s, kmax):
+      if m is None:
+        return None
+      if structure_lib.is_unstructured(structure):
+        return _update_layer(m, w, s, fraction, kmax)
+      return _update_groups(m, w, s, fraction, kmax, structure, neuron_axis)
+
+    pairs = tree_lib.map_masked(layer, old, params, scores, k_max)
+    new = tree_lib.map_masked(
+        lambda m, p: None if m is None else p[0], old, pairs
+    )
+    num = tree_lib.map_masked(
+        lambda m, p: None if m is None else p[1], old, pairs
+    )
+    return new, num, key
+
+  def is_update_at(count):
+    return (count > 0) & (count % update_every == 0) & (count < end_step)
+
   def update_fn(grads, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(
-          "dynamic_sparse needs params in update(grads, state, "
-          "params): mask updates rank weights by magnitude and "
-          "the emitted updates zero pruned weights."
-      )
-    # The live masks and whether they just changed are ours to forward.
-    extra_args.pop("masks", None)
-    extra_args.pop("masks_updated", None)
-    old = state.masks
-    tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
-    masked_grads = tree_lib.zero_masked(old, grads)
-    # ``old`` differs from the masks forwarded last step iff that step was a
-    # mask update; at count 0 nothing was forwarded yet.
-    forwarded_new = state.masks_updated | (state.count == 0)
-    inner_updates, inner_state = inner.update(
-        masked_grads,
-        state.inner_state,
+    return sparse_step(
+        inner,
+        grads,
+        state,
         params,
-        masks=old,
-        masks_updated=forwarded_new,
-        **extra_args,
-    )
-
-    new, num_changed, key = old, state.num_changed, state.key
-    is_update = jnp.zeros([], bool)
-    if method != "static":
-      count = state.count
-      is_update = (count > 0) & (count % update_every == 0) & (count < end_step)
-
-      # Only the topology choice goes through the cond (masks, key).
-      # The optimizer state stays out of it: a state passed through a cond is
-      # copied at its boundary on every step (benchmarks/results/).
-      def change_topology(key):
-        key, step_key = jax.random.split(key)
-        fraction = fraction_at(count)
-        scores = grow_scores(grads, old, params, step_key)
-        pairs = tree_lib.map_masked(
-            lambda m, w, s, kmax: None
-            if m is None
-            else _update_layer(m, w, s, fraction, kmax),
-            old,
-            params,
-            scores,
-            k_max,
-        )
-        new = tree_lib.map_masked(
-            lambda m, p: None if m is None else p[0], old, pairs
-        )
-        num = tree_lib.map_masked(
-            lambda m, p: None if m is None else p[1], old, pairs
-        )
-        return new, num, key
-
-      def keep(key):
-        return old, state.num_changed, key
-
-      new, num_changed, key = jax.lax.cond(
-          is_update, change_topology, keep, state.key
-      )
-      # Elementwise; all-False on normal steps.
-      changed = tree_lib.map_masked(
-          lambda o, n: None if o is None else o ^ n, old, new
-      )
-      inner_state = reset_changed_moments(inner_state, params, changed)
-
-    # Kept connections take the inner update; every other position is set
-    # to exactly zero (p + (-p) == 0 for finite p), which drops pruned
-    # weights and leaves grown ones at zero. No additive update can zero a
-    # NaN or inf weight: see "Non-finite values" in the docstring.
-    updates = tree_lib.map_masked(
-        lambda o, n, u, p: u if o is None else jnp.where(o & n, u, -p),
-        old,
-        new,
-        inner_updates,
-        params,
-    )
-    ever_active = tree_lib.map_masked(
-        lambda e, n: None if e is None else e | n, state.ever_active, new
-    )
-    return updates, DynamicSparseState(
-        count=optax.safe_int32_increment(state.count),
-        key=key,
-        masks=new,
-        ever_active=ever_active,
-        num_changed=num_changed,
-        masks_updated=is_update,
-        inner_state=inner_state,
+        extra_args,
+        who="dynamic_sparse",
+        is_update_at=None if method == "static" else is_update_at,
+        change_topology=change_topology,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sparse_step(
+    inner: optax.GradientTransformationExtraArgs,
+    grads: PyTree,
+    state: DynamicSparseState,
+    params: PyTree | None,
+    extra_args: dict[str, Any],
+    *,
+    who: str,
+    is_update_at: Callable[[jax.Array], jax.Array] | None,
+    change_topology: Callable[..., tuple[PyTree, PyTree, jax.Array]],
+) -> tuple[PyTree, DynamicSparseState]:
+  """One step of a mask-owning wrapper (:func:`dynamic_sparse` and friends).
+
+  Masks the gradients, updates ``inner`` with the live masks, and, when
+  ``is_update_at(count)`` holds, runs ``change_topology(count, masks, params,
+  grads, key) -> (masks, num_changed, key)`` under ``lax.cond``; moments are
+  reset where the masks changed and the updates zero every position outside
+  the old-and-new masks. ``is_update_at=None``: the masks never change.
+  """
+  if params is None:
+    raise ValueError(
+        f"{who} needs params in update(grads, state, params): mask "
+        f"updates rank weights by magnitude and the emitted updates zero "
+        f"pruned weights."
+    )
+  # The live masks and whether they just changed are ours to forward.
+  extra_args.pop("masks", None)
+  extra_args.pop("masks_updated", None)
+  old = state.masks
+  tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
+  masked_grads = tree_lib.zero_masked(old, grads)
+  # ``old`` differs from the masks forwarded last step iff that step was a
+  # mask update; at count 0 nothing was forwarded yet.
+  forwarded_new = state.masks_updated | (state.count == 0)
+  inner_updates, inner_state = inner.update(
+      masked_grads,
+      state.inner_state,
+      params,
+      masks=old,
+      masks_updated=forwarded_new,
+      **extra_args,
+  )
+
+  new, num_changed, key = old, state.num_changed, state.key
+  is_update = jnp.zeros([], bool)
+  if is_update_at is not None:
+    count = state.count
+    is_update = is_update_at(count)
+
+    # Only the topology choice goes through the cond (masks, key).
+    # The optimizer state stays out of it: a state passed through a cond is
+    # copied at its boundary on every step (benchmarks/results/).
+    def keep(key):
+      return old, state.num_changed, key
+
+    new, num_changed, key = jax.lax.cond(
+        is_update,
+        lambda key: change_topology(count, old, params, grads, key),
+        keep,
+        state.key,
+    )
+    # Elementwise; all-False on normal steps.
+    changed = tree_lib.map_masked(
+        lambda o, n: None if o is None else o ^ n, old, new
+    )
+    inner_state = reset_changed_moments(inner_state, params, changed)
+
+  # Kept connections take the inner update; every other position is set
+  # to exactly zero (p + (-p) == 0 for finite p), which drops pruned
+  # weights and leaves grown ones at zero. No additive update can zero a
+  # NaN or inf weight: see "Non-finite values" in dynamic_sparse.
+  updates = tree_lib.map_masked(
+      lambda o, n, u, p: u if o is None else jnp.where(o & n, u, -p),
+      old,
+      new,
+      inner_updates,
+      params,
+  )
+  ever_active = tree_lib.map_masked(
+      lambda e, n: None if e is None else e | n, state.ever_active, new
+  )
+  return updates, DynamicSparseState(
+      count=optax.safe_int32_increment(state.count),
+      key=key,
+      masks=new,
+      ever_active=ever_active,
+      num_changed=num_changed,
+      masks_updated=is_update,
+      inner_state=inner_state,
+  )
 
 
 def find_state(state: optax.OptState) -> DynamicSparseState:

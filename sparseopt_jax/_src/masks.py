@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparseopt_jax._src import structure as structure_lib
 from sparseopt_jax._src import tree as tree_lib
 from sparseopt_jax._src.tree import PyTree
 
 DISTRIBUTIONS = ("erk", "uniform")
 
 
-def _check_sparsity(value: Any, name: str) -> float:
+def check_sparsity(value: Any, name: str) -> float:
   try:
     s = float(value)
   except (TypeError, ValueError):
@@ -77,7 +78,7 @@ def layer_densities(
     Evci et al., Rigging the Lottery: Making All Tickets Winners, 2020.
     https://arxiv.org/abs/1911.11134
   """
-  sparsity = _check_sparsity(sparsity, "sparsity")
+  sparsity = check_sparsity(sparsity, "sparsity")
   if distribution not in DISTRIBUTIONS:
     raise ValueError(
         f"Unknown distribution {distribution!r}; expected one of "
@@ -93,7 +94,7 @@ def layer_densities(
 
   fixed: dict[str, float] = {}
   for pattern, value in (overrides or {}).items():
-    value = _check_sparsity(value, f"overrides[{pattern!r}]")
+    value = check_sparsity(value, f"overrides[{pattern!r}]")
     regex = re.compile(pattern)
     matched = [n for n in shapes if regex.search(n) and n not in fixed]
     if not any(regex.search(n) for n in shapes):
@@ -135,6 +136,29 @@ def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
   return keep.reshape(scores.shape)
 
 
+def _topk_groups(scores: jax.Array, k: int) -> jax.Array:
+  """Per row of ``scores``, a mask of its ``k`` largest; ties to lower index."""
+  if k == 0:
+    return jnp.zeros(scores.shape, bool)
+  _, idx = jax.lax.top_k(scores, k)
+  rows = jnp.arange(scores.shape[0])[:, None]
+  return jnp.zeros(scores.shape, bool).at[rows, idx].set(True)
+
+
+def check_nm_sparsity(
+    structure: structure_lib.Structure, sparsity: float
+) -> None:
+  """N:M fixes the density at ``n / m``: ``sparsity`` must say the same."""
+  if not isinstance(structure, tuple):
+    return
+  n, m = structure
+  if abs(sparsity - (1.0 - n / m)) > 1e-9:
+    raise ValueError(
+        f"structure={structure!r} keeps {n} of every {m} inputs, so the "
+        f"sparsity must be 1 - {n}/{m} = {1.0 - n / m}, got {sparsity}."
+    )
+
+
 def _build_masks(
     params,
     sparsity,
@@ -143,7 +167,17 @@ def _build_masks(
     overrides,
     erk_power_scale,
     score_fn,
+    structure="unstructured",
+    neuron_axis=-1,
 ) -> PyTree:
+  structure = structure_lib.check_structure(structure)
+  if isinstance(structure, tuple):
+    check_nm_sparsity(structure, check_sparsity(sparsity, "sparsity"))
+    if overrides:
+      raise ValueError(
+          f"overrides cannot be combined with N:M structure {structure!r}: "
+          f"every sparse leaf keeps {structure[0]} of every {structure[1]}."
+      )
   densities = layer_densities(
       params,
       sparsity,
@@ -158,9 +192,19 @@ def _build_masks(
     name = tree_lib.path_str(path)
     if name not in densities:
       return None
-    size = int(np.size(leaf))
-    k = int(math.floor(densities[name] * size + 0.5))
-    return _topk_mask(score_fn(index[name], leaf), k)
+    if structure_lib.is_unstructured(structure):
+      size = int(np.size(leaf))
+      k = int(math.floor(densities[name] * size + 0.5))
+      return _topk_mask(score_fn(index[name], leaf), k)
+    shape = tuple(int(d) for d in np.shape(leaf))
+    _, size = structure_lib.group_shape(shape, structure, neuron_axis, name)
+    k = structure_lib.kept_per_group(densities[name], size, structure)
+    scores = structure_lib.to_groups(
+        score_fn(index[name], leaf), structure, neuron_axis
+    )
+    return structure_lib.from_groups(
+        _topk_groups(scores, k), shape, structure, neuron_axis
+    )
 
   return jax.tree_util.tree_map_with_path(make, params)
 
@@ -174,12 +218,35 @@ def init_masks(
     filter_fn: tree_lib.LeafFilter | None = None,
     overrides: Mapping[str, float] | None = None,
     erk_power_scale: float = 1.0,
+    structure: str | tuple[int, int] = "unstructured",
+    neuron_axis: int = -1,
 ) -> PyTree:
   """Random sparsity masks for ``params``.
 
   Each sparse leaf keeps exactly ``round(density * size)`` entries, chosen as
   the top-k of uniform random scores drawn from ``key`` (ties broken by
   index), with per-leaf densities from :func:`layer_densities`.
+
+  ``structure`` constrains where the active entries lie (the neuron is the
+  ``neuron_axis``, last in Flax layout; its fan-in is every other axis,
+  flattened in C order: ``in`` for Dense, ``H*W*Cin`` for Conv):
+
+  * ``"unstructured"`` (default): the top-k over the whole leaf, as above.
+  * ``"constant_fan_in"`` (SRigL): every neuron keeps exactly
+    ``k = max(1, round(density * fan_in))`` inputs, the top-k of its own
+    scores; the layer keeps ``k * neurons`` (close to, not always equal to,
+    ``round(density * size)``), and no neuron is left without inputs.
+  * ``(n, m)`` (N:M): every group of ``m`` consecutive inputs of a neuron
+    (along the flattened fan-in, so along ``Cin`` for a Conv) keeps exactly
+    ``n``. The density of every sparse leaf is ``n / m``: ``sparsity`` must
+    equal ``1 - n / m`` (else ``ValueError``), ``distribution`` and
+    ``erk_power_scale`` are not used, ``overrides`` are refused, and a leaf
+    whose fan-in is not a multiple of ``m`` raises a ``ValueError`` naming it.
+
+  Under both structured options every neuron of a layer has the same number
+  of active inputs, so SparseOpt's factor
+  (:func:`sparseopt_jax.diagnostics.fan_in_scale`) is 1 on them: every
+  neuron's sparsity equals the layer's (``s_i == s_avg``).
 
   Args:
     key: a PRNG key.
@@ -193,6 +260,8 @@ def init_masks(
       biases and norm parameters stay dense. See :func:`exclude_paths`.
     overrides: ``{path_regex: sparsity}`` for per-layer sparsities.
     erk_power_scale: exponent on the ERK raw density.
+    structure: ``"unstructured"``, ``"constant_fan_in"`` or ``(n, m)``.
+    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``).
 
   Returns:
     A mask tree: ``bool`` arrays for sparse leaves, ``None`` for dense ones.
@@ -205,10 +274,20 @@ def init_masks(
     ...                              "uniform")
     >>> int(masks["w"].sum()), masks["b"]
     (8, None)
+    >>> nm = sparseopt.init_masks(jax.random.key(0), params, 0.5,
+    ...                           structure=(2, 4))
+    >>> nm["w"].reshape(2, 4, 4).sum(axis=1).tolist()  # 2 of each 4 inputs
+    [[2, 2, 2, 2], [2, 2, 2, 2]]
 
   References:
     Evci et al., Rigging the Lottery: Making All Tickets Winners, 2020.
     https://arxiv.org/abs/1911.11134
+
+    Lasby et al., Dynamic Sparse Training with Structured Sparsity (SRigL),
+    ICLR 2024. https://arxiv.org/abs/2305.02299
+
+    Mishra et al., Accelerating Sparse Deep Neural Networks, 2021.
+    https://arxiv.org/abs/2104.08378
   """
 
   def score(i, leaf):
@@ -222,6 +301,8 @@ def init_masks(
       overrides,
       erk_power_scale,
       score,
+      structure,
+      neuron_axis,
   )
 
 
@@ -233,12 +314,16 @@ def magnitude_masks(
     filter_fn: tree_lib.LeafFilter | None = None,
     overrides: Mapping[str, float] | None = None,
     erk_power_scale: float = 1.0,
+    structure: str | tuple[int, int] = "unstructured",
+    neuron_axis: int = -1,
 ) -> PyTree:
   """Masks keeping the largest-magnitude weights of each sparse leaf.
 
-  Same densities and exact counts as :func:`init_masks`, with ``|w|`` as the
-  score (ties broken by index): one-shot magnitude pruning, or pruning at
-  initialization.
+  Same densities, exact counts and ``structure`` options as
+  :func:`init_masks`, with ``|w|`` as the score (ties broken by index):
+  one-shot magnitude pruning, or pruning at initialization. With a structure,
+  each neuron (``"constant_fan_in"``) or each group of ``m`` inputs
+  (``(n, m)``) keeps its own largest magnitudes.
 
   Args:
     params: the parameter pytree whose magnitudes are ranked.
@@ -247,6 +332,8 @@ def magnitude_masks(
     filter_fn: which leaves are sparse (see :func:`init_masks`).
     overrides: ``{path_regex: sparsity}`` for per-layer sparsities.
     erk_power_scale: exponent on the ERK raw density.
+    structure: ``"unstructured"``, ``"constant_fan_in"`` or ``(n, m)``.
+    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``).
 
   Returns:
     A mask tree.
@@ -259,6 +346,8 @@ def magnitude_masks(
       overrides,
       erk_power_scale,
       lambda _, leaf: jnp.abs(leaf),
+      structure,
+      neuron_axis,
   )
 
 

@@ -96,9 +96,15 @@ def scale_from_counts(count: jax.Array) -> jax.Array:
   # scale_i^2 = density_i / mean_j density_j = count_i * n / sum_j count_j,
   # computed from integer counts so that a dense layer gives exactly 1.
   total = jnp.sum(count)
-  numerator = (count * count.shape[0]).astype(jnp.float32)
+  scaled = count * count.shape[0]
+  numerator = scaled.astype(jnp.float32)
   denominator = jnp.where(total > 0, total, 1).astype(jnp.float32)
-  return jnp.where(total > 0, jnp.sqrt(numerator / denominator), 0.0)
+  scale = jnp.where(total > 0, jnp.sqrt(numerator / denominator), 0.0)
+  # A neuron exactly as dense as the layer's mean gets exactly 1: a float32
+  # division of equal values can be 1 ulp short on some backends (XLA's
+  # vectorized CPU division), and equal counts (constant fan-in, N:M) must
+  # leave the gradients untouched.
+  return jnp.where((scaled == total) & (total > 0), 1.0, scale)
 
 
 def norm_scale(
