@@ -218,3 +218,122 @@ def turning_summary(before, after, mask, neuron_axis: int = -1):
   else:
     out["imbalance"] = 0.0
   return out
+
+
+# ------------------------------------------- neurons spanning several axes
+# An attention kernel's output unit is a combination of axes: a query kernel
+# (d_model, heads, head_dim) has heads * head_dim neurons, each with the
+# d_model entries at one (head, j). These loop over neuron indices and slice.
+
+
+def _neuron_slices(shape: tuple[int, ...], axes) -> list:
+  """[(neuron index, index tuple selecting its incoming entries)]."""
+  ndim = len(shape)
+  axes = sorted(
+      {a % ndim for a in (axes if isinstance(axes, tuple) else (axes,))}
+  )
+  out = []
+  for idx in np.ndindex(*[shape[a] for a in axes]):
+    sel = [slice(None)] * ndim
+    for a, i in zip(axes, idx):
+      sel[a] = i
+    out.append((idx, tuple(sel)))
+  return out
+
+
+def multi_neuron_counts(mask: np.ndarray, axes) -> tuple[np.ndarray, int]:
+  """Active incoming entries per neuron (shaped like the neuron axes)."""
+  m = np.asarray(mask, bool)
+  slices = _neuron_slices(m.shape, axes)
+  n_shape = tuple(np.max([i for i, _ in slices], axis=0) + 1)
+  counts = np.zeros(n_shape, int)
+  fan_in = 0
+  for idx, sel in slices:
+    counts[idx] = m[sel].sum()
+    fan_in = m[sel].size
+  return counts, fan_in
+
+
+def multi_factor(mask: np.ndarray, axes) -> np.ndarray:
+  """c_i = sqrt(1 - s_i) / sqrt(1 - s_avg) over multi-axis neurons."""
+  counts, fan_in = multi_neuron_counts(mask, axes)
+  density = counts / fan_in
+  if density.mean() <= 0:
+    return np.zeros(density.shape)
+  return np.sqrt(density) / math.sqrt(density.mean())
+
+
+def multi_norm_factor(mask: np.ndarray, param: np.ndarray, axes) -> np.ndarray:
+  """norm_factor (above) over multi-axis neurons."""
+  m = np.asarray(mask, bool)
+  w = np.where(m, np.asarray(param, np.float64), 0.0)
+  slices = _neuron_slices(m.shape, axes)
+  norms = np.array([math.sqrt((w[sel] ** 2).sum()) for _, sel in slices])
+  active = np.array([m[sel].any() for _, sel in slices])
+  live = norms > 0
+  out = np.zeros(len(slices))
+  if live.any():
+    rms = math.sqrt(np.mean(norms[live] ** 2))
+    out[live] = norms[live] / rms
+    out[active & ~live] = 1.0
+  else:
+    out[active] = 1.0
+  return out.reshape(multi_neuron_counts(mask, axes)[0].shape)
+
+
+def multi_batch_stats_factor(
+    mask: np.ndarray, variance: np.ndarray, axes, epsilon: float = 1e-5
+) -> np.ndarray:
+  """sigma_i / rms_j sigma_j over active neurons; 0 on dead neurons."""
+  counts, _ = multi_neuron_counts(mask, axes)
+  active = counts > 0
+  sq = np.maximum(np.asarray(variance, np.float64), 0.0) + epsilon
+  out = np.zeros(counts.shape)
+  if active.any():
+    out[active] = np.sqrt(sq[active] / sq[active].mean())
+  return out
+
+
+def multi_scale_grad(grad: np.ndarray, factor: np.ndarray, axes) -> np.ndarray:
+  """Multiplies each neuron's incoming slice by its factor."""
+  g = np.asarray(grad, np.float64).copy()
+  for idx, sel in _neuron_slices(g.shape, axes):
+    g[sel] = g[sel] * factor[idx]
+  return g
+
+
+def dense_general_erk_raw(shape: tuple[int, ...], axes) -> float:
+  """ERK raw density of the (fan_in, fan_out) matrix a DenseGeneral computes."""
+  fan_out = int(np.prod([shape[a] for a in axes]))
+  fan_in = int(np.prod(shape)) // fan_out
+  return (fan_in + fan_out) / (fan_in * fan_out)
+
+
+def erk_from_raw(
+    sizes: dict[str, int], raw: dict[str, float], sparsity: float
+) -> dict[str, float]:
+  """erk_densities (above) with given raw densities."""
+  target = (1.0 - sparsity) * sum(sizes.values())
+  dense: set[str] = set()
+  while True:
+    rest = [n for n in sizes if n not in dense]
+    eps = (target - sum(sizes[n] for n in dense)) / sum(
+        raw[n] * sizes[n] for n in rest
+    )
+    over = {n for n in rest if eps * raw[n] > 1.0}
+    if not over:
+      break
+    dense |= over
+  return {n: 1.0 if n in dense else eps * raw[n] for n in sizes}
+
+
+def multi_drop_grow_per_neuron(
+    mask: np.ndarray, weight: np.ndarray, score: np.ndarray, fraction, axes
+) -> np.ndarray:
+  """drop_grow (above) within each neuron's incoming slice (constant fan-in)."""
+  new = np.asarray(mask, bool).copy()
+  for _, sel in _neuron_slices(new.shape, axes):
+    new[sel], _ = drop_grow(
+        new[sel], np.asarray(weight)[sel], np.asarray(score)[sel], fraction
+    )
+  return new

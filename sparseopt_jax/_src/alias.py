@@ -15,7 +15,7 @@ def sparseopt(
     weight_decay: float = 0.0,
     *,
     masks: transform.MaskSource | None = None,
-    neuron_axis: int | None = None,
+    neuron_axis: tree_lib.NeuronAxisSpec | None = None,
     filter_fn: tree_lib.LeafFilter | None = None,
     correction: str = "fan_in",
 ) -> optax.GradientTransformationExtraArgs:
@@ -44,7 +44,8 @@ def sparseopt(
     masks: mask tree or callable for :func:`scale_by_sparseopt`; usually left
       ``None`` and given to ``update(..., masks=...)`` or supplied by
       :func:`dynamic_sparse`.
-    neuron_axis: the output-unit axis of corrected leaves; ``None`` means
+    neuron_axis: the output-unit axis of corrected leaves, a tuple of axes
+      or a per-leaf spec (see :func:`scale_by_sparseopt`); ``None`` means
       ``-1`` (a non-numeric default, so ``optax.inject_hyperparams`` does not
       trace it).
     filter_fn: which masked leaves get the correction.

@@ -19,7 +19,7 @@ from sparseopt_jax._src.tree import PyTree
 
 
 def skew_diagnostics(
-    masks: PyTree, *, neuron_axis: int = -1
+    masks: PyTree, *, neuron_axis: tree_lib.NeuronAxisSpec = -1
 ) -> dict[str, jax.Array]:
   r"""Per-layer neuron-sparsity statistics and BatchNorm amplification spread.
 
@@ -35,17 +35,18 @@ def skew_diagnostics(
 
   Args:
     masks: a mask tree.
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, a tuple of axes (attention kernels),
+      or a per-leaf pytree or callable (leaves it gives ``None`` are skipped).
 
   Returns:
     A flat dict of float32 scalars.
   """
   out: dict[str, jax.Array] = {}
-  for path, mask in tree_lib.mask_leaves_with_path(masks):
-    if mask.ndim < 2:
+  for path, mask, ax in tree_lib.masked_leaves_with_axes(masks, neuron_axis):
+    if mask.ndim < 2 or ax is None:
       continue
     name = tree_lib.path_str(path)
-    density = masks_lib.neuron_density(mask, neuron_axis, name=name)
+    density = masks_lib.neuron_density(mask, ax, name=name)
     s = 1.0 - density
     live = density > 0
     d_max = jnp.max(density)
@@ -69,7 +70,7 @@ def _bin_label(lo: int, hi: int) -> str:
 
 
 def fan_in_histogram(
-    masks: PyTree, *, neuron_axis: int = -1
+    masks: PyTree, *, neuron_axis: tree_lib.NeuronAxisSpec = -1
 ) -> dict[str, jax.Array]:
   r"""Per-layer histogram of neurons' active fan-in, in power-of-two bins.
 
@@ -83,17 +84,18 @@ def fan_in_histogram(
 
   Args:
     masks: a mask tree.
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, a tuple of axes (attention kernels),
+      or a per-leaf pytree or callable (leaves it gives ``None`` are skipped).
 
   Returns:
     A flat dict of float32 scalars (neuron counts).
   """
   out: dict[str, jax.Array] = {}
-  for path, mask in tree_lib.mask_leaves_with_path(masks):
-    if mask.ndim < 2:
+  for path, mask, ax in tree_lib.masked_leaves_with_axes(masks, neuron_axis):
+    if mask.ndim < 2 or ax is None:
       continue
     name = tree_lib.path_str(path)
-    count, fan_in = masks_lib.neuron_counts(mask, neuron_axis, name=name)
+    count, fan_in = masks_lib.neuron_counts(mask, ax, name=name)
     edges = [0, 1]
     while edges[-1] <= fan_in:
       edges.append(2 * edges[-1])
@@ -106,7 +108,7 @@ def fan_in_histogram(
 
 
 def dst_diagnostics(
-    state: optax.OptState, *, neuron_axis: int = -1
+    state: optax.OptState, *, neuron_axis: tree_lib.NeuronAxisSpec = -1
 ) -> dict[str, jax.Array]:
   """:func:`skew_diagnostics` of the live masks, plus topology statistics.
 
@@ -116,7 +118,8 @@ def dst_diagnostics(
 
   Args:
     state: a :class:`DynamicSparseState` or an optimizer state containing one.
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, a tuple of axes (attention kernels),
+      or a per-leaf pytree or callable (leaves it gives ``None`` are skipped).
 
   Returns:
     A flat dict of float32 scalars.
@@ -137,7 +140,7 @@ def neuron_turning(
     before: jax.Array,
     after: jax.Array,
     mask: jax.Array,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxis = -1,
     *,
     name: str = "param",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -152,7 +155,8 @@ def neuron_turning(
     before: a kernel before the step.
     after: the same kernel after the step.
     mask: its boolean mask (``after``'s topology).
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, or a tuple of axes (attention
+      kernels); the outputs are then shaped like the neuron axes.
     name: the parameter path, for error messages.
 
   Returns:
@@ -161,7 +165,7 @@ def neuron_turning(
     after (angles of other neurons are 0 and must be ignored).
   """
   ndim = before.ndim
-  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
+  axis = tree_lib.normalize_axes(neuron_axis, ndim, name)
   axes = tree_lib.reduce_axes(ndim, axis)
   a = jnp.where(mask, before, 0).astype(jnp.float32)
   b = jnp.where(mask, after, 0).astype(jnp.float32)
@@ -201,7 +205,7 @@ def turning_diagnostics(
     params_after: PyTree,
     masks: PyTree,
     *,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> dict[str, jax.Array]:
   r"""How fast each sparse layer's neurons turn, and how unevenly.
 
@@ -227,7 +231,8 @@ def turning_diagnostics(
     params_before: params before a step.
     params_after: params after it.
     masks: the mask tree (of ``params_after``).
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, a tuple of axes (attention kernels),
+      or a per-leaf pytree or callable (leaves it gives ``None`` are skipped).
 
   Returns:
     A flat dict of float32 scalars.
@@ -238,15 +243,14 @@ def turning_diagnostics(
   """
   tree_lib.validate_masks(params_after, masks)
   out: dict[str, jax.Array] = {}
+  leaf_axes = tree_lib.resolve_neuron_axes(neuron_axis, masks)
 
-  def visit(path, mask, before, after):
-    if mask is None or mask.ndim < 2:
+  def visit(path, mask, before, after, ax):
+    if mask is None or mask.ndim < 2 or ax is None:
       return
     name = tree_lib.path_str(path)
-    angle, norm, live = neuron_turning(
-        before, after, mask, neuron_axis, name=name
-    )
-    count, fan_in = masks_lib.neuron_counts(mask, neuron_axis, name=name)
+    angle, norm, live = neuron_turning(before, after, mask, ax, name=name)
+    count, fan_in = masks_lib.neuron_counts(mask, ax, name=name)
     density = masks_lib.density_from_counts(count, fan_in)
     n_live = jnp.maximum(jnp.sum(live), 1)
     can_turn = live & (count >= 2)
@@ -260,7 +264,9 @@ def turning_diagnostics(
     out[f"{name}/imbalance"] = _slope(x, y, valid)
     out[f"{name}/norm_mean"] = jnp.sum(jnp.where(live, norm, 0.0)) / n_live
 
-  tree_lib.map_masked(visit, masks, params_before, params_after, with_path=True)
+  tree_lib.map_masked(
+      visit, masks, params_before, params_after, leaf_axes, with_path=True
+  )
   return out
 
 
@@ -270,7 +276,7 @@ def mask_update_jump(
     masks_before: PyTree,
     masks_after: PyTree,
     *,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> dict[str, jax.Array]:
   r"""Across a mask update: how much neuron norms jump vs the SparseOpt factor.
 
@@ -293,7 +299,8 @@ def mask_update_jump(
     params_after: params after it.
     masks_before: masks before.
     masks_after: masks after.
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, a tuple of axes (attention kernels),
+      or a per-leaf pytree or callable (leaves it gives ``None`` are skipped).
 
   Returns:
     A flat dict of float32 scalars.
@@ -310,11 +317,13 @@ def mask_update_jump(
         jnp.maximum(jnp.sum(ok), 1)
     )
 
-  def visit(path, mb, ma, pb, pa):
-    if mb is None or mb.ndim < 2:
+  leaf_axes = tree_lib.resolve_neuron_axes(neuron_axis, masks_before)
+
+  def visit(path, mb, ma, pb, pa, ax):
+    if mb is None or mb.ndim < 2 or ax is None:
       return
     name = tree_lib.path_str(path)
-    axis = tree_lib.normalize_axis(neuron_axis, pb.ndim, name)
+    axis = tree_lib.normalize_axes(ax, pb.ndim, name)
     axes = tree_lib.reduce_axes(pb.ndim, axis)
 
     def norm(p, m):
@@ -326,8 +335,8 @@ def mask_update_jump(
     out[f"{name}/revived"] = jnp.sum(~live_b & live_a).astype(jnp.float32)
     out[f"{name}/norm_jump"] = log_jump(norm(pb, mb), norm(pa, ma))
     out[f"{name}/factor_jump"] = log_jump(
-        transform.fan_in_scale(mb, neuron_axis, name=name),
-        transform.fan_in_scale(ma, neuron_axis, name=name),
+        transform.fan_in_scale(mb, axis, name=name),
+        transform.fan_in_scale(ma, axis, name=name),
     )
 
   tree_lib.map_masked(
@@ -336,6 +345,7 @@ def mask_update_jump(
       masks_after,
       params_before,
       params_after,
+      leaf_axes,
       with_path=True,
   )
   return out

@@ -154,7 +154,7 @@ def _update_groups(
     fraction: jax.Array,
     k_max: int,
     structure: structure_lib.Structure,
-    axis: int,
+    axis: tree_lib.NeuronAxis,
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`_update_layer` within each group of a structured mask.
 
@@ -178,7 +178,11 @@ def _update_groups(
 
 
 def _max_group_changes(
-    mask: Any, max_fraction: float, structure: Any, axis: int, name: str
+    mask: Any,
+    max_fraction: float,
+    structure: Any,
+    axis: tree_lib.NeuronAxis,
+    name: str,
 ) -> int:
   """Static bound on connections one update can replace in one group."""
   shape = tuple(int(d) for d in np.shape(mask))
@@ -278,7 +282,7 @@ def dynamic_sparse(
     drop_schedule: DropSchedule = "cosine",
     grow_with: str = "raw",
     key: jax.Array,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
     correction_filter: tree_lib.LeafFilter | None = None,
     structure: str | tuple[int, int] = "unstructured",
 ) -> optax.GradientTransformationExtraArgs:
@@ -358,7 +362,10 @@ def dynamic_sparse(
       finds it explores better) or ``"corrected"`` (SparseOpt-scaled).
     key: PRNG key for SET's random growth.
     neuron_axis: output-unit axis, for ``grow_with="corrected"`` (whose
-      factors are computed from the masks at the mask update itself).
+      factors are computed from the masks at the mask update itself) and
+      structured masks: an int, a tuple of axes whose combination is the
+      neuron (attention kernels), or a per-leaf pytree or callable, as in
+      :func:`scale_by_sparseopt`.
     correction_filter: which masked leaves the ``"corrected"`` score scales
       (as ``filter_fn`` of :func:`scale_by_sparseopt`).
     structure: ``"unstructured"`` (default), ``"constant_fan_in"`` or
@@ -424,18 +431,20 @@ def dynamic_sparse(
           f"array, got dtype {dtype}."
       )
   structure = structure_lib.check_structure(structure)
+  tree_lib.check_neuron_axis_spec(neuron_axis)
+  leaf_axes = tree_lib.resolve_neuron_axes(neuron_axis, masks)
   # The schedules we build never exceed drop_fraction; a callable might.
   max_fraction = 1.0 if callable(drop_schedule) else drop_fraction
   if structure_lib.is_unstructured(structure):
     k_max = jax.tree.map(lambda m: _max_changes(m, max_fraction), masks)
   else:
 
-    def group_bound(path, m):
+    def group_bound(path, m, ax):
       name = tree_lib.path_str(path)
-      structure_lib.check_mask(m, structure, neuron_axis, name)
-      return _max_group_changes(m, max_fraction, structure, neuron_axis, name)
+      structure_lib.check_mask(m, structure, ax, name)
+      return _max_group_changes(m, max_fraction, structure, ax, name)
 
-    k_max = jax.tree_util.tree_map_with_path(group_bound, masks)
+    k_max = jax.tree_util.tree_map_with_path(group_bound, masks, leaf_axes)
   masks = jax.tree.map(jnp.asarray, masks)
   inner = optax.with_extra_args_support(inner)
   fraction_at = drop_fraction_schedule(drop_fraction, end_step, drop_schedule)
@@ -491,14 +500,14 @@ def dynamic_sparse(
     fraction = fraction_at(count)
     scores = grow_scores(grads, old, params, step_key)
 
-    def layer(m, w, s, kmax):
+    def layer(m, w, s, kmax, ax):
       if m is None:
         return None
       if structure_lib.is_unstructured(structure):
         return _update_layer(m, w, s, fraction, kmax)
-      return _update_groups(m, w, s, fraction, kmax, structure, neuron_axis)
+      return _update_groups(m, w, s, fraction, kmax, structure, ax)
 
-    pairs = tree_lib.map_masked(layer, old, params, scores, k_max)
+    pairs = tree_lib.map_masked(layer, old, params, scores, k_max, leaf_axes)
     new = tree_lib.map_masked(
         lambda m, p: None if m is None else p[0], old, pairs
     )

@@ -36,7 +36,21 @@ def check_sparsity(value: Any, name: str) -> float:
   return s
 
 
-def _erk_raw_density(shape: tuple[int, ...]) -> float:
+def _erk_raw_density(shape: tuple[int, ...], axes: object = None) -> float:
+  """ERK's unnormalized density of a kernel (see :func:`layer_densities`).
+
+  With an int (or no) neuron axis: Evci et al.'s per-dimension formula,
+  ``sum(shape) / prod(shape)`` (Conv ``(H, W, Cin, Cout)``: ``(H + W + Cin +
+  Cout) / (H W Cin Cout)``; Dense: ``(in + out) / (in out)``). With a tuple
+  of (normalized) neuron axes the kernel is a ``DenseGeneral``: the 2-D
+  matrix it computes, ``fan_in x fan_out`` with ``fan_out`` the product of
+  the neuron axes and ``fan_in`` of the others, gets the Dense formula
+  ``(fan_in + fan_out) / (fan_in fan_out)``.
+  """
+  if isinstance(axes, tuple):
+    fan_out = math.prod(shape[a] for a in axes)
+    fan_in = math.prod(shape) // max(fan_out, 1)
+    return (fan_in + fan_out) / (fan_in * fan_out)
   # Erdős–Rényi-Kernel: density ∝ (sum of kernel dims) / (product of dims).
   return sum(shape) / math.prod(shape)
 
@@ -49,6 +63,7 @@ def layer_densities(
     filter_fn: tree_lib.LeafFilter | None = None,
     overrides: Mapping[str, float] | None = None,
     erk_power_scale: float = 1.0,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> dict[str, float]:
   """Per-layer densities (``1 - sparsity``) of a sparsity distribution.
 
@@ -70,9 +85,32 @@ def layer_densities(
     overrides: ``{path_regex: sparsity}``; the first regex that
       :func:`re.search`-matches a sparse leaf's path string wins.
     erk_power_scale: exponent on the ERK raw density (1.0 in RigL).
+    neuron_axis: only read by ``erk``, per leaf (an int, a tuple, a pytree
+      or a callable, as in :func:`scale_by_sparseopt`). An int (the default)
+      or ``None`` keeps the per-dimension raw density
+      ``sum(shape) / prod(shape)`` above, Evci et al.'s definition for Conv
+      ``(H, W, Cin, Cout)`` kernels. A tuple of axes declares a
+      ``DenseGeneral`` kernel (attention ``(d_model, heads, head_dim)`` with
+      ``(1, 2)``, output ``(heads, head_dim, d_model)`` with ``(2,)``): its
+      raw density is that of the equivalent Dense ``(fan_in, fan_out)``
+      matrix, ``(fan_in + fan_out) / (fan_in * fan_out)`` with ``fan_out``
+      the product of the neuron axes and ``fan_in`` of the rest. For 2-D
+      kernels both are the same; for a 3-D attention kernel the
+      per-dimension formula would treat ``heads`` and ``head_dim`` as
+      separate dimensions (as if a convolution's window) and give it a lower
+      density than the Dense layer it is.
 
   Returns:
     ``{path_string: density}`` for every sparse leaf, in tree order.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import sparseopt_jax as sparseopt
+    >>> params = {"q": jnp.ones((8, 2, 4)), "out": jnp.ones((2, 4, 8))}
+    >>> d = sparseopt.layer_densities(params, 0.5,
+    ...                               neuron_axis={"q": (1, 2), "out": (2,)})
+    >>> d == {"out": 0.5, "q": 0.5}  # both an (8, 8) Dense: equal densities
+    True
 
   References:
     Evci et al., Rigging the Lottery: Making All Tickets Winners, 2020.
@@ -85,12 +123,22 @@ def layer_densities(
         f"{DISTRIBUTIONS}."
     )
   flags = tree_lib.resolve_filter(filter_fn, params)
+  treedef = jax.tree.structure(params)
+  leaf_axes = treedef.flatten_up_to(
+      tree_lib.resolve_neuron_axes(neuron_axis, params)
+  )
   shapes: dict[str, tuple[int, ...]] = {}
-  for (path, leaf), flag in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(flags)
+  erk_axes: dict[str, object] = {}
+  for (path, leaf), flag, ax in zip(
+      jax.tree_util.tree_leaves_with_path(params),
+      jax.tree.leaves(flags),
+      leaf_axes,
   ):
     if flag:
-      shapes[tree_lib.path_str(path)] = tuple(int(d) for d in np.shape(leaf))
+      name = tree_lib.path_str(path)
+      shapes[name] = tuple(int(d) for d in np.shape(leaf))
+      if isinstance(ax, tuple):
+        erk_axes[name] = tree_lib.normalize_axes(ax, len(shapes[name]), name)
 
   fixed: dict[str, float] = {}
   for pattern, value in (overrides or {}).items():
@@ -112,7 +160,10 @@ def layer_densities(
   else:
     size = {n: math.prod(shapes[n]) for n in free}
     budget = (1.0 - sparsity) * sum(size.values())
-    raw = {n: _erk_raw_density(shapes[n]) ** erk_power_scale for n in free}
+    raw = {
+        n: _erk_raw_density(shapes[n], erk_axes.get(n)) ** erk_power_scale
+        for n in free
+    }
     dense: set[str] = set()
     while True:
       remaining = budget - sum(size[n] for n in dense)
@@ -185,10 +236,11 @@ def _build_masks(
       filter_fn=filter_fn,
       overrides=overrides,
       erk_power_scale=erk_power_scale,
+      neuron_axis=neuron_axis,
   )
   index = {name: i for i, name in enumerate(densities)}
 
-  def make(path, leaf):
+  def make(path, leaf, neuron_axis):
     name = tree_lib.path_str(path)
     if name not in densities:
       return None
@@ -206,7 +258,9 @@ def _build_masks(
         _topk_groups(scores, k), shape, structure, neuron_axis
     )
 
-  return jax.tree_util.tree_map_with_path(make, params)
+  return jax.tree_util.tree_map_with_path(
+      make, params, tree_lib.resolve_neuron_axes(neuron_axis, params)
+  )
 
 
 def init_masks(
@@ -219,7 +273,7 @@ def init_masks(
     overrides: Mapping[str, float] | None = None,
     erk_power_scale: float = 1.0,
     structure: str | tuple[int, int] = "unstructured",
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> PyTree:
   """Random sparsity masks for ``params``.
 
@@ -261,7 +315,11 @@ def init_masks(
     overrides: ``{path_regex: sparsity}`` for per-layer sparsities.
     erk_power_scale: exponent on the ERK raw density.
     structure: ``"unstructured"``, ``"constant_fan_in"`` or ``(n, m)``.
-    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``).
+    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``),
+      a tuple of axes whose combination is the neuron (attention
+      ``(d_model, heads, head_dim)``: ``(1, 2)``), or a per-leaf pytree or
+      callable (see :func:`scale_by_sparseopt`). ERK reads it too: see
+      :func:`layer_densities`.
 
   Returns:
     A mask tree: ``bool`` arrays for sparse leaves, ``None`` for dense ones.
@@ -315,7 +373,7 @@ def magnitude_masks(
     overrides: Mapping[str, float] | None = None,
     erk_power_scale: float = 1.0,
     structure: str | tuple[int, int] = "unstructured",
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> PyTree:
   """Masks keeping the largest-magnitude weights of each sparse leaf.
 
@@ -333,7 +391,11 @@ def magnitude_masks(
     overrides: ``{path_regex: sparsity}`` for per-layer sparsities.
     erk_power_scale: exponent on the ERK raw density.
     structure: ``"unstructured"``, ``"constant_fan_in"`` or ``(n, m)``.
-    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``).
+    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``),
+      a tuple of axes whose combination is the neuron (attention
+      ``(d_model, heads, head_dim)``: ``(1, 2)``), or a per-leaf pytree or
+      callable (see :func:`scale_by_sparseopt`). ERK reads it too: see
+      :func:`layer_densities`.
 
   Returns:
     A mask tree.
@@ -366,20 +428,31 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 
 def neuron_counts(
-    mask: jax.Array, neuron_axis: int = -1, *, name: str = "mask"
+    mask: jax.Array,
+    neuron_axis: tree_lib.NeuronAxis = -1,
+    *,
+    name: str = "mask",
 ) -> tuple[jax.Array, int]:
-  """Active incoming weights per neuron (int32) and the fan-in (static int)."""
+  """Active incoming weights per neuron (int32) and the fan-in (static int).
+
+  The counts are shaped like the neuron axes (a vector for an int axis); the
+  fan-in is the product of the other axes.
+  """
   ndim = np.ndim(mask)
   if ndim < 1:
     raise ValueError(f"{name!r}: a mask must have at least one axis.")
-  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
-  fan_in = math.prod(d for a, d in enumerate(np.shape(mask)) if a != axis)
-  count = jnp.sum(mask, axis=tree_lib.reduce_axes(ndim, axis), dtype=jnp.int32)
+  axis = tree_lib.normalize_axes(neuron_axis, ndim, name)
+  rest = tree_lib.reduce_axes(ndim, axis)
+  fan_in = math.prod(np.shape(mask)[a] for a in rest)
+  count = jnp.sum(mask, axis=rest, dtype=jnp.int32)
   return count, fan_in
 
 
 def neuron_density(
-    mask: jax.Array, neuron_axis: int = -1, *, name: str = "mask"
+    mask: jax.Array,
+    neuron_axis: tree_lib.NeuronAxis = -1,
+    *,
+    name: str = "mask",
 ) -> jax.Array:
   """Fraction of active incoming weights per neuron, ``1 - s_i`` (float32).
 
@@ -396,16 +469,28 @@ def density_from_counts(count: jax.Array, fan_in: int) -> jax.Array:
   )
 
 
-def neuron_sparsity(mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
+def neuron_sparsity(
+    mask: jax.Array, neuron_axis: tree_lib.NeuronAxis = -1
+) -> jax.Array:
   """Per-neuron sparsity ``s_i = 1 - nnz(M[..., i]) / fan_in``.
 
   Args:
-    mask: a boolean mask, e.g. Dense ``(in, out)`` or Conv
-      ``(H, W, Cin, Cout)``.
-    neuron_axis: the output-unit axis (Flax layout: ``-1``).
+    mask: a boolean mask, e.g. Dense ``(in, out)``, Conv
+      ``(H, W, Cin, Cout)`` or an attention kernel.
+    neuron_axis: the output-unit axis (Flax layout: ``-1``), or a tuple of
+      axes whose combination is the neuron.
 
   Returns:
-    A float32 vector with one entry per neuron; exactly 0 for full neurons.
+    A float32 array shaped like the neuron axes (a vector for an int axis);
+    exactly 0 for full neurons.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import sparseopt_jax as sparseopt
+    >>> q = jnp.ones((4, 2, 3), bool).at[:, 1, 2].set(False)
+    >>> sparseopt.neuron_sparsity(q, (1, 2))  # (heads, head_dim) neurons
+    Array([[0., 0., 0.],
+           [0., 0., 1.]], dtype=float32)
   """
   count, fan_in = neuron_counts(mask, neuron_axis)
   return (fan_in - count).astype(jnp.float32) / max(fan_in, 1)
@@ -440,7 +525,7 @@ def sparse_init(
     masks: PyTree,
     *,
     scale: float = 2.0,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> PyTree:
   r"""Fan-in-aware re-initialization of sparse leaves (Evci et al. 2022).
 
@@ -458,7 +543,9 @@ def sparse_init(
     params: the parameter pytree.
     masks: its mask tree.
     scale: variance numerator (2.0: He / ReLU).
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, a tuple of axes (attention kernels),
+      or a per-leaf pytree or callable (see :func:`scale_by_sparseopt`); a
+      leaf it gives ``None`` is left as it is.
 
   Returns:
     params with re-drawn sparse leaves.
@@ -473,11 +560,13 @@ def sparse_init(
   leaves = tree_lib.mask_leaves_with_path(masks)
   index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
 
-  def draw(path, mask, param):
-    if mask is None or mask.ndim < 2:
+  axes = tree_lib.resolve_neuron_axes(neuron_axis, masks)
+
+  def draw(path, mask, param, ax):
+    if mask is None or mask.ndim < 2 or ax is None:
       return param
     name = tree_lib.path_str(path)
-    axis = tree_lib.normalize_axis(neuron_axis, mask.ndim, name)
+    axis = tree_lib.normalize_axes(ax, mask.ndim, name)
     fan_in = jnp.sum(
         mask, axis=tree_lib.reduce_axes(mask.ndim, axis), dtype=jnp.int32
     )
@@ -486,4 +575,4 @@ def sparse_init(
     w = z * tree_lib.broadcast_neuron(std, mask.ndim, axis)
     return jnp.where(mask, w, 0).astype(param.dtype)
 
-  return tree_lib.map_masked(draw, masks, params, with_path=True)
+  return tree_lib.map_masked(draw, masks, params, axes, with_path=True)

@@ -72,7 +72,7 @@ def gradual_pruning(
     scope: str = "layer",
     filter_fn: tree_lib.LeafFilter | None = None,
     structure: str | tuple[int, int] = "unstructured",
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradual magnitude pruning (GMP) around any optax optimizer.
 
@@ -140,7 +140,9 @@ def gradual_pruning(
     scope: ``"layer"`` (per-layer targets) or ``"global"`` (one ranking).
     filter_fn: which leaves are sparse (see :func:`init_masks`).
     structure: ``"unstructured"``, ``"constant_fan_in"`` or ``(n, m)``.
-    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``).
+    neuron_axis: the output-unit axis of structured leaves (Flax: ``-1``),
+      a tuple of axes (attention kernels), or a per-leaf pytree or callable,
+      as in :func:`init_masks` (ERK reads it too).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
@@ -212,11 +214,16 @@ def gradual_pruning(
   def plan(params):
     """Host-side, from static shapes: sparse leaves and the kept-count table.
 
-    Returns ``(flags, sizes, table)``: the sparse-leaf flags,
+    Returns ``(flags, sizes, table, axes)``: the sparse-leaf flags,
     ``sizes[i] = (groups, group_size, final_kept)`` per sparse leaf (one entry for the whole tree when
-    global), ``table[j, i]`` the kept count per group at pruning step ``j``.
+    global), ``table[j, i]`` the kept count per group at pruning step ``j``,
+    ``axes[i]`` the neuron axes of sparse leaf ``i``.
     """
     flags = tree_lib.resolve_filter(filter_fn, params)
+    all_axes = jax.tree.structure(params).flatten_up_to(
+        tree_lib.resolve_neuron_axes(neuron_axis, params)
+    )
+    axes = [a for a, f in zip(all_axes, jax.tree.leaves(flags)) if f]
     leaves = [
         (tree_lib.path_str(p), tuple(int(d) for d in np.shape(x)))
         for (p, x), f in zip(
@@ -230,20 +237,22 @@ def gradual_pruning(
       sizes = [(1, total, final)]
     else:
       densities = masks_lib.layer_densities(
-          params, sparsity, distribution, filter_fn=filter_fn
+          params,
+          sparsity,
+          distribution,
+          filter_fn=filter_fn,
+          neuron_axis=neuron_axis,
       )
       sizes = []
-      for name, shape in leaves:
-        groups, size = structure_lib.group_shape(
-            shape, structure, neuron_axis, name
-        )
+      for (name, shape), ax in zip(leaves, axes):
+        groups, size = structure_lib.group_shape(shape, structure, ax, name)
         final = structure_lib.kept_per_group(densities[name], size, structure)
         sizes.append((groups, size, final))
     table = np.asarray(
         [[_kept(r_size, k, r) for _, r_size, k in sizes] for r in progress],
         np.int32,
     ).reshape(len(progress), len(sizes))
-    return flags, sizes, table
+    return flags, sizes, table, axes
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
@@ -260,7 +269,7 @@ def gradual_pruning(
           masks_updated=jnp.zeros([], bool),
           inner_state=inner.init(params),
       )
-    flags, _, _ = plan(params)  # validates shapes and the structure
+    flags, _, _, _ = plan(params)  # validates shapes and the structure
     dense = jax.tree.map(
         lambda f, x: jnp.ones(np.shape(x), bool) if f else None, flags, params
     )
@@ -287,12 +296,9 @@ def gradual_pruning(
     # entries never. + 0.0 turns -0.0 into 0.0 so zeros tie.
     return jnp.where(m, -dst.finite_magnitude(w) + 0.0, -jnp.inf)
 
-  def view(x):
-    return structure_lib.to_groups(x, structure, neuron_axis)
-
   def prune(count, old, params, grads, key):
     del grads
-    _, sizes, table = plan(params)
+    _, sizes, table, axes = plan(params)
     j = jnp.clip((count - start_step) // update_every, 0, len(steps) - 1)
     kept = jnp.asarray(table)[j]
     paths = [p for p, _ in tree_lib.mask_leaves_with_path(old)]
@@ -329,15 +335,16 @@ def gradual_pruning(
         if k_max == 0:
           new_leaves.append(m)
           continue
-        rows = view(drop_scores(m, w))
-        active = jnp.sum(view(m), axis=1, dtype=jnp.int32)
+        ax = axes[i]
+        rows = structure_lib.to_groups(drop_scores(m, w), structure, ax)
+        active = jnp.sum(
+            structure_lib.to_groups(m, structure, ax), axis=1, dtype=jnp.int32
+        )
         n_drop = jnp.clip(active - kept[i], 0, k_max)
         dropped = jax.vmap(
             lambda s, k, k_max=k_max: dst.first_k_of_top(s, k_max, k)
         )(rows, n_drop)
-        dropped = structure_lib.from_groups(
-            dropped, m.shape, structure, neuron_axis
-        )
+        dropped = structure_lib.from_groups(dropped, m.shape, structure, ax)
         new_leaves.append(m & ~dropped)
     by_name = {
         tree_lib.path_str(p): n for p, n in zip(paths, new_leaves, strict=True)

@@ -8,6 +8,9 @@ per group, and masks are chosen row by row with the same count in every row:
 * ``"constant_fan_in"``: one row per neuron (the ``neuron_axis``, last in
   Flax layout), holding its fan-in flattened in C order of the other axes
   (``in`` for Dense ``(in, out)``, ``H*W*Cin`` for Conv ``(H, W, Cin, Cout)``).
+  With a tuple of neuron axes a neuron is one combination of them (attention
+  ``(d_model, heads, head_dim)`` with ``(1, 2)``: ``heads * head_dim`` rows,
+  in C order, each holding ``d_model`` inputs).
 * ``(n, m)``: the rows of ``"constant_fan_in"`` cut into groups of ``m``
   consecutive inputs, so a Conv's groups run along ``Cin`` at a fixed
   ``(h, w)`` when ``Cin`` is a multiple of ``m``; each group keeps ``n``.
@@ -73,7 +76,10 @@ def describe(structure: Structure) -> str:
 
 
 def group_shape(
-    shape: tuple[int, ...], structure: Structure, axis: int, name: str
+    shape: tuple[int, ...],
+    structure: Structure,
+    axis: tree_lib.NeuronAxis,
+    name: str,
 ) -> tuple[int, int]:
   """``(number of groups, group size)`` of a kernel under ``structure``.
 
@@ -89,8 +95,9 @@ def group_shape(
         f"{name!r}: structure={describe(structure)!r} needs a kernel with at "
         f"least two axes (a neuron axis and inputs), got shape {shape}."
     )
-  axis = tree_lib.normalize_axis(axis, len(shape), name)
-  n_out = shape[axis]
+  axes = tree_lib.normalize_axes(axis, len(shape), name)
+  axis = axes[0] if len(axes) == 1 else axes
+  n_out = math.prod(tree_lib.neuron_shape(shape, axes))
   fan_in = size // n_out if n_out else 0
   if structure == "constant_fan_in":
     return n_out, fan_in
@@ -104,29 +111,47 @@ def group_shape(
   return n_out * (fan_in // m), m
 
 
-def to_groups(x: jax.Array, structure: Structure, axis: int) -> jax.Array:
-  """The ``(groups, group_size)`` view of a kernel (see module docstring)."""
+def _axes(axis: tree_lib.NeuronAxis, ndim: int) -> tuple[int, ...]:
+  # Callers have validated the axes (group_shape); only normalize here.
+  axes = (axis,) if tree_lib.is_axis_int(axis) else axis
+  return tuple(sorted(int(a) % ndim for a in axes))
+
+
+def to_groups(
+    x: jax.Array, structure: Structure, axis: tree_lib.NeuronAxis
+) -> jax.Array:
+  """The ``(groups, group_size)`` view of a kernel (see module docstring).
+
+  With several neuron axes the neurons are their combinations, in C order.
+  """
   if is_unstructured(structure):
     return x.reshape(1, -1)
-  axis = axis % x.ndim
-  n_out = x.shape[axis]
-  rows = jnp.moveaxis(x, axis, -1).reshape(-1, n_out).T  # (n_out, fan_in)
+  axes = _axes(axis, x.ndim)
+  n_out = math.prod(x.shape[a] for a in axes)
+  last = tuple(range(x.ndim - len(axes), x.ndim))
+  rows = jnp.moveaxis(x, axes, last).reshape(-1, n_out).T  # (n_out, fan_in)
   if isinstance(structure, tuple):
     return rows.reshape(-1, structure[1])
   return rows
 
 
 def from_groups(
-    g: jax.Array, shape: tuple[int, ...], structure: Structure, axis: int
+    g: jax.Array,
+    shape: tuple[int, ...],
+    structure: Structure,
+    axis: tree_lib.NeuronAxis,
 ) -> jax.Array:
   """Inverse of :func:`to_groups`."""
   if is_unstructured(structure):
     return g.reshape(shape)
-  axis = axis % len(shape)
-  n_out = shape[axis]
-  moved = tuple(d for a, d in enumerate(shape) if a != axis) + (n_out,)
+  axes = _axes(axis, len(shape))
+  n_out = math.prod(shape[a] for a in axes)
+  moved = tuple(d for a, d in enumerate(shape) if a not in axes) + tuple(
+      shape[a] for a in axes
+  )
   rows = g.reshape(n_out, -1).T.reshape(moved)
-  return jnp.moveaxis(rows, -1, axis)
+  last = tuple(range(len(shape) - len(axes), len(shape)))
+  return jnp.moveaxis(rows, last, axes)
 
 
 def kept_per_group(density: float, size: int, structure: Structure) -> int:
@@ -147,7 +172,7 @@ def kept_per_group(density: float, size: int, structure: Structure) -> int:
 
 
 def group_counts(
-    mask: Any, structure: Structure, axis: int, name: str
+    mask: Any, structure: Structure, axis: tree_lib.NeuronAxis, name: str
 ) -> np.ndarray | None:
   """Active count of every group of a concrete mask; ``None`` if traced."""
   try:
@@ -161,7 +186,9 @@ def group_counts(
   return np.asarray(to_groups(jnp.asarray(m), structure, axis)).sum(axis=1)
 
 
-def check_mask(mask: Any, structure: Structure, axis: int, name: str) -> None:
+def check_mask(
+    mask: Any, structure: Structure, axis: tree_lib.NeuronAxis, name: str
+) -> None:
   """Raises unless a concrete mask has ``structure`` exactly.
 
   ``"constant_fan_in"``: every neuron has the same number of active inputs;

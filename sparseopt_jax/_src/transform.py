@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +73,10 @@ def resolve_masks(
 
 
 def fan_in_scale(
-    mask: jax.Array, neuron_axis: int = -1, *, name: str = "mask"
+    mask: jax.Array,
+    neuron_axis: tree_lib.NeuronAxis = -1,
+    *,
+    name: str = "mask",
 ) -> jax.Array:
   """SparseOpt's per-neuron factor ``sqrt(1 - s_i) / sqrt(1 - s_avg)``.
 
@@ -81,11 +86,21 @@ def fan_in_scale(
 
   Args:
     mask: boolean mask of one layer.
-    neuron_axis: the output-unit axis.
+    neuron_axis: the output-unit axis, or a tuple of axes whose combination
+      is the neuron (attention ``(d_model, heads, head_dim)``: ``(1, 2)``).
     name: the parameter path, for error messages.
 
   Returns:
-    A float32 vector, one factor per neuron.
+    A float32 array shaped like the neuron axes (a vector for an int axis),
+    one factor per neuron.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import sparseopt_jax as sparseopt
+    >>> q = jnp.ones((4, 2, 3), bool).at[:2, 0, 0].set(False)  # 2 of 4 in
+    >>> sparseopt.diagnostics.fan_in_scale(q, (1, 2)).round(4)
+    Array([[0.7385, 1.0445, 1.0445],
+           [1.0445, 1.0445, 1.0445]], dtype=float32)
   """
   count, _ = masks_lib.neuron_counts(mask, neuron_axis, name=name)
   return scale_from_counts(count)
@@ -96,7 +111,7 @@ def scale_from_counts(count: jax.Array) -> jax.Array:
   # scale_i^2 = density_i / mean_j density_j = count_i * n / sum_j count_j,
   # computed from integer counts so that a dense layer gives exactly 1.
   total = jnp.sum(count)
-  scaled = count * count.shape[0]
+  scaled = count * count.size
   numerator = scaled.astype(jnp.float32)
   denominator = jnp.where(total > 0, total, 1).astype(jnp.float32)
   scale = jnp.where(total > 0, jnp.sqrt(numerator / denominator), 0.0)
@@ -110,7 +125,7 @@ def scale_from_counts(count: jax.Array) -> jax.Array:
 def norm_scale(
     mask: jax.Array,
     param: jax.Array,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxis = -1,
     *,
     name: str = "mask",
 ) -> jax.Array:
@@ -123,7 +138,7 @@ def norm_scale(
   learn; a layer with no live neuron gets 1 on its active neurons.
   """
   ndim = np.ndim(param)
-  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
+  axis = tree_lib.normalize_axes(neuron_axis, ndim, name)
   axes = tree_lib.reduce_axes(ndim, axis)
   w = jnp.where(mask, param, 0).astype(jnp.float32)
   sq = jnp.sum(w * w, axis=axes)
@@ -138,7 +153,7 @@ def norm_scale(
 def batch_stats_scale(
     mask: jax.Array,
     variance: jax.Array,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxis = -1,
     *,
     epsilon: float = BATCH_STATS_EPSILON,
     name: str = "mask",
@@ -155,8 +170,11 @@ def batch_stats_scale(
 
   Args:
     mask: boolean mask of one layer.
-    variance: the BatchNorm's per-neuron variance, shape ``(n_neurons,)``.
-    neuron_axis: the output-unit axis of ``mask``.
+    variance: the normalization's per-neuron variance, shaped like the
+      neuron axes (``(n_neurons,)`` for an int axis; ``(heads, head_dim)``
+      for ``neuron_axis=(1, 2)`` of a ``(d_model, heads, head_dim)`` kernel,
+      where the flat ``(heads * head_dim,)`` is accepted too).
+    neuron_axis: the output-unit axis of ``mask``, or a tuple of axes.
     epsilon: added to the variance, as BatchNorm does; match the BatchNorm's
       own ``epsilon`` (Flax's default 1e-5).
     name: the parameter path, for error messages.
@@ -165,12 +183,16 @@ def batch_stats_scale(
     A float32 vector, one factor per neuron.
   """
   ndim = np.ndim(mask)
-  axis = tree_lib.normalize_axis(neuron_axis, ndim, name)
-  n = np.shape(mask)[axis]
-  if tuple(np.shape(variance)) != (n,):
+  axis = tree_lib.normalize_axes(neuron_axis, ndim, name)
+  shape = tree_lib.neuron_shape(np.shape(mask), axis)
+  got = tuple(np.shape(variance))
+  if got == (math.prod(shape),) and len(shape) > 1:
+    variance = jnp.reshape(variance, shape)
+  elif got != shape:
+    shown = axis[0] if len(axis) == 1 else axis
     raise ValueError(
-        f"batch_stats[{name!r}] has shape {tuple(np.shape(variance))}, "
-        f"expected ({n},): one variance per neuron along neuron_axis={axis}."
+        f"batch_stats[{name!r}] has shape {got}, expected {shape}: one "
+        f"variance per neuron along neuron_axis={shown}."
     )
   active = jnp.any(mask, axis=tree_lib.reduce_axes(ndim, axis))
   # Rounding can make a computed variance slightly negative; BN clips it too.
@@ -284,40 +306,47 @@ def scales_from_flags(
     masks: PyTree,
     flags: PyTree,
     params: PyTree | None,
-    neuron_axis: int,
+    neuron_axis: tree_lib.NeuronAxisSpec,
     correction: str,
     *,
     batch_stats: PyTree | None = None,
     epsilon: float = BATCH_STATS_EPSILON,
 ) -> PyTree:
-  """Per-neuron factors for the leaves ``flags`` selects (internal)."""
+  """Per-neuron factors for the leaves ``flags`` selects (internal).
+
+  A leaf whose ``neuron_axis`` spec is ``None`` has no neuron: not corrected.
+  """
+  reference = masks if params is None else params
+  axes = tree_lib.resolve_neuron_axes(neuron_axis, masks)
   if correction == "batch_stats":
     return tree_lib.map_masked(
-        lambda path, mask, flag, var: None
-        if mask is None or not flag or np.ndim(mask) < 2
+        lambda path, mask, flag, var, ax: None
+        if mask is None or not flag or np.ndim(mask) < 2 or ax is None
         else batch_stats_scale(
             mask,
             var,
-            neuron_axis,
+            ax,
             epsilon=epsilon,
             name=tree_lib.path_str(path),
         ),
         masks,
         flags,
         batch_stats,
+        axes,
         with_path=True,
     )
 
-  def scale(path, mask, flag, param):
-    if mask is None or not flag or np.ndim(mask) < 2:
+  def scale(path, mask, flag, param, ax):
+    if mask is None or not flag or np.ndim(mask) < 2 or ax is None:
       return None
     name = tree_lib.path_str(path)
     if correction == "norm":
-      return norm_scale(mask, param, neuron_axis, name=name)
-    return fan_in_scale(mask, neuron_axis, name=name)
+      return norm_scale(mask, param, ax, name=name)
+    return fan_in_scale(mask, ax, name=name)
 
-  reference = masks if params is None else params
-  return tree_lib.map_masked(scale, masks, flags, reference, with_path=True)
+  return tree_lib.map_masked(
+      scale, masks, flags, reference, axes, with_path=True
+  )
 
 
 def _check_correction(correction: str) -> None:
@@ -331,7 +360,7 @@ def sparseopt_scales(
     masks: PyTree,
     params: PyTree | None = None,
     *,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
     filter_fn: tree_lib.LeafFilter | None = None,
     correction: str = "fan_in",
     batch_stats: PyTree | None = None,
@@ -342,7 +371,8 @@ def sparseopt_scales(
   Args:
     masks: a mask tree.
     params: the current params; needed for ``correction="norm"``.
-    neuron_axis: the output-unit axis of every corrected leaf.
+    neuron_axis: the output-unit axes: an int or tuple of ints for every
+      leaf, or a per-leaf pytree or callable (see :func:`scale_by_sparseopt`).
     filter_fn: which masked leaves are corrected (default: every masked leaf
       with ``ndim >= 2``, and with ``correction="batch_stats"`` only those
       that have statistics); evaluated on ``params`` when given, else on the
@@ -383,28 +413,32 @@ def sparseopt_scales(
 
 
 def apply_scales(
-    updates: PyTree, scales: PyTree, *, neuron_axis: int = -1
+    updates: PyTree,
+    scales: PyTree,
+    *,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
 ) -> PyTree:
   """Multiplies each leaf's neuron slices by its factor; keeps dtypes."""
+  axes = tree_lib.resolve_neuron_axes(neuron_axis, updates)
 
-  def apply(scale, u):
+  def apply(path, scale, u, ax):
     if scale is None:
       return u
-    axis = neuron_axis % u.ndim
-    s = tree_lib.broadcast_neuron(scale, u.ndim, axis)
+    ax = tree_lib.normalize_axes(ax, u.ndim, tree_lib.path_str(path))
+    s = tree_lib.broadcast_neuron(scale, u.ndim, ax)
     # Multiply in float32 so bf16 gradients lose nothing to the factor.
     return (u.astype(jnp.float32) * s).astype(u.dtype)
 
-  return tree_lib.map_masked(apply, scales, updates)
+  return tree_lib.map_masked(apply, scales, updates, axes, with_path=True)
 
 
 class ScaleBySparseOptState(NamedTuple):
   """State of :func:`scale_by_sparseopt`: its cached per-neuron factors.
 
   Attributes:
-    scales: a tree like the params with a float32 vector, one fan-in factor
-      per neuron along ``neuron_axis``, for every leaf with ``ndim >= 2``
-      (``None`` elsewhere): the factors of the masks seen last. The vectors
+    scales: a tree like the params with a float32 array, one fan-in factor
+      per neuron (shaped like the leaf's neuron axes), for every leaf with
+      ``ndim >= 2`` and valid neuron axes (``None`` elsewhere): the factors of the masks seen last. The vectors
       of leaves that are not corrected are kept but unused. ``None`` with
       ``correction="norm"`` or ``"batch_stats"``, whose factors follow the
       weights or the statistics at every step.
@@ -417,22 +451,29 @@ class ScaleBySparseOptState(NamedTuple):
   valid: jax.Array
 
 
-def _empty_cache(params: PyTree, neuron_axis: int) -> PyTree:
-  """One float32 vector per leaf with ``ndim >= 2``, sized by its neurons."""
+def _empty_cache(
+    params: PyTree, neuron_axis: tree_lib.NeuronAxisSpec
+) -> PyTree:
+  """One float32 array per leaf with ``ndim >= 2``, shaped by its neurons."""
+  axes = tree_lib.resolve_neuron_axes(neuron_axis, params)
 
-  def slot(p):
+  def slot(p, ax):
     ndim = np.ndim(p)
-    if ndim < 2 or not -ndim <= neuron_axis < ndim:
-      return None  # Never corrected (or corrected with an axis error).
-    return jnp.ones(np.shape(p)[neuron_axis], jnp.float32)
+    if ndim < 2 or ax is None:
+      return None  # Never corrected.
+    try:
+      ax = tree_lib.normalize_axes(ax, ndim, "")
+    except ValueError:
+      return None  # Corrected with an axis error naming the leaf.
+    return jnp.ones(tree_lib.neuron_shape(np.shape(p), ax), jnp.float32)
 
-  return jax.tree.map(slot, params)
+  return jax.tree.map(slot, params, axes)
 
 
 def scale_by_sparseopt(
     masks: MaskSource | None = None,
     *,
-    neuron_axis: int = -1,
+    neuron_axis: tree_lib.NeuronAxisSpec = -1,
     filter_fn: tree_lib.LeafFilter | None = None,
     correction: str = "fan_in",
     epsilon: float = BATCH_STATS_EPSILON,
@@ -506,7 +547,18 @@ def scale_by_sparseopt(
       callable ``params -> mask tree``; ``None`` to rely on the ``masks=``
       update keyword or on ``params != 0``.
     neuron_axis: the output-unit axis of corrected leaves; ``-1`` for Flax
-      Dense ``(in, out)`` and Conv ``(H, W, Cin, Cout)`` kernels.
+      Dense ``(in, out)`` and Conv ``(H, W, Cin, Cout)`` kernels. A tuple of
+      ints makes the neuron the combination of those axes, with fan-in over
+      the others: Flax ``DenseGeneral`` / attention query, key and value
+      kernels ``(d_model, heads, head_dim)`` take ``(1, 2)``, the output
+      kernel ``(heads, head_dim, d_model)`` takes ``-1`` (fan-in
+      ``heads * head_dim``). Per-neuron factors, cached factors and
+      ``batch_stats`` variances are then shaped like the neuron axes (in
+      increasing axis order). One model mixing conv, dense and attention
+      kernels gives a per-leaf spec: a pytree like the params with an int,
+      a tuple or ``None`` (no neuron: not corrected) at each leaf, or a
+      callable ``(path, leaf) -> int | tuple | None``. An axis out of range
+      or repeated is an error naming the leaf.
     filter_fn: which masked leaves to correct, as a ``filter_fn(path, leaf)``
       or a pytree of bools; default all masked leaves with ``ndim >= 2``
       (with ``correction="batch_stats"``: those that have statistics).
@@ -542,10 +594,7 @@ def scale_by_sparseopt(
     2026. https://arxiv.org/abs/2605.27541
   """
   _check_correction(correction)
-  if not isinstance(neuron_axis, (int, np.integer)) or isinstance(
-      neuron_axis, bool
-  ):
-    raise TypeError(f"neuron_axis must be an int, got {neuron_axis!r}.")
+  tree_lib.check_neuron_axis_spec(neuron_axis)
   if not epsilon >= 0:
     raise ValueError(f"epsilon must be >= 0, got {epsilon!r}.")
   ctor_masks = masks

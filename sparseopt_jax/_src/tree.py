@@ -227,7 +227,7 @@ def validate_masks(
 
 def normalize_axis(axis: int, ndim: int, name: str) -> int:
   """Returns ``axis`` in ``[0, ndim)`` or raises naming the parameter path."""
-  if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+  if not is_axis_int(axis):
     raise TypeError(f"neuron_axis must be an int, got {axis!r}.")
   if not -ndim <= axis < ndim:
     raise ValueError(
@@ -237,14 +237,201 @@ def normalize_axis(axis: int, ndim: int, name: str) -> int:
   return int(axis) % ndim
 
 
-def reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
-  return tuple(a for a in range(ndim) if a != axis)
+# The neuron axes of one leaf: an int, or a tuple of ints when the output unit
+# spans several axes (DenseGeneral / attention kernels); ``None`` when the
+# leaf has none.
+NeuronAxis = int | tuple[int, ...]
+# What a ``neuron_axis=`` argument takes: one NeuronAxis for every leaf, a
+# pytree of them (``None`` leaves allowed) aligned with the params, or a
+# callable ``(path, leaf) -> NeuronAxis | None``.
+NeuronAxisSpec = NeuronAxis | PyTree | Callable[[KeyPath, Any], Any]
+
+_SPEC_HELP = (
+    "neuron_axis must be an int, a non-empty tuple of ints, a pytree of "
+    "them (None for leaves without one) aligned with the params, or a "
+    "callable (path, leaf) -> axes"
+)
 
 
-def broadcast_neuron(v: jax.Array, ndim: int, axis: int) -> jax.Array:
-  """Reshapes a per-neuron vector to broadcast along ``axis`` of an array."""
+def is_axis_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def is_axes(x: Any) -> bool:
+  """Whether ``x`` is one leaf's neuron axes: an int or a tuple of ints."""
+  if is_axis_int(x):
+    return True
+  return isinstance(x, tuple) and bool(x) and all(is_axis_int(a) for a in x)
+
+
+def _spec_leaf(x: Any) -> bool:
+  return x is None or is_axes(x)
+
+
+def check_neuron_axis_spec(spec: NeuronAxisSpec) -> None:
+  """Raises ``TypeError`` unless ``spec`` is a valid ``neuron_axis=`` value.
+
+  Only the form is checked (at construction); ranges are checked per leaf,
+  when the leaf is used, by :func:`normalize_axes`.
+  """
+  if is_axes(spec) or callable(spec):
+    return
+  leaves = jax.tree.leaves(spec, is_leaf=_spec_leaf)
+  bad = [x for x in leaves if not _spec_leaf(x)]
+  if bad or spec is None:
+    raise TypeError(f"{_SPEC_HELP}; got {spec!r}.")
+
+
+def resolve_neuron_axes(spec: NeuronAxisSpec, tree: PyTree) -> PyTree:
+  """Each leaf's neuron axes under a ``neuron_axis=`` spec (see below).
+
+  This is the one place where a spec is read. ``spec`` is
+
+  * an int or a non-empty tuple of ints: the same axes for every leaf. A
+    tuple makes the neuron the combination of those axes: for an attention
+    query kernel ``(d_model, heads, head_dim)``, ``(1, 2)`` has
+    ``heads * head_dim`` neurons with fan-in ``d_model``. A tuple of ints is
+    always read as axes, never as a pytree;
+  * a pytree with the structure of ``tree`` whose leaves are ints, tuples of
+    ints or ``None`` (the leaf has no neuron axis);
+  * a callable ``(path, leaf) -> int | tuple | None``.
+
+  Args:
+    spec: the ``neuron_axis=`` argument.
+    tree: params, or a mask tree (its ``None`` leaves resolve to ``None``).
+
+  Returns:
+    A list-free tree aligned with ``tree`` (``None`` leaves kept) whose leaves
+    are the raw per-leaf axes (int, tuple or ``None``), not yet normalized:
+    pass it as a *secondary* tree to ``jax.tree.map`` (its tuples are leaves
+    there only by position) and normalize each with :func:`normalize_axes`.
+
+  Raises:
+    TypeError: a malformed spec, or a callable returning something else.
+    ValueError: a pytree spec whose structure differs from ``tree``'s.
+  """
+  if is_axes(spec):
+    return jax.tree.map(
+        lambda x: None if x is None else spec, tree, is_leaf=is_none
+    )
+  if callable(spec):
+
+    def call(path, x):
+      if x is None:
+        return None
+      v = spec(path, x)
+      if not _spec_leaf(v):
+        raise TypeError(
+            f"neuron_axis callable returned {v!r} for {path_str(path)!r}; "
+            "expected an int, a non-empty tuple of ints or None."
+        )
+      return v
+
+    return jax.tree_util.tree_map_with_path(call, tree, is_leaf=is_none)
+  check_neuron_axis_spec(spec)
+  treedef = jax.tree.structure(tree, is_leaf=is_none)
+  try:
+    leaves = treedef.flatten_up_to(spec)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "neuron_axis: a pytree spec must have the structure of the params "
+        f"(an int, a tuple of ints or None at each leaf); got {spec!r} for "
+        f"params {treedef}."
+    ) from e
+  for (path, _), v in zip(
+      jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_none), leaves
+  ):
+    if not _spec_leaf(v):
+      raise TypeError(
+          f"neuron_axis[{path_str(path)!r}] must be an int, a non-empty tuple "
+          f"of ints or None, got {v!r}."
+      )
+  flat = jax.tree.leaves(tree, is_leaf=is_none)
+  leaves = [None if x is None else v for x, v in zip(flat, leaves)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def flat_neuron_axes(spec: NeuronAxisSpec, tree: PyTree) -> list[Any]:
+  """:func:`resolve_neuron_axes` as a list aligned with ``tree``'s leaves.
+
+  The leaves are those of ``jax.tree.leaves(tree, is_leaf=is_none)``, so a
+  mask tree's ``None`` leaves have an entry (``None``).
+  """
+  treedef = jax.tree.structure(tree, is_leaf=is_none)
+  return treedef.flatten_up_to(resolve_neuron_axes(spec, tree))
+
+
+def masked_leaves_with_axes(
+    masks: PyTree, spec: NeuronAxisSpec
+) -> list[tuple[KeyPath, Any, Any]]:
+  """``(path, mask, axes)`` for the sparse leaves of a mask tree."""
+  return [
+      (p, m, ax)
+      for (p, m), ax in zip(
+          jax.tree_util.tree_leaves_with_path(masks, is_leaf=is_none),
+          flat_neuron_axes(spec, masks),
+      )
+      if m is not None
+  ]
+
+
+def normalize_axes(axes: Any, ndim: int, name: str) -> tuple[int, ...]:
+  """One leaf's neuron axes as a sorted tuple in ``[0, ndim)``.
+
+  An int ``a`` gives ``(a % ndim,)``, with the errors of
+  :func:`normalize_axis`. Per-neuron arrays (counts, factors, variances)
+  have the shape of the neuron axes in increasing order.
+
+  Raises:
+    TypeError: ``axes`` is neither an int nor a non-empty tuple of ints.
+    ValueError: naming ``name``: an axis out of range, a repeated axis, or
+      ``None`` (the spec gives the leaf no neuron axis).
+  """
+  if is_axis_int(axes):
+    return (normalize_axis(axes, ndim, name),)
+  if axes is None:
+    raise ValueError(
+        f"{name!r} has no neuron axis (neuron_axis gives None for it) but is "
+        "used where one is needed."
+    )
+  if not is_axes(axes):
+    raise TypeError(f"{_SPEC_HELP}; got {axes!r} for {name!r}.")
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"neuron_axis={axes}: axis {a} is out of range for {name!r} with "
+          f"ndim={ndim} (valid: {-ndim}..{ndim - 1})."
+      )
+  out = tuple(sorted(int(a) % ndim for a in axes))
+  if len(set(out)) != len(out):
+    raise ValueError(
+        f"neuron_axis={axes} names an axis of {name!r} (ndim={ndim}) twice."
+    )
+  return out
+
+
+def reduce_axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
+  """The fan-in axes: every axis that is not a (normalized) neuron axis."""
+  axes = (axis,) if is_axis_int(axis) else axis
+  return tuple(a for a in range(ndim) if a not in axes)
+
+
+def neuron_shape(
+    shape: tuple[int, ...], axis: int | tuple[int, ...]
+) -> tuple[int, ...]:
+  """The shape of a per-neuron array for (normalized) neuron axes."""
+  axes = (axis,) if is_axis_int(axis) else axis
+  return tuple(int(shape[a]) for a in axes)
+
+
+def broadcast_neuron(
+    v: jax.Array, ndim: int, axis: int | tuple[int, ...]
+) -> jax.Array:
+  """Reshapes a per-neuron array to broadcast along the (normalized) axes."""
+  axes = (axis,) if is_axis_int(axis) else axis
   shape = [1] * ndim
-  shape[axis] = v.shape[0]
+  for i, a in enumerate(axes):
+    shape[a] = v.shape[i]
   return v.reshape(shape)
 
 
