@@ -138,7 +138,7 @@ def test_studies_import_no_training_code():
   code = (
       "import sys\n"
       "import experiments.studies.plot, experiments.studies.study\n"
-      "import experiments.studies.compact\n"
+      "import experiments.studies.compact, experiments.studies.bn_stats\n"
       "print('\\n'.join(sys.modules))\n"
   )
   loaded = subprocess.run(
@@ -956,3 +956,72 @@ def test_a_diverged_run_is_not_finished_and_never_pairs(tmp_path):
   assert records.has_diverged(loaded["so"].workdir)
   assert loaded["sgd"].finished and not loaded["so"].finished
   assert runs.pair_by_seed([loaded["sgd"]], [loaded["so"]]) == []
+
+
+def test_table_shows_flops_from_summaries_and_na_without(tmp_path):
+  root = str(tmp_path)
+  for seed, ratio in ((0, 0.2), (1, 0.3)):
+    workdir = _fake_workdir(root, f"s{seed}", "sparseopt", seed, [0.7, 0.8])
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({"flops": {"training_ratio": ratio, "inference_ratio": 0.1}}, f)
+  # Written before FLOPs were counted (an empty summary, as in old runs).
+  _fake_workdir(root, "b0", "sgd", 0, [0.7, 0.8])
+  rows = {
+      r["optimizer"]: r
+      for r in plot.summarize(plot.group_runs(plot.load_runs(root)))
+  }
+  assert rows["sparseopt"]["flops_training"] == pytest.approx(0.25)
+  assert rows["sgd"]["flops_training"] is None
+  table = plot.markdown_table(list(rows.values()))
+  assert "FLOPs train / inference (x dense)" in table
+  assert "| 0.250 / 0.100 |" in table
+  assert "| 200 / 200 | n/a |" in table
+
+
+# The BatchNorm-statistics mechanism test (experiments.studies.bn_stats).
+
+
+def _bn_run(seed, optimizer, correction, lr, final, slope):
+  config = {
+      "seed": seed,
+      "optimizer": optimizer,
+      "correction": correction,
+      "learning_rate": lr,
+  }
+  logged = [
+      {"step": 50, "sigma/L0/slope_fan_in": slope, "sigma/L1/slope_fan_in": 0},
+      {"step": 100, "test_accuracy": final - 0.1},
+      {"step": 100, "sigma/L0/slope_fan_in": slope, "sigma/L1/slope_fan_in": 0},
+      {"step": 200, "test_accuracy": final},
+  ]
+  return runs.Run.from_log(config, logged, name=f"{optimizer}-{seed}")
+
+
+def test_bn_stats_pairs_each_arm_with_sgd_and_tunes_each_arm():
+  from experiments.studies import bn_stats  # pylint: disable=g-import-not-at-top
+
+  loaded = []
+  for seed in range(3):
+    for lr, base in ((0.1, 0.70), (0.2, 0.72)):
+      loaded.append(_bn_run(seed, "sgd", "fan_in", lr, base + seed / 100, 1.0))
+      loaded.append(_bn_run(seed, "sparseopt", "fan_in", lr, base - 0.01, 1.0))
+    loaded.append(
+        _bn_run(seed, "sparseopt", "batch_stats", 0.1, 0.80 + seed / 50, 0.6)
+    )
+  by_arm = {n: bn_stats.arm_runs(loaded, w) for n, w in bn_stats.ARMS}
+  assert sorted(by_arm["SGD"]) == [0.1, 0.2]
+  assert list(by_arm["SparseOpt, BatchNorm's std"]) == [0.1]
+  table = bn_stats.accuracy_table(by_arm)
+  # At lr 0.1: batch_stats - sgd = (0.80 + s/50) - (0.70 + s/100), seeds 0-2.
+  diffs = np.array([0.10 + s / 100 for s in range(3)])
+  want = runs.format_difference(diffs.mean(), diffs.std(ddof=1) / np.sqrt(3))
+  assert f"{want} (3)" in table
+  tuned = bn_stats.tuned_table(by_arm)
+  assert "| SGD | 0.2 (grid edge) |" in tuned
+  # Each arm at its own best lr: batch_stats at 0.1 against SGD at 0.2.
+  diffs = np.array([0.80 + s / 50 - (0.72 + s / 100) for s in range(3)])
+  want = runs.format_difference(diffs.mean(), diffs.std(ddof=1) / np.sqrt(3))
+  assert "| SparseOpt, BatchNorm's std | 0.1 | " in tuned and want in tuned
+  steps, slope = bn_stats.sigma_curve(loaded[-1], "slope_fan_in")
+  np.testing.assert_array_equal(steps, [50, 100])
+  np.testing.assert_allclose(slope, [0.3, 0.3])  # Mean over the two layers.
