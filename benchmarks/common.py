@@ -97,6 +97,32 @@ def num_params(tree) -> int:
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
+def state_bytes(tree) -> int:
+  """Bytes held by the leaves of a pytree of arrays or ``ShapeDtypeStruct``s.
+
+  Works on the result of ``jax.eval_shape(tx.init, params)``, so a large
+  optimizer state can be measured without allocating it.
+  """
+  return sum(
+      # x.dtype.itemsize, not np.dtype(...): PRNG key dtypes are not numpy's.
+      int(np.size(x)) * x.dtype.itemsize
+      for x in jax.tree.leaves(tree)
+  )
+
+
+def added_state_bytes_per_param(state, inner_state, params) -> float:
+  """Optimizer-state bytes per parameter that ``state`` holds beyond ``inner_state``.
+
+  ``state`` is a wrapper's optimizer state (e.g. ``dynamic_sparse``'s, with
+  its masks, ever-active union, counts, key and, inside its inner chain,
+  ``scale_by_sparseopt``'s factor cache) and ``inner_state`` the state of
+  the plain optimizer it stands in for (e.g. ``optax.sgd(lr, momentum)``'s);
+  the difference is what the wrapper costs in memory, divided by the number
+  of parameters (all leaves of ``params``, dense ones included).
+  """
+  return (state_bytes(state) - state_bytes(inner_state)) / num_params(params)
+
+
 def timed(fn: Callable, *args) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))

@@ -22,7 +22,12 @@ step does: in-place updates and the copies XLA inserts around the mask
 update's ``lax.cond`` both depend on donation.
 
 Prints a markdown table: median time, GB/s at the floor's 9 bytes/param, ns
-per parameter, and ratios to the floor and to SGD.
+per parameter, ratios to the floor and to SGD, and the optimizer-state bytes
+per parameter each candidate keeps beyond ``sgd_momentum``'s (computed once
+from the state's shapes, not timed): for the ``dynamic_sparse`` rows the
+masks, ever-active union, counts, key and ``scale_by_sparseopt``'s factor
+cache; for ``scale_by_sparseopt`` its own cache, which it adds to whatever
+optimizer it is chained with.
 """
 
 from __future__ import annotations
@@ -99,28 +104,68 @@ def candidates(params, masks, grads):
   return out
 
 
+def extra_state_bytes(params, masks):
+  """State bytes per param of each candidate beyond ``sgd_momentum``'s.
+
+  From ``jax.eval_shape`` of each ``init``: nothing is allocated or timed.
+  ``floor`` keeps no state (``None``); ``sgd_momentum`` is the baseline (0).
+  """
+  sgd = optax.sgd(0.1, momentum=0.9)
+  sgd_state = jax.eval_shape(sgd.init, params)
+  dst = sparseopt.dynamic_sparse(
+      optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
+      masks,
+      method="rigl",
+      update_every=100,
+      end_step=10_000,
+      key=jax.random.key(0),
+  )
+  dst_bytes = common.added_state_bytes_per_param(
+      jax.eval_shape(dst.init, params), sgd_state, params
+  )
+  scale_bytes = common.added_state_bytes_per_param(
+      jax.eval_shape(sparseopt.scale_by_sparseopt().init, params), (), params
+  )
+  zero_bytes = common.added_state_bytes_per_param(
+      jax.eval_shape(sparseopt.zero_masked_updates().init, params), (), params
+  )
+  return {
+      "floor": None,
+      "scale_by_sparseopt": scale_bytes,
+      "scale_by_sparseopt_cached": scale_bytes,
+      "zero_masked_updates": zero_bytes,
+      "sgd_momentum": 0.0,
+      # SET and RigL keep the same state; only the timed step differs.
+      "dst_step": dst_bytes,
+      "rigl_update": dst_bytes,
+      "set_update": dst_bytes,
+  }
+
+
 def run(tree_names, rounds):
   shapes = {name: common.tree_shapes(name) for name in tree_names}
   print(common.header())
   print()
   print(
       "| tree | params | transform | median ms | GB/s @9B/param | ns/param "
-      "| x floor | x sgd |"
+      "| x floor | x sgd | +state B/param |"
   )
-  print("|---|---:|---|---:|---:|---:|---:|---:|")
+  print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
   for name in tree_names:
     params = common.make_tree(shapes[name])
     masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
     params = sparseopt.apply_masks(params, masks)
     grads = jax.tree.map(lambda x: x * 0.01, params)
     n = common.num_params(params)
+    extra = extra_state_bytes(params, masks)
     times = common.interleaved(candidates(params, masks, grads), rounds)
     for tname, t in times.items():
       gbps = FLOOR_BYTES_PER_PARAM * n / t / 1e9
       print(
           f"| {name} | {n / 1e6:.2f}M | {tname} | {t * 1e3:.3f} | "
           f"{gbps:.1f} | {t / n * 1e9:.3f} | {t / times['floor']:.2f} | "
-          f"{t / times['sgd_momentum']:.2f} |",
+          f"{t / times['sgd_momentum']:.2f} | "
+          f"{'-' if extra[tname] is None else f'{extra[tname]:.3f}'} |",
           flush=True,
       )
     del params, masks, grads

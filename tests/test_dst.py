@@ -981,3 +981,48 @@ def test_non_finite_weights_and_gradients_never_reach_pruned_slots(method):
   ).reshape(-1)
   assert new2.sum() == 4 and np.all(out2[~new2] == 0)
   assert np.all(out2[new2 & ~new] == 0)
+
+
+def test_itop_count_blocks_do_not_overflow_int32():
+  from sparseopt_jax._src import dst
+
+  # Numerically, on a small array with a small block: full blocks, a
+  # remainder, no remainder, and a block larger than the array.
+  m = jax.random.bernoulli(jax.random.key(0), 0.3, (7, 13))
+  want = int(np.sum(np.asarray(m)))
+  for block in (1, 5, 7, 91, 1000):
+    got = dst.count_true(m, block=block)
+    assert got.dtype == jnp.float32 and float(got) == want
+  assert float(dst.count_true(jnp.zeros((0,), bool))) == 0.0
+
+  # Abstractly, on a layer of more than 2**31 entries (nothing allocated):
+  # every int32 reduction covers at most COUNT_BLOCK < 2**31 entries, so no
+  # partial count can wrap around; they are added in float32.
+  big = jax.ShapeDtypeStruct((2**31 + 5,), jnp.bool_)
+  assert jax.eval_shape(dst.count_true, big).dtype == jnp.float32
+  jaxpr = jax.make_jaxpr(dst.count_true)(big).jaxpr
+  int_sums = [
+      e
+      for e in jaxpr.eqns
+      if e.primitive.name == "reduce_sum"
+      and e.outvars[0].aval.dtype == jnp.int32
+  ]
+  assert int_sums
+  for e in int_sums:
+    (x,) = e.invars
+    per_output = math.prod(x.aval.shape) // max(
+        1, math.prod(e.outvars[0].aval.shape)
+    )
+    assert per_output <= dst.COUNT_BLOCK < 2**31
+
+  # The rate of a state holding such a layer traces to float32 too.
+  params = {"w": jnp.zeros((4, 4))}
+  tx = make_tx({"w": jnp.ones((4, 4), bool)})
+  state = jax.eval_shape(tx.init, params)
+  state = state._replace(ever_active={"w": big})
+  assert jax.eval_shape(sparseopt.itop_rate, state).dtype == jnp.float32
+
+  # Partial counts whose int32 sum would wrap around add up in float32.
+  parts = jnp.full((3,), 2**30, jnp.int32)
+  assert int(jnp.sum(parts, dtype=jnp.int32)) < 0  # the bug being avoided
+  assert float(jnp.sum(parts.astype(jnp.float32))) == 3 * 2**30
