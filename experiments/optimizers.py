@@ -3,10 +3,13 @@
 `create_optimizer` builds the optax transformation of one run from its
 config: the base optimizer (SGD with momentum or AdamW), SparseOpt's
 correction or the dense grad-scale control in front of it, and, for sparse
-methods, ``sparseopt.dynamic_sparse`` around the whole chain. Which kernels
+methods, ``sparseopt.dynamic_sparse`` (or, for ``method="gmp"``,
+``sparseopt.gradual_pruning``) around the whole chain. Which kernels
 are sparse and which the correction applies to are defined here once
 (`sparse_filter`, `correction_filter`) and asked for by the training loop.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,8 @@ BN_STATS = ("batch", "running")
 # its sigma_i would not be the std BatchNorm actually divides by.
 BN_EPSILON = 1e-5
 SCHEDULES = ("cosine", "step", "constant")
+STRUCTURES = ("unstructured", "constant_fan_in")
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def create_learning_rate_schedule(
@@ -48,6 +53,52 @@ def create_learning_rate_schedule(
     return main
   return optax.join_schedules(
       [optax.linear_schedule(0.0, base, warmup), main], [warmup]
+  )
+
+
+def parse_structure(text: str) -> str | tuple[int, int]:
+  """The library's ``structure=`` argument for the config's ``structure``.
+
+  Args:
+    text: ``"unstructured"``, ``"constant_fan_in"`` or ``"n:m"`` (``"2:4"``:
+      at most ``n`` of every ``m`` consecutive inputs of a neuron active).
+
+  Returns:
+    ``text`` itself, or ``(n, m)`` for ``"n:m"``.
+
+  Raises:
+    ValueError: for any other text, or ``n:m`` without ``0 < n < m``.
+  """
+  if text in STRUCTURES:
+    return text
+  match = _NM.match(text) if isinstance(text, str) else None
+  if match is None:
+    raise ValueError(
+        f"structure={text!r}: expected one of {STRUCTURES} "
+        "or 'n:m' with integers 0 < n < m (e.g. '2:4')."
+    )
+  n, m = int(match.group(1)), int(match.group(2))
+  if not 0 < n < m:
+    raise ValueError(f"structure={text!r}: 'n:m' needs 0 < n < m.")
+  return (n, m)
+
+
+def structure(config):
+  """The library's ``structure=`` argument of ``config.structure``."""
+  return parse_structure(config.structure)
+
+
+def gmp_steps(config, total_steps: int) -> tuple[int, int]:
+  """GMP's first and last pruning steps (``start_step``, ``end_step``).
+
+  ``gmp_start_fraction`` and ``gmp_end_fraction`` of ``total_steps``, the
+  end moved back to the last step a whole number of ``update_every`` after
+  the start (`sparseopt.gradual_pruning` prunes at both ends).
+  """
+  start = int(config.gmp_start_fraction * total_steps)
+  end = max(start, int(config.gmp_end_fraction * total_steps))
+  return start, start + (end - start) // config.update_every * (
+      config.update_every
   )
 
 
@@ -133,7 +184,8 @@ def create_optimizer(
   Args:
     config: the run's config.
     schedule: the learning rate per step (`create_learning_rate_schedule`).
-    masks: the initial masks (sparse methods), else None.
+    masks: the initial masks (static, set, rigl), else None (dense, and gmp,
+      whose masks start dense inside `sparseopt.gradual_pruning`).
     total_steps: the run's length; mask updates stop at ``end_fraction`` of
       it.
     key: PRNG key of the mask updates (SET's random growth) and of the dense
@@ -181,6 +233,19 @@ def create_optimizer(
   inner = optax.chain(*correct, *base)
   if config.method == "dense":
     return inner
+  if config.method == "gmp":
+    start_step, end_step = gmp_steps(config, total_steps)
+    return sparseopt.gradual_pruning(
+        inner,
+        config.sparsity,
+        start_step=start_step,
+        end_step=end_step,
+        update_every=config.update_every,
+        distribution=config.distribution,
+        schedule=config.gmp_schedule,
+        filter_fn=sparse_filter(config),
+        structure=structure(config),
+    )
   return sparseopt.dynamic_sparse(
       inner,
       masks,
@@ -192,4 +257,5 @@ def create_optimizer(
       grow_with=config.grow_with,
       key=key,
       correction_filter=correction_filter(config),
+      structure=structure(config),
   )

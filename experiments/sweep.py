@@ -266,6 +266,60 @@ SWEEPS = {
             }
         ],
     ),
+    "fmnist_gmp": Sweep(
+        "fmnist_resnet",
+        "Gradual magnitude pruning (Zhu & Gupta's cubic schedule, dense to "
+        "the final sparsity from 10% to 75% of training, every update_every "
+        "steps) to 90/95/97%, SGD vs SparseOpt, 3 seeds, 3 epochs: a "
+        "dense-to-sparse baseline beside fmnist_convergence's RigL and SET.",
+        base={"method": "gmp", "num_epochs": 3.0},
+        grids=[
+            {
+                "sparsity": [0.9, 0.95, 0.97],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            }
+        ],
+    ),
+    "fmnist_structure": Sweep(
+        "fmnist_resnet",
+        "Structured masks under RigL, 3 epochs, 3 seeds: at 95% and 97%, "
+        "unstructured (SGD and SparseOpt) and constant fan-in (SRigL's, SGD: "
+        "every neuron of a layer equally sparse, so SparseOpt's factor is "
+        "1); 2:4 at 50% (SGD); and the dense model (SGD). The stem stays "
+        "dense in every arm: its fan-in, 9, is not a multiple of 4, which "
+        "N:M needs, and all arms keep the same layers dense.",
+        base={
+            "method": "rigl",
+            "num_epochs": 3.0,
+            "dense_paths": ("conv_init",),
+        },
+        grids=[
+            {
+                "structure": ["unstructured"],
+                "sparsity": [0.95, 0.97],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+            {
+                "structure": ["constant_fan_in"],
+                "sparsity": [0.95, 0.97],
+                "optimizer": ["sgd"],
+                "seed": [0, 1, 2],
+            },
+            {
+                "structure": ["2:4"],
+                "sparsity": [0.5],
+                "optimizer": ["sgd"],
+                "seed": [0, 1, 2],
+            },
+            {
+                "method": ["dense"],
+                "optimizer": ["sgd"],
+                "seed": [0, 1, 2],
+            },
+        ],
+    ),
     "cifar100_resnet20": Sweep(
         "resnet20_cifar100",
         "The paper's CIFAR-100 ResNet-20 grid at 100 epochs (needs a GPU/TPU "

@@ -9,8 +9,9 @@ process feeds its share of the global batch).
 
 One step is a single jitted `train_step`: augmentation, forward and backward
 with BatchNorm statistics, then ``tx.update`` of the optimizer, which for
-sparse methods is ``sparseopt.dynamic_sparse`` owning the masks (mask
-updates happen inside it under ``lax.cond``; ``sparseopt.masks_updated``
+sparse methods is ``sparseopt.dynamic_sparse`` (``gradual_pruning`` for
+``method="gmp"``) owning the masks (mask updates happen inside it under
+``lax.cond``; ``sparseopt.masks_updated``
 says afterwards whether a step was one). With ``correction="batch_stats"``
 the same forward also captures each BatchNorm's variance for SparseOpt
 (`sparseopt_jax.flax_utils`). Metrics stay on device and come to the host
@@ -66,6 +67,7 @@ import sparseopt_jax as sparseopt
 from sparseopt_jax import flax_utils
 import tqdm
 
+from experiments import flops as flops_lib
 from experiments import input_pipeline
 from experiments import models
 from experiments import optimizers
@@ -176,13 +178,14 @@ def create_train_state(
   def init_variables(k_params, k_masks):
     variables = model.init(k_params, dummy, train=False)
     params, masks = variables["params"], None
-    if config.method != "dense":
+    if config.method in fields.MASKED_AT_INIT:
       masks = sparseopt.init_masks(
           k_masks,
           params,
           config.sparsity,
           distribution=config.distribution,
           filter_fn=optimizers.sparse_filter(config),
+          structure=optimizers.structure(config),
       )
       params = sparseopt.apply_masks(params, masks)
       if config.init == "fan_in":
@@ -708,6 +711,48 @@ def _divergence(window, steps: Sequence[int]) -> tuple[int, float] | None:
   return None
 
 
+def run_flops(config, model, spec, state, total_steps, workdir):
+  """The run's ``flops`` summary block (see `experiments.flops`).
+
+  Per-layer FLOPs from XLA on the final variables, densities from the final
+  masks, and, for RigL, the number of mask updates from the metrics log.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  layers = flops_lib.kernel_flops(
+      model, variables, input_shape(config, spec), config.dtype
+  )
+  density = {}
+  if config.method != "dense":
+    density = flops_lib.densities(sparseopt.get_masks(state.opt_state))
+  # RigL's dense gradients: the mask updates the run logged (and so did).
+  # Only the process that writes the log (and the summary) reads it.
+  num_updates = 0
+  if config.method == "rigl" and jax.process_index() == 0:
+    num_updates = sum(
+        len(r.get(records.MASK_UPDATE_STEPS, ()))
+        for r in records.read_metrics(workdir)
+    )
+  return flops_lib.run_flops(
+      method=config.method,
+      layers=layers,
+      final_density=density,
+      total_steps=total_steps,
+      batch_size=config.batch_size,
+      num_mask_updates=num_updates,
+      gmp_steps=optimizers.gmp_steps(config, total_steps),
+      update_every=config.update_every,
+  )
+
+
+def _host_copy(x):
+  """A host copy of ``x``; a typed PRNG key (gmp's state) keeps its type."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(
+        np.array(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+    )
+  return np.array(x)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
@@ -758,7 +803,9 @@ def train_and_evaluate(
   # The train step donates the state, and donation needs every leaf in its
   # own buffer; an optimizer's init may reuse one array in two places (the
   # initial masks, say). A host copy per leaf guarantees distinct buffers.
-  state = jax.tree.map(lambda x: jax.device_put(np.array(x), replicated), state)
+  state = jax.tree.map(
+      lambda x: jax.device_put(_host_copy(x), replicated), state
+  )
 
   checkpoints = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
   start_step, state = workdir_lib.restore_latest(
@@ -999,6 +1046,7 @@ def train_and_evaluate(
   summary.update(
       final_test_accuracy=last_eval["test_accuracy"],
       final_test_loss=last_eval["test_loss"],
+      flops=run_flops(config, model, spec, state, total_steps, workdir),
   )
   workdir_lib.write_summary(workdir, summary)
   print(

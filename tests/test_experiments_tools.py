@@ -13,6 +13,7 @@ from experiments import fake_data
 from experiments import grad_ratio
 from experiments import records as run_records
 from experiments import sweep
+from experiments import train
 from experiments.studies import markdown
 from experiments.studies import plot
 
@@ -46,7 +47,8 @@ def _fake_run(
       f.write(json.dumps({"step": 100 * (i + 1), "train_loss": 1.0}) + "\n")
       f.write(json.dumps({"step": 100 * (i + 1), "test_accuracy": acc}) + "\n")
   if finished:
-    open(os.path.join(workdir, "summary.json"), "w").close()
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({"status": run_records.FINISHED}, f)
 
 
 def test_tuned_differences_need_a_grid_for_both_optimizers(tmp_path):
@@ -386,3 +388,54 @@ def test_markdown_table_layout_and_ragged_rows():
   assert markdown.table(["a"], []) == "| a |\n|---|"
   with pytest.raises(ValueError, match="row 1 has 1 cells, the header has 2"):
     markdown.table(["a", "b"], [[1, 2], [3]])
+
+
+def test_gmp_and_structure_sweeps():
+  gmp = sweep.expand(sweep.SWEEPS["fmnist_gmp"])
+  assert len(gmp) == 18
+  assert {o["method"] for _, o in gmp} == {"gmp"}
+  assert {o["sparsity"] for _, o in gmp} == {0.9, 0.95, 0.97}
+  runs = sweep.expand(sweep.SWEEPS["fmnist_structure"])
+  assert len(runs) == 24
+  arms = {
+      (o["method"], o.get("structure"), o.get("sparsity"), o["optimizer"])
+      for _, o in runs
+  }
+  assert arms == {
+      ("rigl", "unstructured", 0.95, "sgd"),
+      ("rigl", "unstructured", 0.95, "sparseopt"),
+      ("rigl", "unstructured", 0.97, "sgd"),
+      ("rigl", "unstructured", 0.97, "sparseopt"),
+      ("rigl", "constant_fan_in", 0.95, "sgd"),
+      ("rigl", "constant_fan_in", 0.97, "sgd"),
+      ("rigl", "2:4", 0.5, "sgd"),
+      ("dense", None, None, "sgd"),
+  }
+  for _, overrides in gmp + runs:
+    config = sweep.make_config("fmnist_resnet", overrides)
+    assert config.num_epochs == 3.0
+    train.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "structure, sparsity", [("2:4", 0.5), ("constant_fan_in", 0.97)]
+)
+def test_structure_sweep_arms_train_on_fake_data(tmp_path, structure, sparsity):
+  runs = dict(sweep.expand(sweep.SWEEPS["fmnist_structure"]))
+  name = f"structure-{structure}__sparsity-{sparsity}__optimizer-sgd__seed-0"
+  data = fake_data.write_fashion_mnist(str(tmp_path / "d"), 32, 16)
+  config = sweep.make_config(
+      "fmnist_resnet",
+      {
+          **runs[name],
+          "data_dir": data,
+          "batch_size": 16,
+          "eval_batch_size": 16,
+          "num_train_steps": 2,
+          "update_every": 1,
+          "end_fraction": 1.0,
+          "progress_bar": False,
+      },
+  )
+  summary = train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert summary["flops"]["inference_ratio"] < 1.0

@@ -152,9 +152,17 @@ def test_every_method_and_optimizer_trains(
   assert [r["step"] for r in logged] == [2, 3, 4, 6]
   assert all(np.isfinite(r["train_loss"]) for r in logged if "train_loss" in r)
   assert summary["step"] == 6 and 0 <= summary["final_test_accuracy"] <= 1
+  flops = summary["flops"]
   if method == "dense":
+    assert flops["training_ratio"] == flops["inference_ratio"] == 1.0
     assert "itop" not in logged[-1]
   else:
+    # A Dense layer's FLOPs are 2 x its kernel's size per example, so the
+    # MLP's sparse/dense inference ratio is its density.
+    assert flops["inference_ratio"] == pytest.approx(0.1, abs=2e-3)
+    # RigL pays dense gradients at its mask updates; SET, static do not.
+    extra = flops["training_ratio"] - flops["inference_ratio"]
+    assert extra > 0 if method == "rigl" else extra == pytest.approx(0.0)
     # Sparsity is kept exactly through mask updates (ERK over two layers).
     assert logged[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
     assert logged[-1]["itop"] >= 1 - logged[-1]["sparsity"] - 1e-6
@@ -941,3 +949,115 @@ def test_recalibration_after_mask_updates(tmp_path, fmnist_dir):
   assert _deterministic(records.read_metrics(part)) == _deterministic(logged_on)
   with pytest.raises(ValueError, match="recalibrate_batches=2 needs"):
     fields.validate(_mlp(fmnist_dir, recalibrate_batches=2, checkpoint_every=3))
+
+
+def _final_masks(workdir, step):
+  """The saved masks of a sparse run at ``step``: ``{path: bool array}``."""
+  # Restored without a target, DynamicSparseState is a dict of its fields.
+  masks = _checkpoint(workdir, step)["opt_state"]["masks"]
+  return {
+      sparseopt.path_str(p): np.asarray(m, bool)
+      for p, m in jax.tree_util.tree_leaves_with_path(masks)
+      if m is not None and np.ndim(m) >= 2
+  }
+
+
+def test_gmp_prunes_from_dense_to_the_final_sparsity(tmp_path, fmnist_dir):
+  # 8 steps, pruning at steps 2, 4, 6 (start 0.25, end 0.75 of training).
+  config = _mlp(
+      fmnist_dir,
+      method="gmp",
+      sparsity=0.9,
+      num_train_steps=8,
+      gmp_start_fraction=0.25,
+      gmp_end_fraction=0.75,
+      checkpoint_every=2,
+      eval_every=4,
+  )
+  assert optimizers.gmp_steps(config, 8) == (2, 6)
+  flops = train.train_and_evaluate(config, str(tmp_path))["flops"]
+  # Dense for a while, then sparser: between the final ratio and dense.
+  assert flops["inference_ratio"] < flops["training_ratio"] < 1.0
+  logged = {r["step"]: r for r in records.read_metrics(str(tmp_path))}
+  # Dense until the first pruning step.
+  assert logged[2]["sparsity"] == pytest.approx(0.0, abs=1e-6)
+  assert 0.0 < logged[4]["sparsity"] < 0.9
+  assert logged[8]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+  total = sum(m.size for m in _final_masks(str(tmp_path), 8).values())
+  kept = sum(m.sum() for m in _final_masks(str(tmp_path), 8).values())
+  assert 1 - kept / total == pytest.approx(0.9, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    "method, structure, sparsity",
+    [("rigl", "constant_fan_in", 0.9), ("static", "2:4", 0.5)],
+)
+def test_structured_masks_keep_their_structure(
+    tmp_path, fmnist_dir, method, structure, sparsity
+):
+  config = _mlp(
+      fmnist_dir, method=method, structure=structure, sparsity=sparsity
+  )
+  train.train_and_evaluate(config, str(tmp_path))
+  masks = _final_masks(str(tmp_path), 6)
+  for name, m in masks.items():
+    if structure == "constant_fan_in":
+      fan_in = m.reshape(-1, m.shape[-1]).sum(axis=0)
+      assert (fan_in == fan_in[0]).all(), name
+    else:
+      # Every neuron keeps exactly 2 of each 4 consecutive inputs.
+      groups = m.reshape(-1, m.shape[-1]).T.reshape(m.shape[-1], -1, 4)
+      assert (groups.sum(axis=-1) == 2).all(), name
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"structure": "2-4"}, "structure='2-4': expected one of"),
+        ({"structure": "4:2"}, "0 < n < m"),
+        ({"structure": "2:4"}, r"sparsity must be 1 - n/m = 0.5"),
+        ({"structure": "2:4", "method": "dense"}, "needs a sparse method"),
+        ({"method": "gmp", "init": "fan_in"}, "method='gmp'"),
+        (
+            {"gmp_start_fraction": 0.8, "gmp_end_fraction": 0.5},
+            "gmp_start_fraction=0.8 must be <=",
+        ),
+    ],
+)
+def test_bad_structure_and_gmp_fields_are_named(fmnist_dir, overrides, message):
+  with pytest.raises(fields.ConfigError, match=message):
+    fields.validate(_mlp(fmnist_dir, **overrides))
+
+
+def test_structure_parses_from_the_command_line(tmp_path, fmnist_dir):
+  workdir = str(tmp_path / "w")
+  out = _cli(
+      workdir,
+      f"--config.data_dir={fmnist_dir}",
+      "--config.batch_size=16",
+      "--config.eval_batch_size=16",
+      "--config.num_train_steps=2",
+      "--config.method=gmp",
+      "--config.structure=2:4",
+      "--config.sparsity=0.5",
+      "--config.update_every=1",
+  )
+  assert out.returncode == 0, out.stderr
+  config = _strict_json(os.path.join(workdir, "summary.json"))["config"]
+  assert config["structure"] == "2:4" and config["method"] == "gmp"
+
+
+def test_gmp_resumes_bit_identically(tmp_path, fmnist_dir):
+  # gmp's state holds a typed PRNG key; a resume must restore it.
+  config = _mlp(fmnist_dir, method="gmp", sparsity=0.9, gmp_start_fraction=0.0)
+  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+  train.train_and_evaluate(config, full)
+  train.train_and_evaluate(config, cut)
+  os.remove(os.path.join(cut, "summary.json"))
+  shutil.rmtree(os.path.join(cut, "checkpoints", "6"))
+  assert train.train_and_evaluate(config, cut)["resumed_from"] == 3
+  a, b = _checkpoint(full, 6), _checkpoint(cut, 6)
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  assert _final_masks(full, 6).keys() == _final_masks(cut, 6).keys()
+  for name, m in _final_masks(full, 6).items():
+    np.testing.assert_array_equal(m, _final_masks(cut, 6)[name])

@@ -42,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = "float32"  # Computation dtype; "bfloat16" on TPU/GPU.
   config.num_data_threads = 2
 
-  # Sparsity. method: dense | static | set | rigl.
+  # Sparsity. method: dense | static | set | rigl | gmp (gradual magnitude
+  # pruning from dense, Zhu & Gupta: `sparsity` is the final sparsity).
   config.method = "rigl"
   config.sparsity = 0.95
   config.distribution = "erk"  # "erk" or "uniform".
@@ -57,6 +58,15 @@ def get_config() -> ml_collections.ConfigDict:
   # then masked: neuron norms shrink like sqrt(1 - s_i)) or "fan_in"
   # (sparseopt.sparse_init: variance 2 / active fan-in, equal neuron norms).
   config.init = "masked_dense"
+  # Mask structure: "unstructured", "constant_fan_in" (every neuron of a
+  # layer keeps the same number of inputs, SRigL) or "n:m" such as "2:4" (at
+  # most n of every m consecutive inputs; needs sparsity = 1 - n/m).
+  config.structure = "unstructured"
+  # method="gmp": pruning runs from gmp_start_fraction to gmp_end_fraction
+  # of training, every update_every steps, on Zhu & Gupta's cubic schedule.
+  config.gmp_start_fraction = 0.1
+  config.gmp_end_fraction = 0.75
+  config.gmp_schedule = "cubic"
 
   # Optimizer. sgd | sparseopt | adam | sparseopt+adam ("adam" is AdamW:
   # decoupled weight decay, optax.adamw).

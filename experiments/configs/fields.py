@@ -20,7 +20,10 @@ from experiments import input_pipeline
 from experiments import models
 from experiments import optimizers
 
-METHODS = ("dense", "static", "set", "rigl")
+METHODS = ("dense", "static", "set", "rigl", "gmp")
+# Methods whose masks are drawn at init (gmp's start dense).
+MASKED_AT_INIT = ("static", "set", "rigl")
+GMP_SCHEDULES = ("cubic",)
 INITS = ("masked_dense", "fan_in")
 # Computation dtypes (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -129,6 +132,12 @@ FIELDS: dict[str, Field] = {
     "end_fraction": _fraction(),
     "grow_with": Field(str, choices=("raw", "corrected")),
     "init": Field(str, choices=INITS),
+    "structure": Field(
+        str, note="'unstructured', 'constant_fan_in' or 'n:m' such as '2:4'"
+    ),
+    "gmp_start_fraction": _fraction(),
+    "gmp_end_fraction": _fraction(),
+    "gmp_schedule": Field(str, choices=GMP_SCHEDULES),
     # Optimizer.
     "optimizer": Field(str, choices=optimizers.OPTIMIZERS),
     "correct_filter": Field(str, choices=optimizers.CORRECT_FILTERS),
@@ -224,9 +233,32 @@ def validate(
       "num_train_steps > 0.",
   )
   check(
-      config.init == "masked_dense" or config.method != "dense",
+      config.init == "masked_dense" or config.method in MASKED_AT_INIT,
       "init='fan_in' re-draws sparse kernels; it needs a sparse method "
-      f"(one of {METHODS[1:]}), not method='dense'.",
+      f"with masks at init (one of {MASKED_AT_INIT}), not "
+      f"method={config.method!r}.",
+  )
+  try:
+    structure = optimizers.parse_structure(config.structure)
+  except ValueError as e:
+    raise ConfigError(f"Invalid config: {e}") from None
+  check(
+      structure == "unstructured" or config.method != "dense",
+      f"structure={config.structure!r} needs a sparse method (one of "
+      f"{METHODS[1:]}), not method='dense'.",
+  )
+  if isinstance(structure, tuple):
+    n, m = structure
+    check(
+        config.method == "dense" or math.isclose(config.sparsity, 1 - n / m),
+        f"structure={config.structure!r} keeps exactly {n} of every {m} "
+        f"inputs: sparsity must be 1 - n/m = {1 - n / m:g}, got "
+        f"sparsity={config.sparsity}.",
+    )
+  check(
+      config.gmp_start_fraction <= config.gmp_end_fraction,
+      f"gmp_start_fraction={config.gmp_start_fraction} must be <= "
+      f"gmp_end_fraction={config.gmp_end_fraction}.",
   )
   for pattern in config.dense_paths:
     try:

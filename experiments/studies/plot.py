@@ -13,8 +13,11 @@ curve per optimizer, mean over seeds with a +-std band; baselines (``sgd``,
 ``<first root>/accuracy.png``) and, next to it (``accuracy_skew.png``), the
 logged skew diagnostics over training: largest SparseOpt factor, spread of
 neuron sparsity, dead neurons. Prints a markdown table: final test accuracy
-mean +- std over seeds, and the first step at which each run reaches its
-baseline's mean final accuracy (mean over the seeds that reach it); then
+mean +- std over seeds, the first step at which each run reaches its
+baseline's mean final accuracy (mean over the seeds that reach it), and the
+training and inference FLOPs as fractions of the dense model's (from each
+``summary.json``, RigL's accounting, `experiments.flops`; "n/a" for
+summaries written before it); then
 the differences of runs paired by seed (`runs.pair_by_seed`).
 """
 
@@ -90,8 +93,38 @@ def first_step_reaching(run: Run, target: float) -> int | None:
   return int(run.steps[hits[0]]) if hits.size else None
 
 
+def run_flops(run: Run) -> dict[str, Any] | None:
+  """The ``flops`` block of the run's ``summary.json`` (None: not there).
+
+  Summaries written before FLOPs were counted, and unfinished runs, have
+  none.
+  """
+  if not run.workdir:
+    return None
+  try:
+    summary = records.read_summary(run.workdir)
+  except (OSError, ValueError):
+    return None
+  flops = summary.get("flops") if isinstance(summary, dict) else None
+  return flops if isinstance(flops, dict) else None
+
+
+def _mean_flops(rs, key: str) -> float | None:
+  """Mean over ``rs`` of a FLOPs ratio; None unless every run has it."""
+  values = [(run_flops(r) or {}).get(key) for r in rs]
+  if not values or any(v is None for v in values):
+    return None
+  return float(np.mean(values))
+
+
 def summarize(groups) -> list[dict[str, Any]]:
-  """One table row per (group, optimizer)."""
+  """One table row per (group, optimizer).
+
+  ``flops_training`` and ``flops_inference``: the runs' training and
+  inference FLOPs as fractions of the dense model's (``summary.json``'s
+  ``flops`` block, `experiments.flops`), mean over seeds; None when a run's
+  summary has none.
+  """
   rows = []
   for (row, sparsity), by_opt in sorted(groups.items()):
     finals = {
@@ -119,6 +152,8 @@ def summarize(groups) -> list[dict[str, Any]]:
               "steps_to_baseline": float(np.mean(hits)) if hits else None,
               "seeds_reaching": len(hits),
               "finished": all(r.finished for r in rs),
+              "flops_training": _mean_flops(rs, "training_ratio"),
+              "flops_inference": _mean_flops(rs, "inference_ratio"),
           }
       )
   return rows
@@ -135,6 +170,10 @@ def markdown_table(rows) -> str:
       if r["seeds_reaching"] < r["seeds"]:
         reach += f" ({r['seeds_reaching']}/{r['seeds']} seeds)"
     unfinished = "" if r["finished"] else " (unfinished)"
+    if r.get("flops_training") is None or r.get("flops_inference") is None:
+      flops = "n/a"
+    else:
+      flops = f"{r['flops_training']:.3f} / {r['flops_inference']:.3f}"
     cells.append(
         [
             r["group"] or "-",
@@ -144,6 +183,7 @@ def markdown_table(rows) -> str:
             f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
             f"{unfinished}",
             f"{reach} / {r['final_step']}",
+            flops,
         ]
     )
   return markdown.table(
@@ -154,6 +194,7 @@ def markdown_table(rows) -> str:
           "seeds",
           "final test acc (%)",
           "first step at baseline's final acc",
+          "FLOPs train / inference (x dense)",
       ],
       cells,
   )
