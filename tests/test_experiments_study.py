@@ -139,6 +139,7 @@ def test_studies_import_no_training_code():
       "import sys\n"
       "import experiments.studies.plot, experiments.studies.study\n"
       "import experiments.studies.compact, experiments.studies.bn_stats\n"
+      "import experiments.studies.recalibration\n"
       "print('\\n'.join(sys.modules))\n"
   )
   loaded = subprocess.run(
@@ -1025,3 +1026,21 @@ def test_bn_stats_pairs_each_arm_with_sgd_and_tunes_each_arm():
   steps, slope = bn_stats.sigma_curve(loaded[-1], "slope_fan_in")
   np.testing.assert_array_equal(steps, [50, 100])
   np.testing.assert_allclose(slope, [0.3, 0.3])  # Mean over the two layers.
+
+
+def test_recalibration_table_pairs_the_two_evaluations_by_seed():
+  from experiments.studies import recalibration  # pylint: disable=g-import-not-at-top
+
+  loaded = []
+  for seed in range(2):
+    for k, acc in ((0, (0.60, 0.80)), (20, (0.70 + seed / 100, 0.80))):
+      logged = [
+          {"step": s, "test_accuracy": a} for s, a in zip((150, 300), acc)
+      ]
+      config = {"seed": seed, "optimizer": "sgd", "recalibrate_batches": k}
+      loaded.append(runs.Run.from_log(config, logged, name=f"{k}-{seed}"))
+  table = recalibration.table(loaded)
+  diffs = np.array([0.10, 0.11])
+  want = runs.format_difference(diffs.mean(), diffs.std(ddof=1) / np.sqrt(2))
+  assert f"| sgd | 150 | 2 | 60.00 | 70.50 | {want} |" in table
+  assert "| sgd | 300 | 2 | 80.00 | 80.00 | +0.00 ± 0.00 |" in table
