@@ -53,6 +53,8 @@ ARMS = (
 )
 BASELINE = ARMS[0][0]
 SIGMA_STATS = ("slope_fan_in", "corr_fan_in", "corr_norm")
+# One color per arm in every panel.
+COLORS = ("C0", "C1", "C2")
 
 
 def arm_runs(
@@ -203,19 +205,21 @@ def plot_accuracy(by_arm, path: str) -> None:
       1, len(lrs), figsize=(4.2 * len(lrs), 3.4), squeeze=False, sharey=True
   )
   for ax, lr in zip(axes[0], lrs):
-    for (name, _), style in zip(ARMS, ("--", "-", "-")):
+    for (name, _), style, color in zip(ARMS, ("--", "-", "-"), COLORS):
       rs = [r for r in by_arm[name].get(lr, []) if r.finished]
       if not rs:
         continue
       n = min(r.steps.size for r in rs)
       acc = 100 * np.stack([r.accuracy[:n] for r in rs])
       steps = rs[0].steps[:n]
-      (line,) = ax.plot(steps, acc.mean(0), style, label=f"{name} ({len(rs)})")
+      ax.plot(
+          steps, acc.mean(0), style, color=color, label=f"{name} ({len(rs)})"
+      )
       ax.fill_between(
           steps,
           acc.mean(0) - acc.std(0),
           acc.mean(0) + acc.std(0),
-          color=line.get_color(),
+          color=color,
           alpha=0.15,
       )
     ax.set_title(f"lr {lr:g}", fontsize=10)
@@ -244,7 +248,7 @@ def plot_sigma(by_arm, path: str) -> None:
   }
   fig, axes = plt.subplots(1, len(SIGMA_STATS), figsize=(13, 3.6))
   for ax, stat in zip(axes, SIGMA_STATS):
-    for name, _ in ARMS:
+    for (name, _), color in zip(ARMS, COLORS):
       for lr, rs in by_arm[name].items():
         curves = [sigma_curve(r, stat) for r in rs if r.finished]
         curves = [c for c in curves if c[0].size]
@@ -252,7 +256,13 @@ def plot_sigma(by_arm, path: str) -> None:
           continue
         n = min(c[0].size for c in curves)
         mean = np.mean([c[1][:n] for c in curves], axis=0)
-        ax.plot(curves[0][0][:n], mean, label=f"{name}, lr {lr:g}")
+        ax.plot(
+            curves[0][0][:n],
+            mean,
+            "-" if lr == max(by_arm[name]) else ":",
+            color=color,
+            label=f"{name}, lr {lr:g}",
+        )
     if stat == "slope_fan_in":
       ax.axhline(0.5, color="k", lw=0.8, ls=":")
     ax.set_title(titles[stat], fontsize=9)
