@@ -32,7 +32,11 @@ slope* is the least-squares slope of ``log r_u`` on ``log (1 - s_u)^-1/2``
 sparsities spread uniformly over ``s +- min(s, 1 - s) / 2``, and ERK masks from
 ``sparseopt.init_masks`` (unstructured, so neuron sparsities vary binomially).
 "+ factor" applies the paper's per-neuron factor
-``sparseopt.diagnostics.fan_in_scale`` to the sparse gradient first.
+``sparseopt.diagnostics.fan_in_scale`` to the sparse gradient first; "+
+group factor" applies the factor of the normalizer's group instead
+(`group_factor`): per head for ``qk_norm`` (``scale_by_sparseopt`` with
+``neuron_axis=1`` on the ``(d_model, heads, head_dim)`` kernel), none for the
+others (one sigma per token for the layer: the normalized factor is 1).
 
 Writes ``grad_ratio_norms.md`` and ``grad_ratio_norms.png`` under ``--out``.
 """
@@ -180,15 +184,39 @@ def _erk_masks(key, params, case, s):
   return {n: np.asarray(masks[n]["kernel"]) for n in case.sparse}
 
 
+def group_factor(mask: np.ndarray, unit: int) -> np.ndarray:
+  """The normalizer-group factor of a ``(d_model, width)`` kernel's mask.
+
+  A unit of ``unit`` consecutive columns (a head of ``head_dim`` for
+  QK-norm) is one neuron of ``scale_by_sparseopt(neuron_axis=1)`` on the
+  kernel seen as ``(d_model, heads, head_dim)``: its factor is
+  ``sqrt(1 - s_h) / sqrt(1 - s_avg)`` over the heads, constant in a head.
+  With ``unit == 1`` the group is the whole layer (post-LN, RMSNorm; pre-LN
+  has no normalizer after its projections): the normalized factor is 1.
+  """
+  if unit == 1:
+    return np.ones(mask.shape[1], np.float32)
+  heads = mask.reshape(mask.shape[0], -1, unit)
+  factor = sparseopt.diagnostics.fan_in_scale(jnp.asarray(heads), 1)
+  return np.repeat(np.asarray(factor), unit)
+
+
 def _unit_sums(group, g_sparse, g_dense, masks):
-  """Per-unit sums of |g| over active weights: sparse, factor-scaled, dense."""
+  """Per-unit sums of |g| over active weights.
+
+  Rows: sparse, scaled by the per-neuron factor, scaled by the group
+  factor (`group_factor`), dense.
+  """
   sums = []
   for name in group.layers:
     m = masks[name]
     gs, gd = (np.asarray(g[name]["kernel"]) for g in (g_sparse, g_dense))
     factor = np.asarray(sparseopt.diagnostics.fan_in_scale(jnp.asarray(m)))
-    cols = np.stack([np.sum(np.abs(g) * m, 0) for g in (gs, gs * factor, gd)])
-    sums.append(cols.reshape(3, -1, group.unit).sum(-1))
+    grouped = group_factor(m, group.unit)
+    cols = np.stack(
+        [np.sum(np.abs(g) * m, 0) for g in (gs, gs * factor, gs * grouped, gd)]
+    )
+    sums.append(cols.reshape(4, -1, group.unit).sum(-1))
   return np.concatenate(sums, 1)
 
 
@@ -251,8 +279,8 @@ def measure(
   Returns:
     A list of dicts, one per (case, group, sparsity): ``case``, ``layers``,
     ``unit``, ``s``, the layer ratio ``layer`` (equally sparse neurons), the
-    unit slopes ``spread``, ``spread_factor``, ``erk``, ``erk_factor`` (means
-    over seeds), and ``units`` (density, r_u over the seed's geometric mean,
+    unit slopes ``spread``, ``spread_factor``, ``spread_group``, ``erk``,
+    ``erk_factor``, ``erk_group`` (means over seeds), and ``units`` (density, r_u over the seed's geometric mean,
     of every seed's live units on the spread mask), for plotting.
   """
   rows = []
@@ -300,16 +328,14 @@ def measure(
             density, layer = _unit_density(group, mask)
             a = acc.setdefault((group, s), {"units": []})
             if kind == "layer":
-              a.setdefault("layer", []).append(sums[0].sum() / sums[2].sum())
+              a.setdefault("layer", []).append(sums[0].sum() / sums[3].sum())
               continue
-            a.setdefault(kind, []).append(
-                _slope(density, layer, _ratio(sums[0], sums[2]))
-            )
-            a.setdefault(f"{kind}_factor", []).append(
-                _slope(density, layer, _ratio(sums[1], sums[2]))
-            )
+            for suffix, row in (("", 0), ("_factor", 1), ("_group", 2)):
+              a.setdefault(f"{kind}{suffix}", []).append(
+                  _slope(density, layer, _ratio(sums[row], sums[3]))
+              )
             if kind == "spread":
-              r = _ratio(sums[0], sums[2])
+              r = _ratio(sums[0], sums[3])
               live = r > 0
               # Relative to the seed's geometric mean: seeds differ in scale.
               a["units"].append(
@@ -341,14 +367,24 @@ COLUMNS = (
     "layer ratio",
     "unit slope, spread",
     "spread + factor",
+    "spread + group factor",
     "unit slope, ERK",
     "ERK + factor",
+    "ERK + group factor",
 )
 
 
 def markdown_table(rows) -> str:
   """The ratios and slopes of `measure`, one line per case, group and s."""
-  keys = ("layer", "spread", "spread_factor", "erk", "erk_factor")
+  keys = (
+      "layer",
+      "spread",
+      "spread_factor",
+      "spread_group",
+      "erk",
+      "erk_factor",
+      "erk_group",
+  )
   return markdown.table(
       COLUMNS,
       [
@@ -391,6 +427,8 @@ def plot(rows, path: str, detail: float = 0.9) -> None:
     )
     ax2.plot(xs, [r["spread"] for r in rs], "o-", color=color, label=label)
     ax2.plot(xs, [r["spread_factor"] for r in rs], "x--", color=color)
+    if rs[0]["unit"] == "head":
+      ax2.plot(xs, [r["spread_group"] for r in rs], "+:", color=color, ms=9)
   ax.set_yscale("log")
   ax.set_xlabel("sparsity s (every neuron equally sparse)")
   ax.set_ylabel("|g_sparse| / |g_dense| (same weights)")
@@ -399,7 +437,10 @@ def plot(rows, path: str, detail: float = 0.9) -> None:
   ax.legend(fontsize=8)
   ax2.set_xlabel("mean sparsity s (unit sparsities spread)")
   ax2.set_ylabel("slope of log r_u on log (1-s_u)^-1/2")
-  ax2.set_title("Per-unit slope (o: measured, x: with the paper's factor)")
+  ax2.set_title(
+      "Per-unit slope (o: measured, x: paper's factor, +: per-head factor)",
+      fontsize=10,
+  )
   ax2.grid(alpha=0.3)
   ax2.legend(fontsize=8)
 
@@ -461,7 +502,9 @@ def main(argv):
       "gradient left out), unit sparsities spread over s +- min(s, 1-s)/2 or "
       "ERK "
       "(init_masks); 1 = full per-unit skew, 0 = none. '+ factor': after "
-      "sparseopt.diagnostics.fan_in_scale (per neuron)."
+      "sparseopt.diagnostics.fan_in_scale (per neuron). '+ group factor': "
+      "the factor of the normalizer's group: per head for qk_norm "
+      "(neuron_axis=1 on (d_model, heads, head_dim)), 1 for the others."
   )
   with open(os.path.join(FLAGS.out, "grad_ratio_norms.md"), "w") as f:
     f.write(f"{setup}\n\n{table}\n")

@@ -1,7 +1,8 @@
 """Flax models for the SparseOpt experiments.
 
-Every convolution is followed by BatchNorm, as in the paper's networks: that
-BatchNorm is what turns uneven per-neuron sparsity into gradient skew. The
+In the ResNets and the MLP every convolution is followed by BatchNorm, as in
+the paper's networks: that BatchNorm is what turns uneven per-neuron sparsity
+into gradient skew (the ViTs use LayerNorm and, optionally, QK-norm instead). The
 final classifier is always a `nn.Dense` named ``head`` so that configs can
 address it by path (for example ``sparseopt.exclude_paths("head")``).
 
@@ -13,6 +14,11 @@ Presets:
   * ``FmnistResNet``: a CIFAR ResNet with one block per stage (ResNet-8) and
     8/16/32 filters, small enough to train on two CPU cores in minutes.
   * ``FmnistMLP``: the paper's 2-layer BatchNorm MLP.
+  * ``ViT`` (``fmnist_vit``, ``fmnist_vit_qk`` with QK-norm): a small pre-LN
+    vision transformer on 7x7 patches (16 tokens for 28x28 inputs), no
+    BatchNorm. Its attention kernels are ``nn.DenseGeneral``: ``query``,
+    ``key``, ``value`` ``(d_model, heads, head_dim)``, ``out``
+    ``(heads, head_dim, d_model)``.
 """
 
 import functools
@@ -201,6 +207,116 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
+class SelfAttention(nn.Module):
+  """Multi-head self-attention, with optional QK-norm.
+
+  Attributes:
+    heads: attention heads.
+    head_dim: width of each head.
+    qk_norm: RMS-normalize q and k per head over ``head_dim`` (one sigma per
+      token and head) before the dot product.
+    dtype: computation dtype.
+  """
+
+  heads: int
+  head_dim: int
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    proj = functools.partial(
+        nn.DenseGeneral, (self.heads, self.head_dim), dtype=self.dtype
+    )
+    q, k, v = proj(name="query")(x), proj(name="key")(x), proj(name="value")(x)
+    if self.qk_norm:
+      q = nn.RMSNorm(dtype=self.dtype, name="query_norm")(q)
+      k = nn.RMSNorm(dtype=self.dtype, name="key_norm")(k)
+    y = nn.dot_product_attention(q, k, v, dtype=self.dtype)
+    return nn.DenseGeneral(
+        x.shape[-1], axis=(-2, -1), dtype=self.dtype, name="out"
+    )(y)
+
+
+class ViTBlock(nn.Module):
+  """Pre-LN block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+  heads: int
+  mlp_dim: int
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
+    x = x + SelfAttention(
+        self.heads, d // self.heads, self.qk_norm, self.dtype, name="attn"
+    )(h)
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+    h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_up")(h))
+    return x + nn.Dense(d, dtype=self.dtype, name="mlp_down")(h)
+
+
+class ViT(nn.Module):
+  """A small pre-LN vision transformer (Dosovitskiy et al. 2021).
+
+  Non-overlapping ``patch x patch`` patches, a linear patch embedding
+  (``patch_embed``, a strided convolution) plus learned position embeddings
+  (``pos_embed``), ``depth`` pre-LN blocks, a final LayerNorm, mean pooling
+  over tokens and the ``head``. No BatchNorm, so the ``batch_stats``
+  collection is empty.
+
+  Attributes:
+    num_classes: classifier outputs.
+    d_model: token width.
+    depth: number of blocks.
+    heads: attention heads (``d_model`` must be a multiple).
+    mlp_dim: hidden width of each block's MLP.
+    patch: patch side in pixels.
+    qk_norm: RMSNorm per head over ``head_dim`` on q and k.
+    dtype: computation dtype (parameters stay float32).
+  """
+
+  num_classes: int
+  d_model: int = 64
+  depth: int = 4
+  heads: int = 4
+  mlp_dim: int = 128
+  patch: int = 7
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train  # No dropout, no BatchNorm.
+    if self.d_model % self.heads:
+      raise ValueError(
+          f"d_model={self.d_model} is not a multiple of heads={self.heads}."
+      )
+    x = nn.Conv(
+        self.d_model,
+        (self.patch, self.patch),
+        strides=(self.patch, self.patch),
+        padding="VALID",
+        dtype=self.dtype,
+        name="patch_embed",
+    )(x)
+    x = x.reshape((x.shape[0], -1, self.d_model))
+    pos = self.param(
+        "pos_embed",
+        nn.initializers.normal(0.02),
+        (1, x.shape[1], self.d_model),
+    )
+    x = x + pos.astype(x.dtype)
+    for i in range(self.depth):
+      x = ViTBlock(
+          self.heads, self.mlp_dim, self.qk_norm, self.dtype, name=f"block{i}"
+      )(x)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x).mean(axis=1)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+
+
 ResNet20 = functools.partial(CifarResNet, stage_sizes=(3, 3, 3))
 ResNet32 = functools.partial(CifarResNet, stage_sizes=(5, 5, 5))
 ResNet56 = functools.partial(CifarResNet, stage_sizes=(9, 9, 9))
@@ -214,6 +330,8 @@ FmnistResNet = functools.partial(
     CifarResNet, stage_sizes=(1, 1, 1), num_filters=8
 )
 FmnistMLP = MLP
+FmnistViT = ViT
+FmnistViTQK = functools.partial(ViT, qk_norm=True)
 
 MODELS = {
     "resnet20": ResNet20,
@@ -223,7 +341,12 @@ MODELS = {
     "resnet50": ResNet50,
     "fmnist_resnet": FmnistResNet,
     "fmnist_mlp": FmnistMLP,
+    "fmnist_vit": FmnistViT,
+    "fmnist_vit_qk": FmnistViTQK,
 }
+# The transformers among the presets: no BatchNorm; their attention kernels
+# are ``nn.DenseGeneral`` with several neuron axes.
+TRANSFORMERS = ("fmnist_vit", "fmnist_vit_qk")
 
 
 def create_model(
@@ -235,12 +358,17 @@ def create_model(
     name: preset name.
     num_classes: classifier outputs.
     dtype: computation dtype.
-    width: first-stage filters (ResNets) or hidden units (MLP); 0 keeps the
-      preset's.
+    width: first-stage filters (ResNets), hidden units (MLP) or ``d_model``
+      (ViTs); 0 keeps the preset's.
   """
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; choose from {sorted(MODELS)}.")
   kwargs = {}
   if width:
-    kwargs["hidden" if name == "fmnist_mlp" else "num_filters"] = width
+    if name == "fmnist_mlp":
+      kwargs["hidden"] = width
+    elif name in TRANSFORMERS:
+      kwargs["d_model"] = width
+    else:
+      kwargs["num_filters"] = width
   return MODELS[name](num_classes=num_classes, dtype=dtype, **kwargs)

@@ -6,15 +6,21 @@ correction or the dense grad-scale control in front of it, and, for sparse
 methods, ``sparseopt.dynamic_sparse`` (or, for ``method="gmp"``,
 ``sparseopt.gradual_pruning``) around the whole chain. Which kernels
 are sparse and which the correction applies to are defined here once
-(`sparse_filter`, `correction_filter`) and asked for by the training loop.
+(`sparse_filter`, `correction_filter`) and asked for by the training loop,
+as are each kernel's neurons (`neuron_axes`) and the unit of the
+correction (`correction_axes`: per neuron, or `group_axes`, the group of
+the normalizer after the kernel).
 """
 
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import sparseopt_jax as sparseopt
+
+from experiments import models
 
 OPTIMIZERS = ("sgd", "sparseopt", "adam", "sparseopt+adam")
 CORRECT_FILTERS = ("all", "bn_only")
@@ -27,6 +33,9 @@ BN_STATS = ("batch", "running")
 BN_EPSILON = 1e-5
 SCHEDULES = ("cosine", "step", "constant")
 STRUCTURES = ("unstructured", "constant_fan_in")
+# The unit of SparseOpt's factor: each neuron (the paper), or the group one
+# normalizer sigma is shared by (`group_axes`).
+CORRECTION_UNITS = ("neuron", "group")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -102,11 +111,89 @@ def gmp_steps(config, total_steps: int) -> tuple[int, int]:
   )
 
 
+def _is_weight_kernel(path, leaf) -> bool:
+  """A ``kernel`` leaf with ``ndim >= 2``: never a bias or an embedding.
+
+  For the ResNets and the MLP it selects what `sparseopt.is_kernel` does;
+  in the ViTs it also leaves out the 2-D attention biases
+  ``(heads, head_dim)`` and the position embedding.
+  """
+  return sparseopt.is_kernel(path, leaf) and (
+      sparseopt.path_str(path).endswith("kernel")
+  )
+
+
 def sparse_filter(config):
   """The ``filter_fn`` of the kernels ``config`` makes sparse."""
-  if config.dense_paths:
-    return sparseopt.exclude_paths(*config.dense_paths)
-  return sparseopt.is_kernel
+  return sparseopt.exclude_paths(*config.dense_paths, base=_is_weight_kernel)
+
+
+# Attention kernels of `experiments.models.SelfAttention` (``nn.DenseGeneral``).
+_QKV = re.compile(r"(^|/)(query|key|value)/kernel$")
+_QK = re.compile(r"(^|/)(query|key)/kernel$")
+_ATTN_OUT = re.compile(r"(^|/)attn/out/kernel$")
+
+
+def neuron_axes(path, leaf):
+  """Each kernel's neurons (its output units): a ``neuron_axis=`` callable.
+
+  ``-1`` (Flax layout) but for the attention kernels: ``query``, ``key`` and
+  ``value`` ``(d_model, heads, head_dim)`` have ``heads * head_dim``
+  neurons, ``(1, 2)``, and ``out`` ``(heads, head_dim, d_model)`` has
+  ``d_model`` with fan-in ``heads * head_dim``, ``(2,)``. A tuple also tells
+  ERK (`sparseopt.layer_densities`) to treat the kernel as the Dense matrix
+  it is. This is the spec of the masks and of the paper's per-neuron factor.
+  """
+  name = sparseopt.path_str(path)
+  if _QKV.search(name) and np.ndim(leaf) == 3:
+    return (1, 2)
+  if _ATTN_OUT.search(name) and np.ndim(leaf) == 3:
+    return (2,)
+  return -1
+
+
+def group_axes(model: str):
+  """The unit of the normalizer after each kernel of ``model``, per leaf.
+
+  A normalizer divides by one sigma per reduction group, so sparsity's
+  gradient amplification ``(1 - s)^-1/2`` is shared by the group
+  (docs/transformers.md), and so should the correction
+  ``sqrt(1 - s_g) / sqrt(1 - s_avg)`` be:
+
+  * BatchNorm (the ResNets, the MLP): one sigma per neuron, ``-1``; the
+    ``head`` has no normalizer after it, ``None``.
+  * QK-norm (``fmnist_vit_qk``): one sigma per token and head over
+    ``head_dim``, so the ``query`` and ``key`` kernels ``(d_model, heads,
+    head_dim)`` get ``1``: a head is the unit, its fan-in counted over axes
+    ``(0, 2)``, ``s_h`` its sparsity.
+  * LayerNorm or RMSNorm after a layer: one sigma per token over all of its
+    outputs, the whole layer is the unit and the normalized factor is
+    exactly 1: ``None`` (not corrected). The ViTs are pre-LN: no normalizer
+    follows ``value``, ``out`` or the MLP, so those are ``None`` too.
+
+  Args:
+    model: a key of `experiments.models.MODELS`.
+
+  Returns:
+    A ``neuron_axis=`` callable ``(path, leaf) -> axes | None``.
+  """
+  if model not in models.TRANSFORMERS:
+    return lambda path, leaf: -1 if _BN_FOLLOWED(path, leaf) else None
+  qk_norm = model == "fmnist_vit_qk"
+
+  def spec(path, leaf):
+    if qk_norm and _QK.search(sparseopt.path_str(path)) and np.ndim(leaf) == 3:
+      return 1
+    return None
+
+  return spec
+
+
+def correction_axes(config):
+  """The ``neuron_axis=`` of SparseOpt's factor: per neuron, or per group."""
+  if config.correction_unit == "group":
+    return group_axes(config.model)
+  return neuron_axes
 
 
 # Every kernel of the experiments' models that a BatchNorm follows: all but
@@ -210,6 +297,7 @@ def create_optimizer(
   if config.optimizer.startswith("sparseopt"):
     correct.append(
         sparseopt.scale_by_sparseopt(
+            neuron_axis=correction_axes(config),
             filter_fn=correction_filter(config),
             correction=config.correction,
             epsilon=BN_EPSILON,
@@ -245,6 +333,7 @@ def create_optimizer(
         schedule=config.gmp_schedule,
         filter_fn=sparse_filter(config),
         structure=structure(config),
+        neuron_axis=neuron_axes,
     )
   return sparseopt.dynamic_sparse(
       inner,
@@ -256,6 +345,13 @@ def create_optimizer(
       drop_schedule=config.drop_schedule,
       grow_with=config.grow_with,
       key=key,
+      # grow_with="corrected" scales by SparseOpt's factor; structured masks
+      # need each leaf's neurons (fields.validate refuses both with "group").
+      neuron_axis=(
+          correction_axes(config)
+          if config.grow_with == "corrected"
+          else neuron_axes
+      ),
       correction_filter=correction_filter(config),
       structure=structure(config),
   )

@@ -320,6 +320,31 @@ SWEEPS = {
             },
         ],
     ),
+    "fmnist_vit_qk": Sweep(
+        "fmnist_vit",
+        "The small ViT with QK-norm at RigL 95%, SGD with momentum (lr 0.05, "
+        "half an epoch of warmup), 3 epochs, 3 seeds: no correction, the "
+        "paper's per-neuron factor (correction_unit=neuron), and the factor "
+        "that follows the normalizer's group (correction_unit=group: per "
+        "head on query and key, which QK-norm normalizes; none on the "
+        "pre-LN block's other kernels).",
+        base={
+            "model": "fmnist_vit_qk",
+            "method": "rigl",
+            "sparsity": 0.95,
+            "learning_rate": 0.05,
+            "weight_decay": 5e-4,
+            "num_epochs": 3.0,
+        },
+        grids=[
+            {"optimizer": ["sgd"], "seed": [0, 1, 2]},
+            {
+                "optimizer": ["sparseopt"],
+                "correction_unit": ["neuron", "group"],
+                "seed": [0, 1, 2],
+            },
+        ],
+    ),
     "cifar100_resnet20": Sweep(
         "resnet20_cifar100",
         "The paper's CIFAR-100 ResNet-20 grid at 100 epochs (needs a GPU/TPU "

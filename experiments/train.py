@@ -186,15 +186,20 @@ def create_train_state(
           distribution=config.distribution,
           filter_fn=optimizers.sparse_filter(config),
           structure=optimizers.structure(config),
+          neuron_axis=optimizers.neuron_axes,
       )
       params = sparseopt.apply_masks(params, masks)
       if config.init == "fan_in":
         # A key derived from k_masks leaves every other key, and so the
         # masks and data order of paired runs, unchanged.
         params = sparseopt.sparse_init(
-            jax.random.fold_in(k_masks, 1), params, masks
+            jax.random.fold_in(k_masks, 1),
+            params,
+            masks,
+            neuron_axis=optimizers.neuron_axes,
         )
-    return params, variables["batch_stats"], masks
+    # The transformers have no BatchNorm: an empty collection.
+    return params, variables.get("batch_stats", {}), masks
 
   params, batch_stats, masks = init_variables(k_params, k_masks)
   schedule = optimizers.create_learning_rate_schedule(
@@ -272,7 +277,10 @@ def step_diagnostics(
   turning = _cond_or_zeros(
       log_now,
       lambda: sparseopt.diagnostics.turning_diagnostics(
-          before.params, params, masks_after
+          before.params,
+          params,
+          masks_after,
+          neuron_axis=optimizers.neuron_axes,
       ),
   )
   out = {f"turn/{k}": v for k, v in turning.items()}
@@ -280,7 +288,11 @@ def step_diagnostics(
     jump = _cond_or_zeros(
         is_update,
         lambda: sparseopt.diagnostics.mask_update_jump(
-            before.params, params, masks_before, masks_after
+            before.params,
+            params,
+            masks_before,
+            masks_after,
+            neuron_axis=optimizers.neuron_axes,
         ),
     )
     out.update({f"jump/{k}": v for k, v in jump.items()})
@@ -414,7 +426,7 @@ def train_step(
     loss = cross_entropy(
         logits, batch["label"], spec.num_classes, config.label_smoothing
     ).mean()
-    return loss, (logits, updates["batch_stats"], variances)
+    return loss, (logits, updates.get("batch_stats", {}), variances)
 
   (loss, (logits, batch_stats, variances)), grads = jax.value_and_grad(
       loss_fn, has_aux=True
@@ -619,6 +631,7 @@ def diagnostics(
   scales = sparseopt.diagnostics.sparseopt_scales(
       masks,
       state.params,
+      neuron_axis=optimizers.correction_axes(config),
       filter_fn=optimizers.correction_filter(config),
       correction=config.correction,
       batch_stats=stats,
@@ -630,7 +643,11 @@ def diagnostics(
   }
   out = {**sparseopt.diagnostics.dst_diagnostics(state.opt_state), **max_scales}
   if config.fan_in_histogram:
-    out.update(sparseopt.diagnostics.fan_in_histogram(masks))
+    out.update(
+        sparseopt.diagnostics.fan_in_histogram(
+            masks, neuron_axis=optimizers.neuron_axes
+        )
+    )
   return out
 
 

@@ -44,7 +44,9 @@ def test_cifar_resnets(name, blocks):
   assert params["head"]["kernel"].shape[1] == 100
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize(
+    "name", sorted(set(models.MODELS) - set(models.TRANSFORMERS))
+)
 def test_batchnorm_after_every_conv(name):
   shape = (1, 28, 28, 1) if name.startswith("fmnist") else (1, 32, 32, 3)
   _, variables = _variables(name, 10, shape)
@@ -81,3 +83,41 @@ def test_forward_shapes_and_width():
 def test_unknown_model():
   with pytest.raises(ValueError, match="Unknown model 'vgg'"):
     models.create_model("vgg", num_classes=10)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_vit_shapes(qk_norm):
+  name = "fmnist_vit_qk" if qk_norm else "fmnist_vit"
+  _, variables = _variables(name, 10, (1, 28, 28, 1))
+  assert "batch_stats" not in variables
+  params = variables["params"]
+  assert params["patch_embed"]["kernel"].shape == (7, 7, 1, 64)
+  assert params["pos_embed"].shape == (1, 16, 64)  # 16 tokens of 7x7.
+  assert sorted(k for k in params if k.startswith("block")) == [
+      f"block{i}" for i in range(4)
+  ]
+  attn = params["block0"]["attn"]
+  for name in ("query", "key", "value"):
+    assert attn[name]["kernel"].shape == (64, 4, 16)
+  assert attn["out"]["kernel"].shape == (4, 16, 64)
+  assert params["block0"]["mlp_up"]["kernel"].shape == (64, 128)
+  assert ("query_norm" in attn) == ("key_norm" in attn) == qk_norm
+  if qk_norm:
+    assert attn["query_norm"]["scale"].shape == (16,)  # Per head_dim.
+
+
+def test_vit_qk_norm_normalizes_each_head():
+  model = models.SelfAttention(heads=2, head_dim=4, qk_norm=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 8))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  _, inter = model.apply(
+      variables, x, capture_intermediates=lambda m, _: "norm" in (m.name or "")
+  )
+  q = inter["intermediates"]["query_norm"]["__call__"][0]
+  # Unit RMS over head_dim for every token and head (scale starts at 1).
+  np.testing.assert_allclose(np.sqrt(np.mean(np.square(q), -1)), 1.0, rtol=1e-3)
+
+
+def test_vit_width_sets_d_model():
+  model = models.create_model("fmnist_vit", num_classes=10, width=32)
+  assert model.d_model == 32

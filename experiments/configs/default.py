@@ -79,6 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
   # std sigma_i of the BatchNorm that normalizes each kernel's output; the
   # classifier head, which no BatchNorm follows, is left alone).
   config.correction = "fan_in"
+  # The unit of SparseOpt's factor: "neuron" (the paper: each output unit;
+  # q/k/v attention kernels' heads * head_dim neurons) or "group" (the
+  # reduction group of the normalizer after the kernel: a neuron under
+  # BatchNorm, a head under QK-norm, none under LayerNorm/RMSNorm or when
+  # no normalizer follows; see optimizers.group_axes).
+  config.correction_unit = "neuron"
   # correction="batch_stats" only: whose variances give sigma_i: "batch"
   # (this step's batch, which BatchNorm divides by in this very step) or
   # "running" (the running averages, as the step started).

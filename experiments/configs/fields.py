@@ -142,6 +142,7 @@ FIELDS: dict[str, Field] = {
     "optimizer": Field(str, choices=optimizers.OPTIMIZERS),
     "correct_filter": Field(str, choices=optimizers.CORRECT_FILTERS),
     "correction": Field(str, choices=optimizers.CORRECTIONS),
+    "correction_unit": Field(str, choices=optimizers.CORRECTION_UNITS),
     "bn_stats": Field(str, choices=optimizers.BN_STATS),
     "learning_rate": Field(float, low=0.0, low_open=True),
     "momentum": _fraction(),
@@ -255,6 +256,27 @@ def validate(
         f"inputs: sparsity must be 1 - n/m = {1 - n / m:g}, got "
         f"sparsity={config.sparsity}.",
     )
+  check(
+      config.correction_unit == "neuron"
+      or (config.correction != "batch_stats" and structure == "unstructured"),
+      "correction_unit='group' works with the fan_in and norm corrections "
+      "and unstructured masks, not "
+      f"correction={config.correction!r}, structure={config.structure!r}.",
+  )
+  if config.model in models.TRANSFORMERS:
+    # No BatchNorm: nothing gives batch statistics.
+    for name, ok in (
+        ("correction", config.correction != "batch_stats"),
+        ("sigma_diagnostics", not config.sigma_diagnostics),
+        ("recalibrate_batches", config.recalibrate_batches == 0),
+        ("grad_scale", config.grad_scale == 1.0),
+        ("correct_filter", config.correct_filter == "all"),
+    ):
+      check(
+          ok,
+          f"{name}={config[name]!r} needs BatchNorm, which "
+          f"model={config.model!r} does not have.",
+      )
   check(
       config.gmp_start_fraction <= config.gmp_end_fraction,
       f"gmp_start_fraction={config.gmp_start_fraction} must be <= "
