@@ -146,6 +146,20 @@ SWEEPS = {
             {"learning_rate": [0.2], "optimizer": _BOTH, "seed": [0, 1, 2]},
         ],
     ),
+    "fmnist_bn_stats_base": Sweep(
+        "fmnist_resnet",
+        "The baselines of fmnist_bn_stats, run in one environment with the "
+        "same sigma diagnostics: SGD and the paper's factor at RigL 97%, 3 "
+        "epochs, on the learning-rate grid of the batch_stats arm.",
+        base={"method": "rigl", "sparsity": 0.97, "sigma_diagnostics": True},
+        grids=[
+            {
+                "learning_rate": [0.2, 0.1, 0.05],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            }
+        ],
+    ),
     "fmnist_churn": Sweep(
         "fmnist_resnet",
         "Do dead neurons come back? RigL vs SET at 97%, 3 epochs, SGD vs "
