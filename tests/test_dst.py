@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -494,17 +495,18 @@ def test_masks_updated_follows_the_schedule(method):
       assert changed == want[t], t
 
 
-def _eqns(jaxpr, inside_cond=False):
-  """(primitive name, operand avals, inside a cond branch) for every eqn."""
+def _eqns(jaxpr, inside=False):
+  """(primitive, operand avals, inside a cond or loop body) for every eqn."""
   for eqn in jaxpr.eqns:
-    yield eqn.primitive.name, [v.aval for v in eqn.invars], inside_cond
+    yield eqn.primitive.name, [v.aval for v in eqn.invars], inside
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _eqns(sub, inside_cond or eqn.primitive.name == "cond")
+      yield from _eqns(sub, inside or eqn.primitive.name in ("cond", "while"))
 
 
 def test_normal_step_never_counts_masks():
   # Counting masks (SparseOpt's factors) and ranking weights (RigL) must
-  # only happen inside the lax.cond branches taken at mask updates.
+  # only happen inside the lax.cond branch (SparseOpt's recount) and the
+  # loop body (RigL's mask update) that run at mask updates.
   params, masks, grads = mlp_problem()
   tx = make_tx(
       masks,
@@ -544,6 +546,74 @@ def test_normal_step_never_counts_masks():
   # Both caches are in play: SparseOpt's counts and RigL's top-k.
   names = {name for name, _ in found}
   assert "reduce_sum" in names and "top_k" in names
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "static"])
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_donated_step_copies_no_kernel_buffer(method, inner):
+  # The normal step's cost is one elementwise pass, as for a static mask:
+  # with the state donated, no kernel-sized buffer (moment or mask) may be
+  # copied in the entry computation. A cond around the mask update (or the
+  # optimizer state passed through one) copies every sparse kernel's
+  # moments and masks on every step; the loop dynamic_sparse uses does not.
+  rng = np.random.default_rng(0)
+  params = {
+      f"l{i}": {"kernel": jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)}
+      for i in range(3)
+  }
+  masks = sparseopt.init_masks(jax.random.key(0), params, 0.9)
+  params = sparseopt.apply_masks(params, masks)
+  opt = {"sgd": optax.sgd(0.1, momentum=0.9), "adam": optax.adam(1e-3)}
+  tx = make_tx(
+      masks,
+      method,
+      inner=optax.chain(sparseopt.scale_by_sparseopt(), opt[inner]),
+      update_every=10,
+  )
+
+  def step(state, g, p):
+    updates, state = tx.update(g, state, p)
+    return state, updates
+
+  hlo = (
+      jax.jit(step, donate_argnums=0)
+      .lower(tx.init(params), params, params)
+      .compile()
+      .as_text()
+  )
+  entry = hlo[hlo.index("\nENTRY") :]
+  entry = entry[: entry.index("\n}\n")]
+  copies = re.findall(r"= (\w+)\[([\d,]*)\][^ ]* copy\(", entry)
+  assert not [c for c in copies if c[1] == "64,64"], copies
+
+
+def test_vmap_over_keys_equals_each_run():
+  # Sweeps vmap whole runs over seeds: the gated mask update then runs for
+  # the batch when any member updates, and must give each member exactly
+  # what its own run gives.
+  params, masks, grads = mlp_problem()
+
+  def run(key):
+    tx = sparseopt.dynamic_sparse(
+        optax.sgd(0.1, momentum=0.9),
+        masks,
+        method="set",
+        update_every=2,
+        end_step=100,
+        key=key,
+    )
+    state, p = tx.init(params), params
+    for g in grads:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p, sparseopt.get_masks(state)
+
+  keys = jax.random.split(jax.random.key(3), 2)
+  batched = jax.jit(jax.vmap(run))(keys)
+  for i in range(2):
+    one = jax.jit(run)(keys[i])
+    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one)):
+      np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
 
 
 # --------------------------------------------------------- equivalence

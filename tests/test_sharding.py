@@ -152,22 +152,27 @@ def _ranks(comps, names):
 def _split_update_branch(hlo):
   """(normal-step computations, mask-update-branch computations).
 
-  The mask update is the ``lax.cond`` branch that ranks (``lax.top_k`` turns
-  into a TopK or a sort). A normal step runs every computation reachable from
-  the entry without entering such a branch; every other conditional branch
-  (e.g. ``scale_by_sparseopt``'s factor recompute) counts as normal, which
-  makes the check stricter.
+  The mask update is the body of the loop (``lax.while_loop``, run once at
+  mask updates and never otherwise) or the ``lax.cond`` branch that ranks
+  (``lax.top_k`` turns into a TopK or a sort). A normal step runs every
+  computation reachable from the entry without entering such a body; every
+  other branch (e.g. ``scale_by_sparseopt``'s factor recompute) and every
+  loop condition counts as normal, which makes the check stricter.
   """
   comps, entry = _computations(hlo)
   update = set()
   for lines in comps.values():
     for line in lines:
-      if " conditional(" not in line:
+      if " conditional(" in line:
+        bodies = _callees(line)
+      elif " while(" in line:
+        bodies = re.findall(r"\bbody=%?([\w.\-]+)", line)
+      else:
         continue
-      for branch in _callees(line):
-        names = _reachable(comps, [branch])
+      for body in bodies:
+        names = _reachable(comps, [body])
         if _ranks(comps, names):
-          update.add(branch)
+          update.add(body)
   normal = _reachable(comps, [entry], skip=frozenset(update))
   in_update = _reachable(comps, sorted(update)) - normal
   return comps, normal, in_update
@@ -353,7 +358,7 @@ def test_state_stays_sharded(report):
 
 def test_normal_step_gathers_no_sparse_kernel(report):
   # How the check works: the compiled HLO is split into computations; the
-  # mask update is the conditional branch that ranks (TopK or sort), and
+  # mask update is the loop body that ranks (TopK or sort), and
   # the normal step is everything reachable from the entry without entering
   # it. There, no all-gather (nor all-reduce) may produce as many elements
   # as a sparse kernel, in whatever shape.

@@ -3,7 +3,8 @@
 The wrapper owns the masks: they live in its state, next to a step counter,
 a PRNG key, the ITOP union mask and the inner optimizer's state, so a whole
 sparse step is one ``tx.update`` plus ``optax.apply_updates`` under one
-``jax.jit``. Topology changes run under ``lax.cond`` on the counter.
+``jax.jit``. Topology changes run in a loop body that the step counter
+runs once at mask updates and skips otherwise.
 """
 
 from __future__ import annotations
@@ -329,7 +330,10 @@ def dynamic_sparse(
   The updates of a mask-update step set dropped weights to 0 and
   leave grown weights at 0, and every params-shaped moment of the inner state
   (momentum, Adam's ``mu``/``nu``...) is zeroed at changed positions. The
-  choice runs under ``lax.cond`` on the counter: no host sync, no retrace.
+  choice runs on device, gated by the counter: no host sync, no retrace,
+  and a normal step is the same single elementwise pass as a static mask's
+  (the gated part is a ``lax.while_loop`` that runs once or not at all,
+  which, unlike ``lax.cond``, leaves the state in place when skipped).
 
   Non-finite values: whatever the gradients hold, the updates at positions
   outside the live mask are ``-params`` (gradients there are zeroed before
@@ -376,7 +380,7 @@ def dynamic_sparse(
     ``params``; its state is a :class:`DynamicSparseState`
     (:func:`get_masks` and :func:`masks_updated` read it). Call ``update``
     inside ``jax.jit`` (as part of the train step): un-jitted, the
-    ``lax.cond`` is traced again at every call.
+    mask update is traced again at every call.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -484,7 +488,7 @@ def dynamic_sparse(
       )
     if grow_with == "corrected":
       flags = transform.correction_flags(correction_filter, old_masks, params)
-      # Counted here, inside the mask update's cond: never on normal steps.
+      # Counted here, inside the mask update: never on normal steps.
       scales = transform.scales_from_flags(
           old_masks, flags, None, neuron_axis, "fan_in"
       )
@@ -534,6 +538,18 @@ def dynamic_sparse(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+class StepCarry(NamedTuple):
+  """What a mask update may change in a step (see :func:`sparse_step`)."""
+
+  pending: jax.Array
+  masks: PyTree
+  ever_active: PyTree
+  num_changed: PyTree
+  key: jax.Array
+  updates: PyTree
+  inner_state: optax.OptState
+
+
 def sparse_step(
     inner: optax.GradientTransformationExtraArgs,
     grads: PyTree,
@@ -547,11 +563,13 @@ def sparse_step(
 ) -> tuple[PyTree, DynamicSparseState]:
   """One step of a mask-owning wrapper (:func:`dynamic_sparse` and friends).
 
-  Masks the gradients, updates ``inner`` with the live masks, and, when
-  ``is_update_at(count)`` holds, runs ``change_topology(count, masks, params,
-  grads, key) -> (masks, num_changed, key)`` under ``lax.cond``; moments are
-  reset where the masks changed and the updates zero every position outside
-  the old-and-new masks. ``is_update_at=None``: the masks never change.
+  Masks the gradients, updates ``inner`` with the live masks and sets the
+  updates outside them to ``-params``: one elementwise pass, all a normal
+  step does. When ``is_update_at(count)`` holds, a loop body that runs once
+  then calls ``change_topology(count, masks, params, grads, key) -> (masks,
+  num_changed, key)``, resets moments where the masks changed and sets the
+  updates there to ``-params``, so every position outside the old-and-new
+  masks ends at zero. ``is_update_at=None``: the masks never change.
   """
   if params is None:
     raise ValueError(
@@ -564,65 +582,87 @@ def sparse_step(
   extra_args.pop("masks_updated", None)
   old = state.masks
   tree_lib.validate_masks(grads, old, argname="DynamicSparseState.masks")
-  masked_grads = tree_lib.zero_masked(old, grads)
   # ``old`` differs from the masks forwarded last step iff that step was a
   # mask update; at count 0 nothing was forwarded yet.
   forwarded_new = state.masks_updated | (state.count == 0)
   inner_updates, inner_state = inner.update(
-      masked_grads,
+      tree_lib.zero_masked(old, grads),
       state.inner_state,
       params,
       masks=old,
       masks_updated=forwarded_new,
       **extra_args,
   )
-
-  new, num_changed, key = old, state.num_changed, state.key
-  is_update = jnp.zeros([], bool)
-  if is_update_at is not None:
-    count = state.count
-    is_update = is_update_at(count)
-
-    # Only the topology choice goes through the cond (masks, key).
-    # The optimizer state stays out of it: a state passed through a cond is
-    # copied at its boundary on every step (benchmarks/results/).
-    def keep(key):
-      return old, state.num_changed, key
-
-    new, num_changed, key = jax.lax.cond(
-        is_update,
-        lambda key: change_topology(count, old, params, grads, key),
-        keep,
-        state.key,
-    )
-    # Elementwise; all-False on normal steps.
-    changed = tree_lib.map_masked(
-        lambda o, n: None if o is None else o ^ n, old, new
-    )
-    inner_state = reset_changed_moments(inner_state, params, changed)
-
-  # Kept connections take the inner update; every other position is set
-  # to exactly zero (p + (-p) == 0 for finite p), which drops pruned
-  # weights and leaves grown ones at zero. No additive update can zero a
-  # NaN or inf weight: see "Non-finite values" in dynamic_sparse.
+  # Live connections take the inner update; every other position is set
+  # to exactly zero (p + (-p) == 0 for finite p), which keeps pruned weights
+  # at zero. No additive update can zero a NaN or inf weight: see
+  # "Non-finite values" in dynamic_sparse.
   updates = tree_lib.map_masked(
-      lambda o, n, u, p: u if o is None else jnp.where(o & n, u, -p),
+      lambda m, u, p: u if m is None else jnp.where(m, u, -p),
       old,
-      new,
       inner_updates,
       params,
   )
-  ever_active = tree_lib.map_masked(
-      lambda e, n: None if e is None else e | n, state.ever_active, new
-  )
-  return updates, DynamicSparseState(
-      count=optax.safe_int32_increment(state.count),
-      key=key,
-      masks=new,
-      ever_active=ever_active,
-      num_changed=num_changed,
-      masks_updated=is_update,
+  result = StepCarry(
+      pending=jnp.zeros([], bool),
+      masks=old,
+      ever_active=state.ever_active,
+      num_changed=state.num_changed,
+      key=state.key,
+      updates=updates,
       inner_state=inner_state,
+  )
+  if is_update_at is not None:
+    count = state.count
+
+    def change(carry: StepCarry) -> StepCarry:
+      new, num_changed, key = change_topology(
+          count, carry.masks, params, grads, carry.key
+      )
+      changed = tree_lib.map_masked(
+          lambda o, n: None if o is None else o ^ n, carry.masks, new
+      )
+      # Dropped and grown connections both start from zero: their moments
+      # are reset and their update is -p (dropped weights go to zero, grown
+      # ones stay there).
+      return StepCarry(
+          pending=jnp.zeros([], bool),
+          masks=new,
+          ever_active=tree_lib.map_masked(
+              lambda e, n: None if e is None else e | n, carry.ever_active, new
+          ),
+          num_changed=num_changed,
+          key=key,
+          updates=tree_lib.map_masked(
+              lambda c, u, p: u if c is None else jnp.where(c, -p, u),
+              changed,
+              carry.updates,
+              params,
+          ),
+          inner_state=reset_changed_moments(carry.inner_state, params, changed),
+      )
+
+    # A loop that runs once on mask-update steps and not at all otherwise,
+    # rather than a cond: a while loop's state stays in place when the body
+    # does not run, where a cond copies every params-sized array it passes
+    # through (benchmarks/results/). The normal step above never reads the
+    # new masks, so it is the same elementwise pass as a static step.
+    result = jax.lax.while_loop(
+        lambda c: c.pending,
+        change,
+        result._replace(pending=is_update_at(count)),
+    )
+    is_update = is_update_at(count)
+  else:
+    is_update = jnp.zeros([], bool)
+  return result.updates, DynamicSparseState(
+      count=optax.safe_int32_increment(state.count),
+      key=result.key,
+      masks=result.masks,
+      ever_active=result.ever_active,
+      num_changed=result.num_changed,
+      masks_updated=is_update,
+      inner_state=result.inner_state,
   )
 
 

@@ -4,8 +4,8 @@ The masks start dense and live in the wrapper's state (a
 :class:`~sparseopt_jax.DynamicSparseState`, so :func:`get_masks`,
 :func:`masks_updated`, :func:`itop_rate` and the diagnostics read it). Every
 count is computed on the host from static shapes, so each pruning step keeps
-an exact, precomputed number of weights; on device a pruning step is one
-``lax.cond`` on the step counter.
+an exact, precomputed number of weights; on device a pruning step runs in
+the gated loop body of ``dst.sparse_step``, skipped on other steps.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def gradual_pruning(
   with ``masks=`` and ``masks_updated=`` as in :func:`dynamic_sparse`, and the
   updates set every pruned weight to exactly 0 (``-params`` there); at a
   pruning step every params-shaped moment of the inner state is reset where
-  weights were pruned (:func:`reset_changed_moments`). Pruning runs under one
-  ``lax.cond`` on the step counter, with the counts a host-computed table
+  weights were pruned (:func:`reset_changed_moments`). Pruning runs on
+  device, gated by the step counter, with the counts a host-computed table
   (one int32 per pruning step and sparse leaf, a constant of the compiled
   step): no host sync, no retrace.
 
