@@ -13,8 +13,12 @@ For each parameter tree (90% sparse masks, ERK), times one jitted update of:
 * ``zero_masked_updates`` (the apply-masks transform);
 * ``sgd_momentum``: plain ``optax.sgd(0.1, momentum=0.9)``;
 * ``dst_step``: ``dynamic_sparse(chain(scale_by_sparseopt(), sgd))`` on a
-  step that is not a mask update;
-* ``rigl_update`` / ``set_update``: the same wrapper on a mask-update step.
+  step that is not a mask update, and ``static_step`` the same with
+  ``method="static"``;
+* ``rigl_update`` / ``set_update``: the same wrapper on a mask-update step;
+* ``adam`` and ``dst_adam_step``: plain ``optax.adam`` and the RigL wrapper
+  around ``chain(scale_by_sparseopt(), adam)`` on a normal step, whose
+  "x sgd" column is relative to ``adam`` (its floor).
 
 The stateful candidates (``sgd_momentum`` and the ``dynamic_sparse`` steps)
 donate their optimizer state and carry it from call to call, as a training
@@ -71,12 +75,14 @@ def candidates(params, masks, grads):
 
   sgd = optax.sgd(0.1, momentum=0.9)
 
-  def dst(method, count):
+  adam = optax.adam(1e-3)
+
+  def dst(method, count, inner=lambda: optax.sgd(0.1, 0.9)):
     # As in a train step: the state is donated and carried from call to
     # call, with the counter reset so that every call is the same kind of
     # step (normal, or a mask update).
     tx = sparseopt.dynamic_sparse(
-        optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
+        optax.chain(sparseopt.scale_by_sparseopt(), inner()),
         masks,
         method=method,
         update_every=100,
@@ -98,8 +104,11 @@ def candidates(params, masks, grads):
       "zero_masked_updates": (zero_fn, (grads, zero_state, params, masks)),
       "sgd_momentum": carrying(sgd, sgd.init(params)),
       "dst_step": dst("rigl", 1),
+      "static_step": dst("static", 1),
       "rigl_update": dst("rigl", 100),
       "set_update": dst("set", 100),
+      "adam": carrying(adam, adam.init(params)),
+      "dst_adam_step": dst("rigl", 1, lambda: optax.adam(1e-3)),
   }
   return out
 
@@ -137,8 +146,12 @@ def extra_state_bytes(params, masks):
       "sgd_momentum": 0.0,
       # SET and RigL keep the same state; only the timed step differs.
       "dst_step": dst_bytes,
+      "static_step": dst_bytes,
       "rigl_update": dst_bytes,
       "set_update": dst_bytes,
+      # Beyond adam's own state (the rows above are beyond sgd_momentum's).
+      "adam": None,
+      "dst_adam_step": dst_bytes,
   }
 
 
@@ -164,7 +177,7 @@ def run(tree_names, rounds):
       print(
           f"| {name} | {n / 1e6:.2f}M | {tname} | {t * 1e3:.3f} | "
           f"{gbps:.1f} | {t / n * 1e9:.3f} | {t / times['floor']:.2f} | "
-          f"{t / times['sgd_momentum']:.2f} | "
+          f"{t / times['adam' if 'adam' in tname else 'sgd_momentum']:.2f} | "
           f"{'-' if extra[tname] is None else f'{extra[tname]:.3f}'} |",
           flush=True,
       )

@@ -1096,3 +1096,100 @@ def test_itop_count_blocks_do_not_overflow_int32():
   parts = jnp.full((3,), 2**30, jnp.int32)
   assert int(jnp.sum(parts, dtype=jnp.int32)) < 0  # the bug being avoided
   assert float(jnp.sum(parts.astype(jnp.float32))) == 3 * 2**30
+
+
+# ------------------------------------------------------ selection by threshold
+
+
+def _first_k_reference(scores, k):
+  """NumPy: the k largest, equal scores lower index first."""
+  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+  out = np.zeros(len(scores), bool)
+  out[order[:k]] = True
+  return out
+
+
+@pytest.fixture
+def small_selection(monkeypatch):
+  # The threshold path normally starts at 65536 scores and k_max 4096;
+  # lowered here so the tests run on small vectors through the same code.
+  from sparseopt_jax._src import dst
+
+  monkeypatch.setattr(dst, "SELECT_MIN_SIZE", 1024)
+  monkeypatch.setattr(dst, "SELECT_MIN_K", 16)
+  return dst
+
+
+def _scores(kind, n, rng):
+  if kind == "uniform":
+    return rng.uniform(size=n)
+  if kind == "mostly_excluded":  # RigL's drop: only active entries rank.
+    return np.where(rng.uniform(size=n) < 0.9, -np.inf, -rng.uniform(size=n))
+  if kind == "tied":  # Zero gradients: long runs of equal scores.
+    return np.where(rng.uniform(size=n) < 0.7, 0.0, rng.uniform(size=n))
+  if kind == "integers":  # Few distinct values: ties at every threshold.
+    return rng.integers(0, 7, size=n).astype(np.float64)
+  if kind == "sorted":  # Adversarial for a strided sample.
+    return np.sort(rng.uniform(size=n))
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["uniform", "mostly_excluded", "tied", "integers", "sorted"]
+)
+def test_select_top_k_equals_top_k_reference(small_selection, kind):
+  dst = small_selection
+  rng = np.random.default_rng(0)
+  n, k_max = 6000, 900
+  select = jax.jit(lambda s, k: dst.select_top_k(s, k_max, k))
+  for trial in range(4):
+    scores = _scores(kind, n, rng).astype(np.float32)
+    for k in (0, 1, 17, k_max // 2, k_max):
+      got = np.asarray(select(jnp.asarray(scores), jnp.int32(k)))
+      want = _first_k_reference(scores, k)
+      np.testing.assert_array_equal(got, want, err_msg=f"{kind} {trial} k={k}")
+
+
+def test_select_top_k_threshold_path_runs(small_selection, monkeypatch):
+  # With the exact fallback sabotaged, well-spread scores must still come
+  # out right: the threshold path, not the fallback, produced them.
+  dst = small_selection
+  monkeypatch.setattr(
+      dst, "first_k_of_top", lambda s, k_max, k: jnp.zeros(s.shape, bool)
+  )
+  rng = np.random.default_rng(1)
+  scores = rng.uniform(size=6000).astype(np.float32)
+  for k in (20, 450, 900):
+    got = jax.jit(lambda s, k: dst.select_top_k(s, 900, k))(
+        jnp.asarray(scores), jnp.int32(k)
+    )
+    np.testing.assert_array_equal(got, _first_k_reference(scores, k))
+
+
+def test_set_growth_is_uniform_over_inactive_entries():
+  # SET's hash-based scores: over many keys every inactive entry is grown
+  # about equally often (chi-square, 63 degrees of freedom; the 1e-6
+  # quantile is about 120), with no drift toward low or high indices.
+  from sparseopt_jax._src import dst
+
+  grow = jax.jit(
+      jax.vmap(
+          lambda key: dst.select_top_k(
+              dst.random_scores(key, (64,)), 8, jnp.int32(8)
+          )
+      )
+  )
+  picks = np.asarray(grow(jax.random.split(jax.random.key(0), 4000)))
+  assert (picks.sum(1) == 8).all()
+  counts = picks.sum(0)
+  expected = 4000 * 8 / 64
+  chi2 = ((counts - expected) ** 2 / expected).sum()
+  assert chi2 < 120, (chi2, counts)
+  assert abs(counts[:32].sum() - counts[32:].sum()) < 6 * np.sqrt(32000)
+  # Different keys, different draws; the same key, the same draw.
+  a, b = (dst.random_scores(jax.random.key(i), (1000,)) for i in (1, 2))
+  assert not np.array_equal(a, b)
+  np.testing.assert_array_equal(
+      a, dst.random_scores(jax.random.key(1), (1000,))
+  )
+  assert len(np.unique(np.asarray(a))) >= 999

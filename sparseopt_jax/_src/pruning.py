@@ -318,7 +318,7 @@ def gradual_pruning(
       k_max = total - final
       n_drop = jnp.clip(active - kept[0], 0, k_max)
       dropped = (
-          dst.first_k_of_top(scores, k_max, n_drop)
+          dst.select_top_k(scores, k_max, n_drop)
           if k_max
           else jnp.zeros(scores.shape, bool)
       )
@@ -341,9 +341,12 @@ def gradual_pruning(
             structure_lib.to_groups(m, structure, ax), axis=1, dtype=jnp.int32
         )
         n_drop = jnp.clip(active - kept[i], 0, k_max)
-        dropped = jax.vmap(
-            lambda s, k, k_max=k_max: dst.first_k_of_top(s, k_max, k)
-        )(rows, n_drop)
+        if rows.shape[0] == 1:  # Unstructured: one group, the whole layer.
+          dropped = dst.select_top_k(rows[0], k_max, n_drop[0])[None]
+        else:
+          dropped = jax.vmap(
+              lambda s, k, k_max=k_max: dst.first_k_of_top(s, k_max, k)
+          )(rows, n_drop)
         dropped = structure_lib.from_groups(dropped, m.shape, structure, ax)
         new_leaves.append(m & ~dropped)
     by_name = {
