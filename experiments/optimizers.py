@@ -1,8 +1,9 @@
 """The optimizer a config names: learning-rate schedule, transforms, filters.
 
 `create_optimizer` builds the optax transformation of one run from its
-config: the base optimizer (SGD with momentum or AdamW), SparseOpt's
-correction or the dense grad-scale control in front of it, and, for sparse
+config: the base optimizer (SGD with momentum or AdamW), optionally inside
+``sparseopt.ham``, SparseOpt's correction, the renormalization ablation or
+the dense grad-scale control in front of it, and, for sparse
 methods, ``sparseopt.dynamic_sparse`` (or, for ``method="gmp"``,
 ``sparseopt.gradual_pruning``) around the whole chain. Which kernels
 are sparse and which the correction applies to are defined here once
@@ -36,6 +37,7 @@ STRUCTURES = ("unstructured", "constant_fan_in")
 # The unit of SparseOpt's factor: each neuron (the paper), or the group one
 # normalizer sigma is shared by (`group_axes`).
 CORRECTION_UNITS = ("neuron", "group")
+RENORMALIZE = ("none", "global", "layer")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -317,6 +319,22 @@ def create_optimizer(
     base = [
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+    ]
+  if config.renormalize != "none":
+    # After the correction, before weight decay: only the direction of the
+    # loss gradient reaches the optimizer (the paper's ablation).
+    correct.append(sparseopt.normalize_updates(config.renormalize))
+  if config.ham:
+    # HAM's exponent sees the gradient the chain gives it: SparseOpt's
+    # corrected (and renormalized) one when those are on.
+    base = [
+        sparseopt.ham(
+            optax.chain(*base),
+            schedule,
+            alpha=config.ham_alpha,
+            beta=config.ham_beta,
+            filter_fn=_is_weight_kernel,
+        )
     ]
   inner = optax.chain(*correct, *base)
   if config.method == "dense":

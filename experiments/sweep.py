@@ -280,6 +280,35 @@ SWEEPS = {
             }
         ],
     ),
+    "fmnist_ham": Sweep(
+        "fmnist_resnet",
+        "HAM (hyperbolic aware minimization) at RigL 95%, 3 epochs, 3 seeds: "
+        "SGD, SparseOpt, HAM and SparseOpt + HAM (the paper's CIFAR-100 "
+        "pattern is SparseOpt + HAM > SparseOpt > HAM > SGD), all at the "
+        "default lr 0.1 and HAM's default alpha 200, beta 1e-3.",
+        base={"method": "rigl", "sparsity": 0.95, "num_epochs": 3.0},
+        grids=[{"ham": [False, True], "optimizer": _BOTH, "seed": [0, 1, 2]}],
+    ),
+    "fmnist_renorm": Sweep(
+        "fmnist_resnet",
+        "The renormalization ablation at RigL 95%, 3 epochs, 3 seeds: the "
+        "loss gradient rescaled to unit global norm before weight decay and "
+        "momentum SGD, baseline vs SparseOpt (which renormalizes the "
+        "corrected gradient), each on its own lr grid.",
+        base={
+            "method": "rigl",
+            "sparsity": 0.95,
+            "num_epochs": 3.0,
+            "renormalize": "global",
+        },
+        grids=[
+            {
+                "learning_rate": [0.05, 0.1, 0.2],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            }
+        ],
+    ),
     "fmnist_gmp": Sweep(
         "fmnist_resnet",
         "Gradual magnitude pruning (Zhu & Gupta's cubic schedule, dense to "

@@ -892,6 +892,48 @@ def test_dense_control_sits_before_weight_decay(fmnist_dir):
   np.testing.assert_allclose(updates["head"]["kernel"], -1.1)
 
 
+def test_renormalize_and_ham_compose_as_documented(fmnist_dir):
+  # renormalize: the loss gradient at unit norm (global) before weight
+  # decay; ham: the multiplicative step on kernels after SGD's, with the
+  # gradient it receives in its exponent (NumPy reference).
+  params = {
+      "hidden": {"kernel": jnp.array([[1.0, -2.0], [0.5, 0.0]])},
+      "head": {"kernel": jnp.array([[1.0], [-1.0]]), "bias": jnp.ones(1)},
+  }
+  grads = {
+      "hidden": {"kernel": jnp.array([[3.0, 0.0], [0.0, -4.0]])},
+      "head": {"kernel": jnp.zeros((2, 1)), "bias": jnp.zeros(1)},
+  }
+  common = dict(method="dense", optimizer="sgd", momentum=0.0)
+  lr = 0.01
+
+  def updates_of(**fields):
+    config = _mlp(fmnist_dir, **common, **fields)
+    tx = optimizers.create_optimizer(
+        config, optax.constant_schedule(lr), None, 9, jax.random.key(0), params
+    )
+    return tx.update(grads, tx.init(params), params)[0]
+
+  renorm = updates_of(renormalize="global", weight_decay=0.1)
+  want = -lr * (
+      np.array([[3.0, 0.0], [0.0, -4.0]]) / 5.0
+      + 0.1 * np.array([[1.0, -2.0], [0.5, 0.0]])
+  )
+  np.testing.assert_allclose(renorm["hidden"]["kernel"], want, rtol=1e-5)
+
+  ham = updates_of(ham=True, weight_decay=0.0, ham_alpha=200.0, ham_beta=1e-3)
+  for name in ("hidden", "head"):
+    w = np.asarray(params[name]["kernel"], np.float64)
+    g = np.asarray(grads[name]["kernel"], np.float64)
+    h = w - lr * g
+    e = np.clip(-lr * (200.0 * np.sign(h) * g + 1e-3), -5.0, 5.0)
+    want = np.where(h != 0, h * np.exp(e), 0.0) - w
+    # w' - w in float32 loses what w's own rounding carries (|w| <= 2).
+    np.testing.assert_allclose(ham[name]["kernel"], want, rtol=1e-5, atol=5e-7)
+  # The bias is not a kernel: plain SGD.
+  np.testing.assert_allclose(ham["head"]["bias"], 0.0)
+
+
 def test_factors_on_the_live_masks_of_a_run_match_numpy(fmnist_dir):
   # The check behind the negative results: after real mask updates, the
   # factors SparseOpt applies equal the NumPy reference on the live masks.

@@ -130,6 +130,24 @@ def _scalars(events):
   return out
 
 
+def test_ham_and_renormalization_train(tmp_path, fmnist_dir):
+  summary = train.train_and_evaluate(
+      _mlp(
+          fmnist_dir,
+          method="rigl",
+          optimizer="sparseopt",
+          sparsity=0.9,
+          ham=True,
+          renormalize="layer",
+      ),
+      str(tmp_path),
+  )
+  logged = records.read_metrics(str(tmp_path))
+  assert all(np.isfinite(r["train_loss"]) for r in logged if "train_loss" in r)
+  assert summary["step"] == 6
+  assert logged[-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+
+
 # Every method and every optimizer at least once (rigl + sparseopt is in the
 # resume test); the full product would only repeat the same code paths.
 @pytest.mark.parametrize(

@@ -96,6 +96,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.adam_b2 = 0.999
   config.adam_eps = 1e-8
   config.weight_decay = 5e-4
+  # Renormalization ablation: rescale the (corrected) loss gradient to unit
+  # norm before weight decay and the optimizer, over all leaves ("global",
+  # optax.normalize_by_update_norm) or per leaf ("layer"); "none" = off.
+  config.renormalize = "none"
+  # HAM (Jacobs et al., ICLR 2026): a multiplicative step on every kernel
+  # after the optimizer's, exp(-lr * (ham_alpha * sign(w) * g + ham_beta)),
+  # with g the gradient HAM receives (SparseOpt's corrected one, when on).
+  config.ham = False
+  config.ham_alpha = 200.0
+  config.ham_beta = 1e-3
   # Dense control: multiply the loss gradients of a fixed random
   # grad_scale_fraction of each BN-followed kernel's neurons by grad_scale
   # (1.0 = off); it sits where SparseOpt does, before weight decay.
