@@ -125,25 +125,6 @@ def forward_flops(
   return float(sum(f * density.get(name, 1.0) for name, f in layers.items()))
 
 
-def gmp_progress(
-    count: int, start_step: int, end_step: int, update_every: int
-) -> float:
-  """Zhu & Gupta's cubic :math:`r` in force at update ``count`` (0-based).
-
-  The masks at ``count`` are those of the last pruning step before it
-  (pruning steps ``start_step + j * update_every`` up to ``end_step``).
-  """
-  if count <= start_step:
-    return 0.0
-  last = min(
-      end_step,
-      start_step + (count - 1 - start_step) // update_every * update_every,
-  )
-  if end_step == start_step:
-    return 1.0
-  return 1.0 - (1.0 - (last - start_step) / (end_step - start_step)) ** 3
-
-
 def run_flops(
     *,
     method: str,
@@ -178,9 +159,14 @@ def run_flops(
   f_sparse = forward_flops(layers, final_density)
   if method == "gmp":
     start, end = gmp_steps
+    # The library's own schedule at sparsity 1 is r_t, the fraction of each
+    # layer's final sparsity in force at each step.
+    progress = sparseopt.pruning_schedule(
+        1.0, start_step=start, end_step=end, update_every=update_every
+    )
     per_example = 0.0
     for count in range(total_steps):
-      r = gmp_progress(count, start, end, update_every)
+      r = progress(count)
       now = {k: 1.0 - r * (1.0 - d) for k, d in final_density.items()}
       per_example += 3.0 * forward_flops(layers, now)
   else:

@@ -32,6 +32,7 @@ from sparseopt_jax._src.masks import neuron_sparsity
 from sparseopt_jax._src.masks import sparse_init
 from sparseopt_jax._src.masks import sparsity
 from sparseopt_jax._src.pruning import gradual_pruning
+from sparseopt_jax._src.pruning import pruning_schedule
 from sparseopt_jax._src.transform import scale_by_sparseopt
 from sparseopt_jax._src.transform import ScaleBySparseOptState
 from sparseopt_jax._src.transform import zero_masked_updates
@@ -66,6 +67,7 @@ __all__ = (
     "neuron_sparsity",
     "normalize_updates",
     "path_str",
+    "pruning_schedule",
     "reset_changed_moments",
     "scale_by_sparseopt",
     "sparse_init",

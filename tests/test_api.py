@@ -17,6 +17,7 @@ EXPECTED = {
     "exclude_paths",
     "get_masks",
     "gradual_pruning",
+    "pruning_schedule",
     "ham",
     "init_masks",
     "is_kernel",

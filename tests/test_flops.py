@@ -117,7 +117,7 @@ def test_gmp_density_follows_the_cubic_schedule():
   assert out["inference_sparse"] == 7424
 
 
-def test_gmp_progress_matches_the_library_counts():
+def test_pruning_schedule_matches_the_wrappers_counts():
   params = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
   tx = sparseopt.gradual_pruning(
       optax.sgd(0.1),
@@ -130,7 +130,12 @@ def test_gmp_progress_matches_the_library_counts():
   state = tx.init(params)
   for count in range(8):
     kept = int(sparseopt.get_masks(state)["w"].sum())  # Masks of this update.
-    r = flops.gmp_progress(count, 2, 6, 2)
+    r = (
+        sparseopt.pruning_schedule(
+            0.5, start_step=2, end_step=6, update_every=2
+        )(count)
+        / 0.5
+    )
     assert kept == 128 - np.floor(r * 64), count
     updates, state = tx.update(params, state, params)
     params = optax.apply_updates(params, updates)

@@ -299,3 +299,10 @@ def test_errors():
   tx = sparseopt.gradual_pruning(sgd, 1 - 1 / 3, structure=(1, 3), **kw)
   with pytest.raises(ValueError, match=r"'dense/kernel'.*multiple of m=3"):
     tx.init(params)
+
+
+def test_pruning_schedule_refuses_steps_off_the_grid():
+  with pytest.raises(ValueError, match="multiple of update_every"):
+    sparseopt.pruning_schedule(0.9, start_step=0, end_step=10, update_every=3)
+  with pytest.raises(TypeError, match="end_step must be an int"):
+    sparseopt.pruning_schedule(0.9, start_step=0, end_step=1.5, update_every=1)

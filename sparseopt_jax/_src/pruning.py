@@ -60,6 +60,64 @@ def _kept(size: int, kept_final: int, r: float) -> int:
   return size - math.floor(r * (size - kept_final))
 
 
+def pruning_schedule(
+    sparsity: float,
+    *,
+    start_step: int,
+    end_step: int,
+    update_every: int,
+    schedule: SparsitySchedule = "cubic",
+) -> Callable[[int], float]:
+  r"""The target sparsity :func:`gradual_pruning` trains with at each step.
+
+  Returns ``step -> r_t * s_f``: the target (before rounding to whole
+  counts) of the masks in force during the update with step counter
+  ``step``, which are those set at the last pruning step before it (a
+  pruning step's own update still uses the masks from before it). It is 0
+  up to ``start_step`` and ``sparsity`` after ``end_step``; ``r_t`` is
+  exactly :func:`gradual_pruning`'s, clipped and nondecreasing. Use it for
+  FLOPs accounting or to log the schedule; the wrapper itself keeps the
+  exact per-layer counts in its compiled step.
+
+  Args:
+    sparsity, start_step, end_step, update_every, schedule: as in
+      :func:`gradual_pruning`.
+
+  Returns:
+    A Python function of an int step, returning a float.
+
+  Examples:
+    >>> import sparseopt_jax as sparseopt
+    >>> at = sparseopt.pruning_schedule(
+    ...     0.9, start_step=10, end_step=40, update_every=10)
+    >>> [round(at(t), 4) for t in (10, 11, 21, 31, 41)]
+    [0.0, 0.0, 0.6333, 0.8667, 0.9]
+  """
+  start_step = _check_step(start_step, "start_step")
+  end_step = _check_step(end_step, "end_step")
+  update_every = _check_step(update_every, "update_every")
+  if (
+      update_every < 1
+      or end_step < start_step
+      or ((end_step - start_step) % update_every)
+  ):
+    raise ValueError(
+        f"pruning_schedule: need update_every >= 1 and end_step - start_step "
+        f"a nonnegative multiple of update_every; got start_step="
+        f"{start_step}, end_step={end_step}, update_every={update_every}."
+    )
+  steps = list(range(start_step, end_step + 1, update_every))
+  r = _progress(sparsity, steps, start_step, end_step, schedule)
+
+  def at(step: int) -> float:
+    if step <= start_step:
+      return 0.0
+    j = min((step - 1 - start_step) // update_every, len(steps) - 1)
+    return float(r[j] * sparsity)
+
+  return at
+
+
 def gradual_pruning(
     inner: optax.GradientTransformation,
     sparsity: float,
