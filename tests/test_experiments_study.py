@@ -32,6 +32,7 @@ from experiments.studies import plot
 from experiments.studies import runs
 from experiments.studies import study
 import reference as ref
+import workdirs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,65 +59,6 @@ def _mlp(fmnist_dir, **overrides):
       sparsity=0.9,
   )
   return sweep.make_config("fmnist_mlp", {**base, **overrides})
-
-
-def _write_workdir(
-    root, name, config, logged, *, finished=True, compressed=False
-):
-  """A workdir as training leaves it (``compressed``: as committed)."""
-  workdir = os.path.join(root, name)
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, records.CONFIG), "w") as f:
-    json.dump(config, f)
-  text = "".join(json.dumps(r) + "\n" for r in logged)
-  if compressed:
-    with open(os.path.join(workdir, records.METRICS_GZ), "wb") as f:
-      f.write(gzip.compress(text.encode(), mtime=0))
-  else:
-    with open(os.path.join(workdir, records.METRICS), "w") as f:
-      f.write(text)
-  if finished:
-    with open(os.path.join(workdir, records.SUMMARY), "w") as f:
-      json.dump({"step": logged[-1]["step"]}, f)
-  return workdir
-
-
-def _curve_log(curve):
-  """Train and eval records every 100 steps, ``curve`` the test accuracy."""
-  logged = []
-  for i, acc in enumerate(curve):
-    logged.append({"step": 100 * (i + 1), "train_loss": 1.0})
-    logged.append({"step": 100 * (i + 1), "test_accuracy": acc})
-  return logged
-
-
-def _fake_workdir(
-    root,
-    name,
-    optimizer,
-    seed,
-    curve,
-    sparsity=0.95,
-    finished=True,
-    learning_rate=0.05,
-    compressed=False,
-):
-  config = {
-      "method": "rigl",
-      "sparsity": sparsity,
-      "optimizer": optimizer,
-      "seed": seed,
-      "learning_rate": learning_rate,
-      "log_every": 10,
-  }
-  return _write_workdir(
-      root,
-      name,
-      config,
-      _curve_log(curve),
-      finished=finished,
-      compressed=compressed,
-  )
 
 
 def _run(seed, optimizer="sgd", accuracy=(0.5,), finished=True, **config):
@@ -175,13 +117,15 @@ def _parents(module):
 
 
 def test_load_run_reads_plain_and_compressed_logs_alike(tmp_path):
-  logged = _curve_log([0.5, 0.7])
+  logged = workdirs.curve_log([0.5, 0.7])
   config = {"seed": 3, "sparsity": 0.9, "optimizer": "sgd"}
   plain = runs.load_run(
-      _write_workdir(str(tmp_path / "a"), "r", config, logged)
+      workdirs.write_workdir(str(tmp_path / "a"), "r", config, logged)
   )
   packed = runs.load_run(
-      _write_workdir(str(tmp_path / "b"), "r", config, logged, compressed=True)
+      workdirs.write_workdir(
+          str(tmp_path / "b"), "r", config, logged, compressed=True
+      )
   )
   for run in (plain, packed):
     assert run.name == "r" and run.finished and run.seed == 3
@@ -197,9 +141,11 @@ def test_load_run_reads_plain_and_compressed_logs_alike(tmp_path):
 
 def test_load_runs_skips_folders_without_a_log_or_an_evaluation(tmp_path):
   root = str(tmp_path)
-  _fake_workdir(root, "b", "sgd", 0, [0.5], compressed=True)
-  _fake_workdir(root, "a", "sgd", 1, [0.5], finished=False)
-  _write_workdir(root, "no_eval", {"seed": 2}, [{"step": 1, "train_loss": 1}])
+  workdirs.fake_workdir(root, "b", "sgd", 0, [0.5], compressed=True)
+  workdirs.fake_workdir(root, "a", "sgd", 1, [0.5], finished=False)
+  workdirs.write_workdir(
+      root, "no_eval", {"seed": 2}, [{"step": 1, "train_loss": 1}]
+  )
   os.makedirs(tmp_path / "empty")
   loaded = runs.load_runs(root)
   assert [(r.name, r.finished) for r in loaded] == [("a", False), ("b", True)]
@@ -366,8 +312,10 @@ def test_committed_logs_give_the_configured_schedule():
 
 def test_compact_gzips_finished_logs_deterministically(tmp_path):
   root = str(tmp_path / "results")
-  done = _fake_workdir(root, "done", "sgd", 0, [0.5, 0.7])
-  running = _fake_workdir(root, "running", "sgd", 1, [0.5], finished=False)
+  done = workdirs.fake_workdir(root, "done", "sgd", 0, [0.5, 0.7])
+  running = workdirs.fake_workdir(
+      root, "running", "sgd", 1, [0.5], finished=False
+  )
   with open(os.path.join(done, records.METRICS), "rb") as f:
     original = f.read()
   before = [(r.name, r.records) for r in runs.load_runs(root)]
@@ -405,10 +353,12 @@ def test_no_plain_metrics_log_is_committed():
 
 def test_table_and_plot(tmp_path):
   root = str(tmp_path)
-  _fake_workdir(root, "b0", "sgd", 0, [0.5, 0.6, 0.70])
-  _fake_workdir(root, "b1", "sgd", 1, [0.5, 0.6, 0.80], compressed=True)
-  _fake_workdir(root, "s0", "sparseopt", 0, [0.6, 0.76, 0.80])
-  _fake_workdir(root, "s1", "sparseopt", 1, [0.7, 0.74, 0.78], finished=False)
+  workdirs.fake_workdir(root, "b0", "sgd", 0, [0.5, 0.6, 0.70])
+  workdirs.fake_workdir(root, "b1", "sgd", 1, [0.5, 0.6, 0.80], compressed=True)
+  workdirs.fake_workdir(root, "s0", "sparseopt", 0, [0.6, 0.76, 0.80])
+  workdirs.fake_workdir(
+      root, "s1", "sparseopt", 1, [0.7, 0.74, 0.78], finished=False
+  )
   rows = {
       r["optimizer"]: r
       for r in plot.summarize(plot.group_runs(plot.load_runs(root)))
@@ -428,9 +378,9 @@ def test_table_and_plot(tmp_path):
 
 def test_curves_follow_the_longest_run_whatever_the_order(tmp_path):
   root = str(tmp_path)
-  _fake_workdir(root, "a_partial", "sgd", 0, [0.5, 0.6], finished=False)
-  _fake_workdir(root, "b_full", "sgd", 1, [0.5, 0.6, 0.70])
-  _fake_workdir(root, "c_full", "sgd", 2, [0.5, 0.7, 0.90])
+  workdirs.fake_workdir(root, "a_partial", "sgd", 0, [0.5, 0.6], finished=False)
+  workdirs.fake_workdir(root, "b_full", "sgd", 1, [0.5, 0.6, 0.70])
+  workdirs.fake_workdir(root, "c_full", "sgd", 2, [0.5, 0.7, 0.90])
   ((_, by_opt),) = plot.group_runs(plot.load_runs(root)).items()
   assert by_opt["sgd"][0].name == "a_partial"
   steps, curves = plot.full_length_curves(by_opt["sgd"])
@@ -447,7 +397,7 @@ def test_tuned_differences_pair_each_optimizer_at_its_best_lr(tmp_path):
   for opt, by_lr in finals.items():
     for lr, accs in by_lr.items():
       for seed, acc in enumerate(accs):
-        _fake_workdir(
+        workdirs.fake_workdir(
             root, f"{opt}_{lr}_{seed}", opt, seed, [0.5, acc], learning_rate=lr
         )
   (row,) = plot.tuned_differences(plot.load_runs(root))
@@ -463,11 +413,13 @@ def test_tuned_differences_pair_each_optimizer_at_its_best_lr(tmp_path):
 
 def test_report_reads_several_roots_filters_and_counts_links_once(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  _fake_workdir(a, "b0", "sgd", 0, [0.5, 0.70])
-  _fake_workdir(a, "s0", "sparseopt", 0, [0.5, 0.74], compressed=True)
-  _fake_workdir(a, "x0", "sgd", 0, [0.5, 0.10], sparsity=0.9)  # filtered out
-  _fake_workdir(b, "b1", "sgd", 1, [0.5, 0.80])
-  _fake_workdir(b, "s1", "sparseopt", 1, [0.5, 0.78])
+  workdirs.fake_workdir(a, "b0", "sgd", 0, [0.5, 0.70])
+  workdirs.fake_workdir(a, "s0", "sparseopt", 0, [0.5, 0.74], compressed=True)
+  workdirs.fake_workdir(
+      a, "x0", "sgd", 0, [0.5, 0.10], sparsity=0.9
+  )  # filtered out
+  workdirs.fake_workdir(b, "b1", "sgd", 1, [0.5, 0.80])
+  workdirs.fake_workdir(b, "s1", "sparseopt", 1, [0.5, 0.78])
   os.symlink(os.path.join(a, "b0"), os.path.join(b, "linked_b0"))
   where = records.parse_sets(["sparsity=0.95", "method=rigl"])
   loaded = plot.load_all([a, b], where)
@@ -991,8 +943,8 @@ def test_factors_on_the_live_masks_of_a_run_match_numpy(fmnist_dir):
 
 def test_a_diverged_run_is_not_finished_and_never_pairs(tmp_path):
   root = str(tmp_path)
-  _fake_workdir(root, "sgd", "sgd", 0, [0.5, 0.7])
-  _fake_workdir(root, "so", "sparseopt", 0, [0.5, 0.6])
+  workdirs.fake_workdir(root, "sgd", "sgd", 0, [0.5, 0.7])
+  workdirs.fake_workdir(root, "so", "sparseopt", 0, [0.5, 0.6])
   with open(os.path.join(root, "so", records.SUMMARY), "w") as f:
     json.dump({"status": records.DIVERGED, "diverged_at_step": 150}, f)
   loaded = {r.name: r for r in runs.load_runs(root)}
@@ -1004,11 +956,13 @@ def test_a_diverged_run_is_not_finished_and_never_pairs(tmp_path):
 def test_table_shows_flops_from_summaries_and_na_without(tmp_path):
   root = str(tmp_path)
   for seed, ratio in ((0, 0.2), (1, 0.3)):
-    workdir = _fake_workdir(root, f"s{seed}", "sparseopt", seed, [0.7, 0.8])
+    workdir = workdirs.fake_workdir(
+        root, f"s{seed}", "sparseopt", seed, [0.7, 0.8]
+    )
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({"flops": {"training_ratio": ratio, "inference_ratio": 0.1}}, f)
   # Written before FLOPs were counted (an empty summary, as in old runs).
-  _fake_workdir(root, "b0", "sgd", 0, [0.7, 0.8])
+  workdirs.fake_workdir(root, "b0", "sgd", 0, [0.7, 0.8])
   rows = {
       r["optimizer"]: r
       for r in plot.summarize(plot.group_runs(plot.load_runs(root)))

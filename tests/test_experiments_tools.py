@@ -16,59 +16,33 @@ from experiments import sweep
 from experiments import train
 from experiments.studies import markdown
 from experiments.studies import plot
+import workdirs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _fake_run(
-    root,
-    name,
-    optimizer,
-    seed,
-    curve,
-    sparsity=0.95,
-    finished=True,
-    learning_rate=0.05,
-):
-  workdir = os.path.join(root, name)
-  os.makedirs(workdir)
-  config = {
-      "method": "rigl",
-      "sparsity": sparsity,
-      "optimizer": optimizer,
-      "seed": seed,
-      "learning_rate": learning_rate,
-      "log_every": 10,
-  }
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config, f)
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-    for i, acc in enumerate(curve):
-      f.write(json.dumps({"step": 100 * (i + 1), "train_loss": 1.0}) + "\n")
-      f.write(json.dumps({"step": 100 * (i + 1), "test_accuracy": acc}) + "\n")
-  if finished:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({"status": run_records.FINISHED}, f)
 
 
 def test_tuned_differences_need_a_grid_for_both_optimizers(tmp_path):
   root = str(tmp_path)
   for seed in (0, 1):
-    _fake_run(root, f"b{seed}", "sgd", seed, [0.5, 0.8])
-    _fake_run(root, f"s{seed}", "sparseopt", seed, [0.5, 0.7])
+    workdirs.fake_workdir(root, f"b{seed}", "sgd", seed, [0.5, 0.8])
+    workdirs.fake_workdir(root, f"s{seed}", "sparseopt", seed, [0.5, 0.7])
   assert plot.tuned_differences(plot.load_runs(root)) == []
   # A grid for SparseOpt alone is no fair comparison either.
-  _fake_run(root, "s0_lr", "sparseopt", 0, [0.5, 0.9], learning_rate=0.1)
+  workdirs.fake_workdir(
+      root, "s0_lr", "sparseopt", 0, [0.5, 0.9], learning_rate=0.1
+  )
   assert plot.tuned_differences(plot.load_runs(root)) == []
 
 
 def test_paired_differences_pair_finished_runs_by_seed(tmp_path):
   root = str(tmp_path)
   for seed, (b, s) in enumerate([(0.70, 0.75), (0.80, 0.81), (0.60, 0.58)]):
-    _fake_run(root, f"b{seed}", "sgd", seed, [0.5, b])
-    _fake_run(root, f"s{seed}", "sparseopt", seed, [0.5, s])
-  _fake_run(root, "b3", "sgd", 3, [0.5, 0.9])  # no partner: not paired
-  _fake_run(root, "s4", "sparseopt", 4, [0.5, 0.9], finished=False)
+    workdirs.fake_workdir(root, f"b{seed}", "sgd", seed, [0.5, b])
+    workdirs.fake_workdir(root, f"s{seed}", "sparseopt", seed, [0.5, s])
+  workdirs.fake_workdir(
+      root, "b3", "sgd", 3, [0.5, 0.9]
+  )  # no partner: not paired
+  workdirs.fake_workdir(root, "s4", "sparseopt", 4, [0.5, 0.9], finished=False)
   (row,) = plot.paired_differences(plot.group_runs(plot.load_runs(root)))
   diffs = np.array([0.05, 0.01, -0.02])
   assert row["n"] == 3
@@ -81,8 +55,8 @@ def test_paired_differences_pair_finished_runs_by_seed(tmp_path):
 
 def test_panels_follow_varying_fields(tmp_path):
   root = str(tmp_path)
-  _fake_run(root, "a", "sgd", 0, [0.5], sparsity=0.9)
-  _fake_run(root, "b", "sgd", 0, [0.5], sparsity=0.95)
+  workdirs.fake_workdir(root, "a", "sgd", 0, [0.5], sparsity=0.9)
+  workdirs.fake_workdir(root, "b", "sgd", 0, [0.5], sparsity=0.95)
   groups = plot.group_runs(plot.load_runs(root))
   assert sorted(groups) == [("", 0.9), ("", 0.95)]
 
@@ -90,8 +64,10 @@ def test_panels_follow_varying_fields(tmp_path):
 def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
   root = str(tmp_path)
   for seed, opt in ((0, "sgd"), (1, "sgd"), (0, "sparseopt"), (1, "sparseopt")):
-    _fake_run(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
-  _fake_run(root, "sgd2", "sgd", 2, [0.5], finished=False)  # Left out.
+    workdirs.fake_workdir(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
+  workdirs.fake_workdir(
+      root, "sgd2", "sgd", 2, [0.5], finished=False
+  )  # Left out.
   # sgd seed 0: two layers, 3 dead at the start; update 1 kills 2 and
   # revives 1, update 2 revives 1: 3 dead at the end. sgd seed 1: 5 -> 9.
   logs = {
@@ -168,7 +144,7 @@ def test_neuron_churn_sums_deaths_and_revivals_over_updates(tmp_path):
 def test_report_draws_skew_diagnostics_when_logged(tmp_path):
   root = str(tmp_path)
   for seed, opt in ((0, "sgd"), (0, "sparseopt")):
-    _fake_run(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
+    workdirs.fake_workdir(root, f"{opt}{seed}", opt, seed, [0.5, 0.6])
   plot.report(root)
   assert not os.path.exists(tmp_path / "accuracy_skew.png")  # Not logged.
   with open(tmp_path / "sgd0" / "metrics.jsonl", "a") as f:
