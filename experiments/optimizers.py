@@ -260,6 +260,7 @@ def create_optimizer(
     total_steps: int,
     key: jax.Array,
     params=None,
+    shardings=None,
 ) -> optax.GradientTransformation:
   """The optimizer named by ``config.optimizer``, wrapped for DST if sparse.
 
@@ -280,6 +281,8 @@ def create_optimizer(
     key: PRNG key of the mask updates (SET's random growth) and of the dense
       control's choice of neurons.
     params: the initial parameters; needed only by the dense control.
+    shardings: the params' shardings (``config.sharding="fsdp"``), for
+      ``dynamic_sparse``'s per-shard mask updates; ``None``: replicated.
 
   Returns:
     The run's optax transformation.
@@ -372,4 +375,7 @@ def create_optimizer(
       ),
       correction_filter=correction_filter(config),
       structure=structure(config),
+      # Per-shard selection is for unstructured masks (structured ones
+      # select within each neuron or group).
+      shardings=shardings if structure(config) == "unstructured" else None,
   )

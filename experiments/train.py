@@ -3,9 +3,10 @@
 `train_and_evaluate(config, workdir)` runs one configuration (see
 ``configs/default.py`` for every knob) data-parallel over all devices:
 a `jax.sharding.Mesh` with one ``"data"`` axis, the batch sharded over it,
-parameters and optimizer state replicated. The same code runs on one CPU,
-on simulated CPU devices, on a GPU, or on a multi-host TPU slice (each
-process feeds its share of the global batch).
+parameters and optimizer state replicated (or, with ``sharding="fsdp"``,
+kernels and their masks and moments split over the same axis). The same
+code runs on one CPU, on simulated CPU devices, on a GPU, or on a
+multi-host TPU slice (each process feeds its share of the global batch).
 
 One step is a single jitted `train_step`: augmentation, forward and backward
 with BatchNorm statistics, then ``tx.update`` of the optimizer, which for
@@ -165,10 +166,45 @@ def _needs_batch_variances(config) -> bool:
   )
 
 
+def fsdp_spec(shape: Sequence[int], num_devices: int) -> P:
+  """``config.sharding="fsdp"``'s layout of one array over the ``"data"`` axis.
+
+  An array of two or more axes is split on its largest axis whose size the
+  device count divides (the first such, on a tie); anything else (biases,
+  BatchNorm statistics, scalars, an array with no such axis) is replicated.
+  """
+  axes = [i for i, d in enumerate(shape) if d % num_devices == 0]
+  if len(shape) < 2 or not axes:
+    return P()
+  axis = max(axes, key=lambda i: shape[i])
+  return P(*("data" if i == axis else None for i in range(len(shape))))
+
+
+def shardings_of(config, tree, mesh: Mesh):
+  """A `NamedSharding` per leaf of ``tree`` under ``config.sharding``."""
+
+  def one(x):
+    if config.sharding == "fsdp":
+      return NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.size))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree)
+
+
 def create_train_state(
-    config, model, spec, total_steps: int, steps_per_epoch: float
+    config,
+    model,
+    spec,
+    total_steps: int,
+    steps_per_epoch: float,
+    mesh: Mesh | None = None,
 ):
-  """Initial `TrainState`, optimizer and schedule, all from ``config.seed``."""
+  """Initial `TrainState`, optimizer and schedule, all from ``config.seed``.
+
+  With ``mesh`` and ``config.sharding="fsdp"``, the optimizer's mask updates
+  are told the params' shardings (`shardings_of`) and select per shard; the
+  returned state itself is not placed yet.
+  """
   k_params, k_masks, k_dst, k_train = jax.random.split(
       jax.random.PRNGKey(config.seed), 4
   )
@@ -205,8 +241,11 @@ def create_train_state(
   schedule = optimizers.create_learning_rate_schedule(
       config, steps_per_epoch, total_steps
   )
+  shardings = None
+  if mesh is not None and config.sharding == "fsdp":
+    shardings = shardings_of(config, params, mesh)
   tx = optimizers.create_optimizer(
-      config, schedule, masks, total_steps, k_dst, params
+      config, schedule, masks, total_steps, k_dst, params, shardings
   )
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -815,13 +854,21 @@ def train_and_evaluate(
   total_steps = num_train_steps(config, len(dataset.train))
   model = create_model(config, spec)
   state, tx, schedule = create_train_state(
-      config, model, spec, total_steps, len(dataset.train) / config.batch_size
+      config,
+      model,
+      spec,
+      total_steps,
+      len(dataset.train) / config.batch_size,
+      mesh,
   )
+  # config.sharding: replicated, or kernels (params, masks, moments) split
+  # over "data" (FSDP). Checkpoints restore into these shardings.
+  state_sharding = shardings_of(config, state, mesh)
   # The train step donates the state, and donation needs every leaf in its
   # own buffer; an optimizer's init may reuse one array in two places (the
   # initial masks, say). A host copy per leaf guarantees distinct buffers.
   state = jax.tree.map(
-      lambda x: jax.device_put(_host_copy(x), replicated), state
+      lambda x, s: jax.device_put(_host_copy(x), s), state, state_sharding
   )
 
   checkpoints = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
@@ -856,7 +903,7 @@ def train_and_evaluate(
           total_steps=total_steps,
           pairs=pairs,
       ),
-      out_shardings=replicated,
+      out_shardings=(state_sharding, replicated),
       donate_argnums=0,
   )
   p_eval_step = jax.jit(

@@ -1166,6 +1166,157 @@ def test_select_top_k_threshold_path_runs(small_selection, monkeypatch):
     np.testing.assert_array_equal(got, _first_k_reference(scores, k))
 
 
+# (shape, axis, shards): leading axis (pieces contiguous in flat order),
+# a non-leading axis (pieces interleaved), a middle axis of a 3-D kernel,
+# size-1 axes before the split one, and one piece per entry of the axis.
+_SHARD_CASES = [
+    ((64, 24), 0, 8),
+    ((24, 64), 1, 8),
+    ((6, 8, 12), 1, 4),
+    ((6, 8, 12), 2, 3),
+    ((1, 16, 5), 1, 4),
+    ((12, 10), 1, 10),
+    ((40,), 0, 8),
+]
+
+
+@pytest.mark.parametrize("shape,axis,shards", _SHARD_CASES)
+@pytest.mark.parametrize("kind", ["uniform", "mostly_excluded", "integers"])
+def test_select_top_k_sharded_equals_first_k_of_top(kind, shape, axis, shards):
+  # Exactly first_k_of_top of the flat scores (ties to the lower ORIGINAL
+  # flat index), whatever the split axis, for every k up to k_max, with
+  # k_max below, at and above a piece's size.
+  from sparseopt_jax._src import dst
+
+  rng = np.random.default_rng(3)
+  n = math.prod(shape)
+  piece = n // shards
+  for k_max in sorted({1, 7, piece, min(n, piece + 5), n}):
+    sharded = jax.jit(
+        lambda s, k, k_max=k_max: dst.select_top_k_sharded(
+            s, k_max, k, axis, shards
+        )
+    )
+    flat = jax.jit(
+        lambda s, k, k_max=k_max: dst.first_k_of_top(s.reshape(-1), k_max, k)
+    )
+    for trial in range(2):
+      scores = _scores(kind, n, rng).astype(np.float32).reshape(shape)
+      for k in sorted({0, 1, k_max // 2, k_max}):
+        got = np.asarray(sharded(jnp.asarray(scores), jnp.int32(k)))
+        want = np.asarray(flat(jnp.asarray(scores), jnp.int32(k)))
+        msg = f"{kind} k_max={k_max} trial={trial} k={k}"
+        assert got.shape == shape, msg
+        np.testing.assert_array_equal(got.reshape(-1), want, err_msg=msg)
+        np.testing.assert_array_equal(
+            got.reshape(-1), _first_k_reference(scores.reshape(-1), k), msg
+        )
+
+
+def test_shard_chunks_rows_are_the_pieces():
+  # Row s is the piece along the axis, in its own C order.
+  from sparseopt_jax._src import dst
+
+  x = np.arange(6 * 8 * 12).reshape(6, 8, 12)
+  rows = np.asarray(dst.shard_chunks(jnp.asarray(x), 1, 4))
+  assert rows.shape == (4, 6 * 2 * 12)
+  for s in range(4):
+    np.testing.assert_array_equal(rows[s], x[:, 2 * s : 2 * s + 2].ravel())
+    assert (np.diff(rows[s]) > 0).all()  # Flat order within the piece.
+
+
+@pytest.mark.parametrize("shape,axis,shards", _SHARD_CASES[:5])
+def test_update_layer_per_shard_equals_flat(shape, axis, shards):
+  # The whole mask update of a layer (drop and grow, counts) is the same
+  # with and without pieces, including tied and non-finite magnitudes.
+  from sparseopt_jax._src import dst
+
+  rng = np.random.default_rng(4)
+  n = math.prod(shape)
+  for trial in range(4):
+    mask = rng.uniform(size=shape) < 0.4
+    weight = np.where(mask, rng.integers(-3, 4, size=shape), 0.0)
+    weight = weight.astype(np.float32)
+    grad = rng.integers(0, 5, size=shape).astype(np.float32)
+    if trial == 3:
+      weight.reshape(-1)[:: max(n // 5, 1)] = np.nan
+      grad.reshape(-1)[1 :: max(n // 7, 1)] = np.inf
+    k_max = dst._max_changes(mask, 0.5)
+    args = (
+        jnp.asarray(mask),
+        jnp.asarray(weight),
+        dst.finite_magnitude(jnp.asarray(grad)),
+        jnp.float32(0.5),
+        k_max,
+    )
+    update = jax.jit(dst._update_layer, static_argnums=(4, 5))
+    want = update(*args, None)
+    got = update(*args, dst.Shard(axis, shards))
+    np.testing.assert_array_equal(got[0], want[0], err_msg=str(trial))
+    assert int(got[1]) == int(want[1]) > 0
+    assert int(got[0].sum()) == int(mask.sum())
+
+
+def test_sharded_set_scores_equal_random_scores():
+  # SET's scores hashed in the layer's shape equal the flat-iota ones.
+  from sparseopt_jax._src import dst
+
+  key = jax.random.key(5)
+  for shape in [(7,), (6, 10), (3, 4, 5)]:
+    np.testing.assert_array_equal(
+        dst._hash_scores(key, dst._flat_index(shape)),
+        dst.random_scores(key, shape),
+    )
+
+
+def test_shardings_validation():
+  mesh = jax.sharding.AbstractMesh((8,), ("fsdp",))
+  named = functools.partial(jax.sharding.NamedSharding, mesh)
+  P = jax.sharding.PartitionSpec
+  params = {"w": jnp.ones((16, 24)), "b": jnp.ones((24,))}
+  masks = {"w": jnp.ones((16, 24), bool), "b": None}
+  make = functools.partial(
+      sparseopt.dynamic_sparse,
+      optax.sgd(0.1),
+      masks,
+      end_step=10,
+      key=jax.random.key(0),
+  )
+  # Dense leaves are ignored; a replicated or absent leaf is not split.
+  for ok in (
+      {"w": named(P(None, "fsdp")), "b": named(P("fsdp"))},
+      {"w": named(P()), "b": None},
+      {"w": None, "b": None},
+  ):
+    make(shardings=ok).init(params)
+  with pytest.raises(TypeError, match=r"shardings\['w'\].*NamedSharding"):
+    make(shardings={"w": (1, 8), "b": None})
+  with pytest.raises(ValueError, match="shardings must have the structure"):
+    make(shardings={"w": named(P("fsdp"))})
+  mesh3 = jax.sharding.AbstractMesh((3,), ("fsdp",))
+  with pytest.raises(ValueError, match=r"shardings\['w'\].*axis 0 of size 16"):
+    make(
+        shardings={
+            "w": jax.sharding.NamedSharding(mesh3, P("fsdp", None)),
+            "b": None,
+        }
+    )
+  with pytest.raises(ValueError, match="more entries than the leaf has axes"):
+    make(shardings={"w": named(P(None, None, "fsdp")), "b": None})
+  with pytest.raises(ValueError, match="unstructured masks only"):
+    structured = sparseopt.init_masks(
+        jax.random.key(0), params, 0.5, "uniform", structure="constant_fan_in"
+    )
+    sparseopt.dynamic_sparse(
+        optax.sgd(0.1),
+        structured,
+        end_step=10,
+        key=jax.random.key(0),
+        structure="constant_fan_in",
+        shardings={"w": named(P(None, "fsdp")), "b": None},
+    )
+
+
 def test_set_growth_is_uniform_over_inactive_entries():
   # SET's hash-based scores: over many keys every inactive entry is grown
   # about equally often (chi-square, 63 degrees of freedom; the 1e-6

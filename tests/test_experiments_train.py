@@ -650,6 +650,150 @@ def test_eight_devices_match_one(tmp_path, fmnist_dir):
     assert one["itop"] == eight["itop"]  # Same mask updates.
 
 
+def test_fsdp_sharding_trains_like_replicated_and_resumes_across(
+    tmp_path, fmnist_dir
+):
+  # One device: fsdp's mesh axis has size 1, so the numbers are those of
+  # the replicated run exactly; what runs is fsdp's path (state shardings,
+  # train step out_shardings, checkpoints). A replicated run's checkpoint
+  # resumes under fsdp ("sharding" is resumable: restore re-shards) and
+  # ends bit-identical to the uninterrupted replicated run.
+  base = dict(method="rigl", num_train_steps=8, checkpoint_every=4)
+  base.update(eval_every=4, drop_fraction=0.5)
+  replicated, fsdp = str(tmp_path / "replicated"), str(tmp_path / "fsdp")
+  train.train_and_evaluate(_mlp(fmnist_dir, **base), replicated)
+  train.train_and_evaluate(_mlp(fmnist_dir, **base, sharding="fsdp"), fsdp)
+  a, b = records.read_metrics(replicated), records.read_metrics(fsdp)
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for x, y in zip(a, b):
+    assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6)
+    assert x["itop"] == y["itop"]
+  assert any(r.get("changed", 0) > 0 for r in b)
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(replicated, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+  os.remove(os.path.join(resumed, "summary.json"))
+  summary = train.train_and_evaluate(
+      _mlp(fmnist_dir, **base, sharding="fsdp"), resumed
+  )
+  assert summary["resumed_from"] == 4
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      _checkpoint(replicated, 8),
+      _checkpoint(resumed, 8),
+  )
+  with pytest.raises(ValueError, match=r"sharding='fsdp2'.*'replicated'"):
+    train.train_and_evaluate(
+        _mlp(fmnist_dir, **base, sharding="fsdp2"), str(tmp_path / "bad")
+    )
+
+
+def test_fsdp_spec_splits_the_largest_divisible_axis():
+  assert train.fsdp_spec((784, 100), 8) == jax.sharding.PartitionSpec(
+      "data", None
+  )
+  assert train.fsdp_spec((100, 784), 8) == jax.sharding.PartitionSpec(
+      None, "data"
+  )
+  # 300 is not a multiple of 8: the largest axis that is.
+  assert train.fsdp_spec((16, 300), 8) == jax.sharding.PartitionSpec(
+      "data", None
+  )
+  assert train.fsdp_spec((3, 3, 5, 24), 8) == jax.sharding.PartitionSpec(
+      None, None, None, "data"
+  )
+  for shape in [(784,), (), (3, 5)]:  # Biases, scalars, nothing divisible.
+    assert train.fsdp_spec(shape, 8) == jax.sharding.PartitionSpec()
+
+
+_FSDP_DEVICES = """
+import json, sys
+import jax
+from experiments import optimizers, records, sweep, train
+# Record what the optimizer is told: each sparse kernel's sharding.
+told = []
+build = optimizers.sparseopt.dynamic_sparse
+def recording(*args, shardings=None, **kwargs):
+  leaves = jax.tree.leaves(shardings)
+  told.extend(str(s.spec) for s in leaves if "data" in str(s.spec))
+  return build(*args, shardings=shardings, **kwargs)
+optimizers.sparseopt.dynamic_sparse = recording
+config = sweep.make_config("fmnist_mlp", json.loads(sys.argv[1]))
+train.train_and_evaluate(config, sys.argv[2])
+print(json.dumps({"devices": jax.device_count(), "split": told}))
+"""
+
+
+def test_fsdp_on_eight_devices_matches_replicated(tmp_path, fmnist_dir):
+  # Eight simulated devices: fsdp splits the MLP's kernels (masks, moments)
+  # over "data", its mask updates select per shard, and its losses and mask
+  # updates are those of the replicated run (float tolerance: sums over
+  # split kernels add in another order), also when it resumes a replicated
+  # run's checkpoint.
+  overrides = dict(
+      data_dir=fmnist_dir,
+      batch_size=16,
+      eval_batch_size=16,
+      num_train_steps=6,
+      log_every=1,
+      eval_every=3,
+      checkpoint_every=3,
+      update_every=2,
+      drop_fraction=0.5,
+      progress_bar=False,
+  )
+  env = {
+      **os.environ,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "JAX_PLATFORMS": "cpu",
+  }
+  results = {}
+  for sharding, workdir in (
+      ("replicated", "replicated"),
+      ("fsdp", "fsdp"),
+      ("fsdp", "resumed"),
+  ):
+    if workdir == "resumed":
+      # The replicated run's checkpoint at step 3, resumed under fsdp: the
+      # restore re-shards every array into fsdp's layout.
+      shutil.copytree(str(tmp_path / "replicated"), str(tmp_path / workdir))
+      shutil.rmtree(str(tmp_path / workdir / "checkpoints" / "6"))
+      os.remove(str(tmp_path / workdir / "summary.json"))
+    workdir = str(tmp_path / workdir)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FSDP_DEVICES,
+            json.dumps({**overrides, "sharding": sharding}),
+            workdir,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8
+    results[os.path.basename(workdir)] = (
+        records.read_metrics(workdir),
+        report["split"],
+        _strict_json(os.path.join(workdir, "summary.json")),
+    )
+  replicated, none, _ = results["replicated"]
+  fsdp, split, _ = results["fsdp"]
+  resumed, _, resumed_summary = results["resumed"]
+  assert none == []
+  assert split and all("data" in s for s in split), split
+  assert resumed_summary["resumed_from"] == 3
+  assert len(replicated) == len(fsdp) == len(resumed) == 6
+  for a, b, c in zip(replicated, fsdp, resumed):
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert c["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert a["itop"] == b["itop"] == c["itop"]  # Same mask updates.
+  assert any(r.get("changed", 0) > 0 for r in fsdp)
+
+
 _TRAIN = """
 import json, sys
 from experiments import sweep, train

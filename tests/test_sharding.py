@@ -4,6 +4,8 @@ Params, masks and the whole optimizer state of a ``dynamic_sparse`` RigL
 step are sharded on each kernel's largest axis over a mesh axis ``"fsdp"``.
 The sharded step must choose the same masks as the unsharded one, and its
 normal (non-mask-update) steps must never gather a sparse kernel whole.
+With ``dynamic_sparse(shardings=...)`` its mask updates must not either
+(each device ranks its own piece; only candidates are gathered).
 
 ``XLA_FLAGS`` is read when jax starts its backends, so the body runs in a
 subprocess (:func:`child_main`) with eight host devices; the test reads the
@@ -25,6 +27,7 @@ import optax
 import pytest
 
 import sparseopt_jax as sparseopt
+from sparseopt_jax._src import dst
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _DEVICES = 8
@@ -45,8 +48,12 @@ def _spec(shape):
   )
 
 
-def _problem():
-  """Params, masks, targets, optimizer and train step (no shardings yet)."""
+def _problem(shardings=None):
+  """Params, masks, targets, optimizer and train step.
+
+  ``shardings`` goes to ``dynamic_sparse`` (per-shard mask updates); the
+  arrays themselves get no shardings here.
+  """
   rng = np.random.default_rng(0)
   params, targets = {}, {}
   for name, shape in _SHAPES.items():
@@ -68,6 +75,7 @@ def _problem():
       end_step=100,
       drop_fraction=0.3,
       key=jax.random.key(2),
+      shardings=shardings,
   )
 
   # A synthetic loss that is elementwise in the weights. An FSDP forward
@@ -285,9 +293,40 @@ def child_main():
   control_hlo = control.lower(sp_out, ss_out, st, jnp.float32(1.0))
   control_hlo = control_hlo.compile().as_text()
 
+  # The same step with dynamic_sparse(shardings=p_sh): mask updates select
+  # per shard. Same masks; its update branch is checked like the normal step.
+  # Fresh arrays: the runs above donated theirs (and device_put may alias).
+  params_ps, masks_ps, _, tx_ps, step_ps = _problem(p_sh)
+  per_shard = jax.jit(
+      step_ps,
+      in_shardings=(p_sh, s_sh, t_sh, repl),
+      out_shardings=(p_sh, s_sh, repl),
+      donate_argnums=(0, 1),
+  )
+  pp = jax.device_put(params_ps, p_sh)
+  ps = jax.jit(tx_ps.init, in_shardings=(p_sh,), out_shardings=s_sh)(pp)
+  ps_hlo = per_shard.lower(pp, ps, st, jnp.float32(1.0)).compile().as_text()
+  per_shard_record, pp_out, ps_out = run(per_shard, pp, ps, st)
+  per_shard_out_sharding = {
+      "params": {k: str(v["kernel"].sharding.spec) for k, v in pp_out.items()},
+      "masks": {
+          k: str(v["kernel"].sharding.spec)
+          for k, v in sparseopt.get_masks(ps_out).items()
+      },
+  }
+  # Whether a piece's candidates (min(k_max, piece) of them) are fewer than
+  # its entries: otherwise the merge sees the whole layer, by design.
+  candidates_smaller = {
+      k: _DEVICES
+      * min(dst._max_changes(m["kernel"], 0.3), m["kernel"].size // _DEVICES)
+      < m["kernel"].size
+      for k, m in masks_ps.items()
+  }
+
   sizes = {int(np.prod(s)): k for k, s in _SHAPES.items()}
   comps, normal, update = _split_update_branch(hlo)
   c_comps, c_normal, _ = _split_update_branch(control_hlo)
+  ps_comps, ps_normal, ps_update = _split_update_branch(ps_hlo)
   print(
       json.dumps(
           {
@@ -301,6 +340,16 @@ def child_main():
               "update_gathers": _full_kernel_collectives(comps, update, sizes),
               "control_gathers": _full_kernel_collectives(
                   c_comps, c_normal, sizes
+              ),
+              "per_shard": per_shard_record,
+              "per_shard_out_sharding": per_shard_out_sharding,
+              "per_shard_candidates_smaller": candidates_smaller,
+              "per_shard_num_update_computations": len(ps_update),
+              "per_shard_normal_gathers": _full_kernel_collectives(
+                  ps_comps, ps_normal, sizes
+              ),
+              "per_shard_update_gathers": _full_kernel_collectives(
+                  ps_comps, ps_update, sizes
               ),
           }
       )
@@ -369,11 +418,49 @@ def test_normal_step_gathers_no_sparse_kernel(report):
   assert any(
       g.startswith("all-gather dense1") for g in report["control_gathers"]
   )
-  # Finding, not asserted: the mask-UPDATE branch does gather. lax.top_k on
-  # a layer's flat scores, sharded over "fsdp", all-gathers the whole score
-  # vector (f32[size], twice: drop and grow) onto every device, each of
-  # which runs the full top_k; a kernel sharded on a non-leading axis is
-  # also gathered whole (mask and weights) for its reshape(-1). Only mask
-  # updates pay it (every update_every steps), but their peak memory per
-  # device is about a layer's size in f32 scores, not a shard's. The
-  # report's "update_gathers" lists those collectives.
+  # Without dynamic_sparse(shardings=...) the mask-UPDATE branch does
+  # gather: lax.top_k on a layer's flat scores, sharded over "fsdp",
+  # all-gathers the whole score vector (f32[size], twice: drop and grow)
+  # onto every device, each of which runs the full top_k; a kernel sharded
+  # on a non-leading axis is also gathered whole (mask and weights) for its
+  # reshape(-1). This is the control for test_per_shard_update_gathers_no
+  # _layer: the same check sees those gathers here.
+  gathered = {g.split(":")[0].split()[1] for g in report["update_gathers"]}
+  assert {"dense0", "dense1"} <= gathered, report["update_gathers"]
+
+
+def test_per_shard_run_matches_unsharded(report):
+  # dynamic_sparse(shardings=...) chooses exactly the same masks.
+  plain, per_shard = report["plain"], report["per_shard"]
+  assert len(per_shard) == _STEPS
+  assert sum(r["updated"] for r in per_shard) == 3
+  assert all(n > 0 for n in per_shard[-1]["changed"].values())
+  for t, (a, b) in enumerate(zip(plain, per_shard)):
+    assert a["masks"] == b["masks"], t
+    assert a["active"] == b["active"], t
+    assert a["changed"] == b["changed"], t
+    assert a["itop"] == b["itop"], t
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), t
+  for name, shape in _SHAPES.items():
+    assert report["per_shard_out_sharding"]["params"][name] == str(_spec(shape))
+    assert report["per_shard_out_sharding"]["masks"][name] == str(_spec(shape))
+
+
+def test_per_shard_update_gathers_no_layer(report):
+  # With shardings=..., each device ranks its own piece and only the
+  # pieces' candidates (values and flat indices) are gathered: the mask
+  # update all-gathers no sparse kernel's worth of elements, in any shape,
+  # for a kernel whose candidates are fewer than its entries. dense0 is
+  # sharded on its non-leading axis, dense1 on its leading one.
+  assert report["per_shard_num_update_computations"] > 0
+  assert report["per_shard_normal_gathers"] == []
+  smaller = report["per_shard_candidates_smaller"]
+  assert smaller["dense0"] and smaller["dense1"]
+  for g in report["per_shard_update_gathers"]:
+    name = g.split(":")[0].split()[1]
+    assert not smaller[name], g
+  # dense2 (128 x 24, ERK-dense) may replace more connections per update
+  # than a piece holds (k_max >= 384), so its candidates are all its
+  # entries and the merge gathers the whole layer's scores: the limit of
+  # per-shard candidates, recorded here rather than hidden.
+  assert not smaller["dense2"]

@@ -23,6 +23,9 @@ RESUMABLE_FIELDS = frozenset(
         "fan_in_histogram",
         "sigma_diagnostics",
         "tensorboard",
+        # A layout: a checkpoint restores into either (orbax re-shards);
+        # on several devices only float rounding (summation order) differs.
+        "sharding",
     }
 )
 
@@ -123,6 +126,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 3.0
   config.num_train_steps = -1  # > 0 overrides num_epochs.
   config.seed = 0
+  # Layout over the devices (one mesh axis "data", which shards the batch):
+  # "replicated" params and optimizer state, or "fsdp": each kernel, its
+  # masks and its optimizer moments split on their largest axis divisible
+  # by the device count (others replicated), mask updates selecting per
+  # shard (sparseopt.dynamic_sparse(shardings=...)).
+  config.sharding = "replicated"
 
   # Bookkeeping.
   config.log_every = 50  # Steps between fetching metrics to the host.

@@ -27,6 +27,8 @@ GMP_SCHEDULES = ("cubic",)
 INITS = ("masked_dense", "fan_in")
 # Computation dtypes (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
+# Layouts of params, masks and optimizer state over the devices' mesh.
+SHARDINGS = ("replicated", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -174,6 +176,14 @@ FIELDS: dict[str, Field] = {
     "num_epochs": Field(float, low=0.0),
     "num_train_steps": Field(int, low=-1, note="<= 0: use num_epochs"),
     "seed": Field(int, low=0),
+    "sharding": Field(
+        str,
+        choices=SHARDINGS,
+        note=(
+            "fsdp: kernels split on their largest axis divisible by the "
+            "device count"
+        ),
+    ),
     # Bookkeeping.
     "log_every": _POSITIVE_INT,
     "turning_diagnostics": Field(bool),

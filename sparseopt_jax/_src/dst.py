@@ -188,6 +188,130 @@ def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   )
 
 
+class Shard(NamedTuple):
+  """How :func:`select_top_k_sharded` splits a layer into pieces.
+
+  Attributes:
+    axis: the split axis.
+    shards: the number of pieces; divides the layer's size along ``axis``.
+    view: sharding of the ``(shards, piece)`` view (rows over the devices
+      that hold the pieces), or ``None`` to leave the layout to the compiler.
+  """
+
+  axis: int
+  shards: int
+  view: jax.sharding.NamedSharding | None = None
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """int32 array of ``shape`` holding each entry's C-order flat index.
+
+  Built from one iota per axis rather than ``iota(size).reshape(shape)``,
+  so that under a sharded layout every device computes only its own piece.
+  """
+  index = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index += jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+    stride *= shape[axis]
+  return index
+
+
+def shard_chunks(x: jax.Array, axis: int, shards: int) -> jax.Array:
+  """``x`` as ``(shards, size // shards)``: one row per shard along ``axis``.
+
+  Row ``s`` holds the entries whose index along ``axis`` lies in
+  ``[s * c, (s + 1) * c)`` with ``c = x.shape[axis] // shards`` (the piece
+  of ``x`` that shard ``s`` holds when ``axis`` is split over ``shards``
+  devices), in that piece's own C order, which is the order of their flat
+  indices in ``x``. Only the split axis moves, so a sharded ``x`` becomes a
+  row-sharded view without any device sending its piece elsewhere.
+  """
+  shape = x.shape
+  c = shape[axis] // shards
+  x = x.reshape(shape[:axis] + (shards, c) + shape[axis + 1 :])
+  return jnp.moveaxis(x, axis, 0).reshape(shards, -1)
+
+
+def select_top_k_sharded(
+    scores: jax.Array,
+    k_max: int,
+    k: jax.Array,
+    axis: int,
+    shards: int,
+    view: jax.sharding.NamedSharding | None = None,
+) -> jax.Array:
+  """Exactly :func:`first_k_of_top` of the flat scores, selected per shard.
+
+  ``lax.top_k`` over a layer's flat scores puts the whole vector on every
+  device when the layer is sharded. Here each of the ``shards`` pieces along
+  ``axis`` (:func:`shard_chunks`) keeps its own best ``min(k_max, piece)``
+  candidates with a batched ``lax.top_k`` (equal scores lower index first),
+  only those ``shards * k_max`` candidates and their flat indices meet, and
+  their k-th best under "larger score first, then lower flat index" becomes
+  a threshold that every device applies to its own piece. Every global
+  winner is among its piece's candidates (fewer than ``k`` entries of the
+  piece rank above it), so the result equals ``first_k_of_top`` on
+  ``scores.reshape(-1)``, reshaped, for every ``axis``. When the pieces are
+  contiguous in flat order (nothing but size-1 axes before ``axis``) the
+  candidates are in flat order among equal scores and one ``lax.top_k``
+  over them finds the k-th; otherwise a two-key ``lax.sort`` (score, then
+  flat index) does. The threshold is then applied in ``scores``' shape, with
+  no flat reshape of the layer.
+
+  Args:
+    scores: a float array without NaN or ``-0.0`` (``-inf`` marks an entry
+      that must not be selected unless fewer than ``k`` others remain).
+    k_max: static bound on ``k``, at most ``scores.size``.
+    k: int32 scalar, ``0 <= k <= k_max``.
+    axis: the axis split into pieces (normalized, ``0 <= axis < ndim``).
+    shards: number of pieces; divides ``scores.shape[axis]``.
+    view: if given, the sharding of the ``(shards, piece)`` view, rows
+      over the devices holding the pieces: each device then ranks its own
+      piece (``jax.shard_map``). Without it the compiler places the ranking,
+      and XLA's partitioner gathers a sharded ``top_k``'s operand.
+
+  Returns:
+    A bool array like ``scores`` with exactly ``k`` entries set.
+  """
+  shape = scores.shape
+  if k_max == 0:
+    return jnp.zeros(shape, bool)
+  size = math.prod(shape)
+  piece = size // shards
+  # Flat index of (shard s, position p in its piece): the piece's C order
+  # is (index before axis, index within the piece's axis span, after).
+  span = shape[axis] // shards * math.prod(shape[axis + 1 :])
+  k_piece = min(k_max, piece)
+  pieces = shard_chunks(scores, axis, shards)
+  if view is None:
+    values, pos = jax.lax.top_k(pieces, k_piece)
+  else:
+    # The partitioner replicates a top_k (or sort) whose batch axis is
+    # sharded; shard_map keeps each row's ranking on the device holding it.
+    values, pos = jax.shard_map(
+        lambda x: tuple(jax.lax.top_k(x, k_piece)),
+        mesh=view.mesh,
+        in_specs=view.spec,
+        out_specs=(view.spec, view.spec),
+    )(pieces)
+  shard = jnp.arange(shards, dtype=jnp.int32)[:, None]
+  flat = (pos // span) * (span * shards) + shard * span + pos % span
+  values, flat = values.reshape(-1), flat.reshape(-1)
+  last = jnp.clip(k - 1, 0, k_max - 1)
+  if math.prod(shape[:axis]) == 1:
+    # Pieces in flat order: candidate order is flat order among ties.
+    _, best = jax.lax.top_k(values, k_max)
+    value, index = values[best[last]], flat[best[last]]
+  else:
+    neg, index = jax.lax.sort((-values, flat), num_keys=2)
+    value, index = -neg[last], index[last]
+  chosen = (scores > value) | (
+      (scores == value) & (_flat_index(shape) <= index)
+  )
+  return chosen & (k > 0)
+
+
 def random_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Random float32 scores in [0, 2**24), one per entry, for SET's growth.
 
@@ -201,9 +325,14 @@ def random_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   equal scores (one entry in about 2**24 / size shares its value) go to the
   lower index like every other tie.
   """
-  seed = jax.random.bits(key, (2,), jnp.uint32)
   size = math.prod(shape)
-  x = jax.lax.iota(jnp.uint32, size) * jnp.uint32(0x9E3779B1) + seed[0]
+  return _hash_scores(key, jax.lax.iota(jnp.uint32, size)).reshape(shape)
+
+
+def _hash_scores(key: jax.Array, index: jax.Array) -> jax.Array:
+  """:func:`random_scores` of the entries with these flat indices."""
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  x = index.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + seed[0]
 
   def fmix(x):
     x = x ^ (x >> 16)
@@ -213,7 +342,7 @@ def random_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x ^ (x >> 16)
 
   x = fmix(fmix(x) ^ seed[1])
-  return (x >> 8).astype(jnp.float32).reshape(shape)
+  return (x >> 8).astype(jnp.float32)
 
 
 def _update_layer(
@@ -222,6 +351,7 @@ def _update_layer(
     grow_score: jax.Array,
     fraction: jax.Array,
     k_max: int,
+    shard: Shard | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Drops the k smallest |w| among active entries, grows the k best inactive.
 
@@ -233,13 +363,29 @@ def _update_layer(
   ``p + (-p) = 0`` cannot do so from NaN or inf. Non-finite active weights
   are dropped first. Ties go to the lower flat index in both rankings.
 
+  A :class:`Shard` selects per piece of the layer
+  (:func:`select_top_k_sharded`) in the layer's own shape; the masks are
+  the same as without it.
+
   Returns:
     The new mask and the int32 number of connections regrown.
   """
   if k_max == 0:
     return mask, jnp.zeros([], jnp.int32)
-  m = mask.reshape(-1)
-  w = weight.reshape(-1)
+  if shard is None:
+    m = mask.reshape(-1)
+    w = weight.reshape(-1)
+    grow_score = grow_score.reshape(-1)
+
+    def select(scores):
+      return select_top_k(scores, k_max, k)
+
+  else:
+    m, w = mask, weight
+
+    def select(scores):
+      return select_top_k_sharded(scores, k_max, k, *shard)
+
   can_grow = ~m & jnp.isfinite(w)
   active = jnp.sum(m, dtype=jnp.int32)
   k = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
@@ -247,11 +393,9 @@ def _update_layer(
 
   # Smallest magnitudes first; + 0.0 turns -0.0 into 0.0 so zeros tie.
   keep_score = jnp.where(m, -finite_magnitude(w) + 0.0, -jnp.inf)
-  dropped = select_top_k(keep_score, k_max, k)
+  dropped = select(keep_score)
   # Scoring by the old mask excludes what was just dropped from growth.
-  grown = select_top_k(
-      jnp.where(can_grow, grow_score.reshape(-1), -jnp.inf), k_max, k
-  )
+  grown = select(jnp.where(can_grow, grow_score, -jnp.inf))
   new = (m & ~dropped) | grown
   return new.reshape(mask.shape), k
 
@@ -314,6 +458,71 @@ def _max_changes(mask: Any, max_fraction: float) -> int:
   ):
     return n  # Masks given as tracers: fall back to the loosest bound.
   return max(0, min(int(math.floor(max_fraction * active)), n - active))
+
+
+def _is_pair(x: Any) -> bool:
+  return x is None or isinstance(x, Shard)
+
+
+def _leaf_shard(path: str, mask: Any, spec: Any) -> Shard | None:
+  """One sparse leaf's pieces under ``dynamic_sparse(shardings=)``.
+
+  ``None`` when the leaf is not split (or split into one piece).
+  """
+  shape = tuple(int(d) for d in np.shape(mask))
+  where = f"shardings[{path!r}]"
+  if spec is None:
+    return None
+  if not isinstance(spec, jax.sharding.NamedSharding):
+    raise TypeError(
+        f"{where} must be None or a jax.sharding.NamedSharding; got {spec!r}."
+    )
+  entries = tuple(spec.spec)
+  if len(entries) > len(shape):
+    raise ValueError(
+        f"{where}: partition spec {spec.spec} has more entries than the "
+        f"leaf has axes (shape {shape})."
+    )
+  counts = []
+  for e in entries + (None,) * (len(shape) - len(entries)):
+    names = () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    counts.append(math.prod(spec.mesh.shape[n] for n in names))
+  if not counts or max(counts) == 1:
+    return None
+  # Several split axes: pieces along the most split one (still exact).
+  axis = int(np.argmax(counts))
+  shards = counts[axis]
+  if shape[axis] % shards:
+    raise ValueError(
+        f"{where}: axis {axis} of size {shape[axis]} (shape {shape}) does not "
+        f"split into {shards} equal pieces."
+    )
+  view = jax.sharding.NamedSharding(
+      spec.mesh, jax.sharding.PartitionSpec(entries[axis], None)
+  )
+  return Shard(axis, shards, view)
+
+
+def _resolve_shardings(shardings: Any, masks: PyTree) -> PyTree:
+  """Per sparse leaf a :class:`Shard` or ``None``, aligned with ``masks``."""
+  treedef = jax.tree.structure(masks, is_leaf=tree_lib.is_none)
+  if shardings is None:
+    return jax.tree.unflatten(treedef, [None] * treedef.num_leaves)
+  try:
+    specs = treedef.flatten_up_to(shardings)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "shardings must have the structure of the params (a NamedSharding "
+        f"or None at each leaf); got {shardings!r} for params {treedef}."
+    ) from e
+  leaves = jax.tree_util.tree_leaves_with_path(masks, is_leaf=tree_lib.is_none)
+  return jax.tree.unflatten(
+      treedef,
+      [
+          None if m is None else _leaf_shard(tree_lib.path_str(p), m, spec)
+          for (p, m), spec in zip(leaves, specs, strict=True)
+      ],
+  )
 
 
 def _params_like(params: PyTree) -> Callable[[Any], bool]:
@@ -394,6 +603,7 @@ def dynamic_sparse(
     neuron_axis: tree_lib.NeuronAxisSpec = -1,
     correction_filter: tree_lib.LeafFilter | None = None,
     structure: str | tuple[int, int] = "unstructured",
+    shardings: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic sparse training around any optax optimizer: RigL, SET or static.
 
@@ -482,6 +692,28 @@ def dynamic_sparse(
       (as ``filter_fn`` of :func:`scale_by_sparseopt`).
     structure: ``"unstructured"`` (default), ``"constant_fan_in"`` or
       ``(n, m)``; the neuron is ``neuron_axis``.
+    shardings: how the params are laid out over devices, for mask updates
+      of unstructured masks: ``None`` (default: each layer selects over its
+      flat scores), or a pytree with the structure of the params whose
+      leaves are ``None`` or a ``jax.sharding.NamedSharding`` (the params'
+      own, e.g. the train step's ``in_shardings``; dense leaves are
+      ignored). A sparse leaf split ``S`` ways along an axis (the most split
+      one, if several are) selects its drops and growths per piece: each
+      device ranks its own piece (``jax.shard_map`` over the sharding's
+      mesh) and keeps its ``min(k_max, piece)`` best candidates, only those
+      ``S`` sets of candidates and their flat indices are gathered, and the
+      k-th best of them is a threshold each device applies to its own piece.
+      A mask update then never gathers a layer's scores whole, nor views a
+      layer split on a non-leading axis as a flat vector, as long as
+      ``k_max`` (``drop_fraction`` times the layer's active count) is below
+      a piece's size; from there on the candidates are the whole layer. The
+      masks are exactly those chosen without ``shardings`` (same ties, same
+      counts); only the work differs (a ``lax.top_k`` of ``k_max`` per
+      piece, where the default switches to a sampled threshold from
+      ``SELECT_MIN_K``). Arrays are placed by the caller (``jax.jit``'s
+      shardings); this only tells the mask update where they are. A
+      ``ValueError`` names a leaf whose split axis does not divide evenly,
+      and structured masks do not take ``shardings``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
@@ -545,6 +777,15 @@ def dynamic_sparse(
   structure = structure_lib.check_structure(structure)
   tree_lib.check_neuron_axis_spec(neuron_axis)
   leaf_axes = tree_lib.resolve_neuron_axes(neuron_axis, masks)
+  leaf_shards = _resolve_shardings(shardings, masks)
+  if not structure_lib.is_unstructured(structure) and any(
+      s is not None for s in jax.tree.leaves(leaf_shards, is_leaf=_is_pair)
+  ):
+    raise ValueError(
+        "shardings selects per shard for unstructured masks only; structured "
+        f"masks (structure={structure!r}) select within each group: pass "
+        "shardings=None."
+    )
   # The schedules we build never exceed drop_fraction; a callable might.
   max_fraction = 1.0 if callable(drop_schedule) else drop_fraction
   if structure_lib.is_unstructured(structure):
@@ -583,17 +824,17 @@ def dynamic_sparse(
     if method == "set":
       leaves = tree_lib.mask_leaves_with_path(old_masks)
       index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
-      return tree_lib.map_masked(
-          lambda path, m, g: None
-          if m is None
-          else random_scores(
-              jax.random.fold_in(step_key, index[tree_lib.path_str(path)]),
-              m.shape,
-          ),
-          old_masks,
-          grads,
-          with_path=True,
-      )
+
+      def scores(path, m, shard):
+        if m is None:
+          return None
+        leaf_key = jax.random.fold_in(step_key, index[tree_lib.path_str(path)])
+        if shard is None:
+          return random_scores(leaf_key, m.shape)
+        # The same scores, hashed in the layer's shape (no flat iota).
+        return _hash_scores(leaf_key, _flat_index(m.shape))
+
+      return tree_lib.map_masked(scores, old_masks, leaf_shards, with_path=True)
     if grow_with == "corrected":
       flags = transform.correction_flags(correction_filter, old_masks, params)
       # Counted here, inside the mask update: never on normal steps.
@@ -612,14 +853,16 @@ def dynamic_sparse(
     fraction = fraction_at(count)
     scores = grow_scores(grads, old, params, step_key)
 
-    def layer(m, w, s, kmax, ax):
+    def layer(m, w, s, kmax, ax, shard):
       if m is None:
         return None
       if structure_lib.is_unstructured(structure):
-        return _update_layer(m, w, s, fraction, kmax)
+        return _update_layer(m, w, s, fraction, kmax, shard)
       return _update_groups(m, w, s, fraction, kmax, structure, ax)
 
-    pairs = tree_lib.map_masked(layer, old, params, scores, k_max, leaf_axes)
+    pairs = tree_lib.map_masked(
+        layer, old, params, scores, k_max, leaf_axes, leaf_shards
+    )
     new = tree_lib.map_masked(
         lambda m, p: None if m is None else p[0], old, pairs
     )
