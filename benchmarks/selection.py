@@ -1,6 +1,7 @@
 """Exact top-k selection for mask updates: ``lax.top_k`` vs the sampled threshold.
 
     python -m benchmarks.selection [--size 2359296] [--rounds 5]
+    python -m benchmarks.selection --update_breakdown [--tree resnet50]
 
 Times, on one layer-sized vector of uniform scores, the two exact selections
 `dynamic_sparse` can use (both mark the k largest, ties to the lower index):
@@ -11,6 +12,13 @@ markdown table of median milliseconds per k; `SELECT_MIN_K` in
 ``sparseopt_jax/_src/dst.py`` is set from it. ``approx_max_k`` is left out:
 on CPU it lowers to the same sort-based top-k (61 ms vs 56 ms at k = 70k on
 2.4M scores in the session that wrote this), and it is not exact.
+
+``--update_breakdown`` asks how much of a whole RigL mask-update step
+(``dynamic_sparse(chain(scale_by_sparseopt(), sgd))`` on a benchmark tree,
+ERK 90%, donated) is selection: it times the step as it is, with every
+selection done by ``lax.top_k``, and with every selection replaced by a
+no-op (``scores > 1e30``: nothing dropped or grown, every other pass of
+the update kept), against plain momentum SGD's step.
 """
 
 from __future__ import annotations
@@ -19,16 +27,77 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+import optax
+
+import sparseopt_jax as sparseopt
 
 from benchmarks import common
 from sparseopt_jax._src import dst
+
+
+def update_breakdown(tree: str, rounds: int):
+  """Times RigL's update step with real, top_k-only and no-op selection."""
+  params = common.make_tree(common.tree_shapes(tree))
+  masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
+  params = sparseopt.apply_masks(params, masks)
+  grads = jax.tree.map(lambda x: x * 0.01 + 0.001, params)
+
+  def carrying(tx, state, count=None):
+    def step(state, g, p):
+      updates, state = tx.update(g, state, p)
+      return state, updates
+
+    fix = lambda out: out
+    if count is not None:
+      fix = lambda out: (out[0]._replace(count=jnp.int32(count)),)
+    return common.donating(step, (state, grads, params), carried=(0,), fix=fix)
+
+  def rigl():
+    tx = sparseopt.dynamic_sparse(
+        optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
+        masks,
+        method="rigl",
+        update_every=100,
+        end_step=10_000,
+        key=jax.random.key(0),
+    )
+    return carrying(tx, tx.init(params)._replace(count=jnp.int32(100)), 100)
+
+  sgd = optax.sgd(0.1, momentum=0.9)
+  cands = {"sgd_momentum": carrying(sgd, sgd.init(params))}
+  select = dst.select_top_k
+  try:
+    # The selection is looked up when the step is traced, which
+    # common.donating's jit does at the first call: trace each variant now.
+    cands["rigl_update"] = rigl()
+    jax.block_until_ready(cands["rigl_update"][0]())
+    dst.select_top_k = dst.first_k_of_top
+    cands["rigl_update_top_k"] = rigl()
+    jax.block_until_ready(cands["rigl_update_top_k"][0]())
+    dst.select_top_k = lambda s, k_max, k: s > 1e30
+    cands["rigl_update_no_selection"] = rigl()
+    jax.block_until_ready(cands["rigl_update_no_selection"][0]())
+  finally:
+    dst.select_top_k = select
+  times = common.interleaved(cands, rounds)
+  print(common.header())
+  print()
+  print(f"| {tree} RigL update step | median ms | x sgd |")
+  print("|---|---:|---:|")
+  for name, t in times.items():
+    print(f"| {name} | {t * 1e3:.1f} | {t / times['sgd_momentum']:.2f} |")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=int, default=2_359_296)
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--update_breakdown", action="store_true")
+  parser.add_argument("--tree", default="resnet50")
   args = parser.parse_args()
+  if args.update_breakdown:
+    update_breakdown(args.tree, args.rounds)
+    return
   scores = jax.random.uniform(jax.random.key(0), (args.size,))
   strides = (8, 16, 32)
   print(common.header())
