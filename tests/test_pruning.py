@@ -306,3 +306,21 @@ def test_pruning_schedule_refuses_steps_off_the_grid():
     sparseopt.pruning_schedule(0.9, start_step=0, end_step=10, update_every=3)
   with pytest.raises(TypeError, match="end_step must be an int"):
     sparseopt.pruning_schedule(0.9, start_step=0, end_step=1.5, update_every=1)
+
+
+def test_global_pruning_refuses_int32_overflowing_totals():
+  # Shapes only (jax.eval_shape): 3 x 2**30 weights would wrap an int32.
+  params = {
+      f"w{i}": jax.ShapeDtypeStruct((2**15, 2**15), jnp.float32)
+      for i in range(3)
+  }
+  tx = sparseopt.gradual_pruning(
+      optax.sgd(0.1),
+      0.9,
+      start_step=0,
+      end_step=10,
+      update_every=10,
+      scope="global",
+  )
+  with pytest.raises(ValueError, match="2\\*\\*31 - 1"):
+    jax.eval_shape(tx.init, params)

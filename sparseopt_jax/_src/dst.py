@@ -1121,43 +1121,6 @@ def itop_rate(state: optax.OptState) -> jax.Array:
   return ever / jnp.float32(total)
 
 
-# Largest number of entries one int32 partial count covers; 2**30 < 2**31.
-COUNT_BLOCK = 2**30
-
-
-def count_true(mask: jax.Array, block: int = COUNT_BLOCK) -> jax.Array:
-  """Number of ``True`` entries of a bool array, as float32, without overflow.
-
-  ``jnp.sum(mask, dtype=jnp.int32)`` wraps around past 2**31 - 1 entries.
-  Here the flat mask is counted in int32 per block of at most ``block``
-  entries (exact), and the partial counts are added in float32: exact while
-  the total is below 2**24, and within float32's relative precision (about
-  6e-8 per addition) above, for layers of any size.
-
-  Args:
-    mask: a bool array.
-    block: entries per int32 partial count (``< 2**31``); a parameter only so
-      that tests can exercise the blocking on small arrays.
-
-  Returns:
-    A float32 scalar.
-  """
-  if mask.size <= block:
-    # No reshape: flattening a kernel sharded on a non-leading axis would
-    # gather it onto every device.
-    return jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
-  flat = mask.reshape(-1)
-  n = flat.size
-  full = n // block  # >= 1 here.
-  parts = [
-      jnp.sum(
-          flat[: full * block].reshape(full, block), axis=1, dtype=jnp.int32
-      ).astype(jnp.float32)
-  ]
-  if n > full * block:
-    parts.append(
-        jnp.sum(flat[full * block :], dtype=jnp.int32)
-        .astype(jnp.float32)
-        .reshape(1)
-    )
-  return jnp.sum(jnp.concatenate(parts))
+# Counting without int32 overflow lives with the other tree helpers.
+COUNT_BLOCK = tree_lib.COUNT_BLOCK
+count_true = tree_lib.count_true

@@ -506,15 +506,15 @@ def sparsity(masks: PyTree) -> jax.Array:
   total = sum(int(np.size(m)) for m in leaves)
   if total == 0:
     return jnp.float32(0.0)
-  active = sum(jnp.sum(m, dtype=jnp.int32) for m in leaves)
-  return 1.0 - active.astype(jnp.float32) / total
+  # Counted in float32 via int32 blocks: no overflow past 2**31 entries.
+  active = sum(tree_lib.count_true(m) for m in leaves)
+  return 1.0 - active / total
 
 
 def layer_sparsity(masks: PyTree) -> dict[str, jax.Array]:
   """``{path_string: sparsity}`` for each sparse leaf of a mask tree."""
   return {
-      tree_lib.path_str(p): 1.0
-      - jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) / m.size
+      tree_lib.path_str(p): 1.0 - tree_lib.count_true(m) / m.size
       for p, m in tree_lib.mask_leaves_with_path(masks)
   }
 

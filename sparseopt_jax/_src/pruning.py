@@ -306,6 +306,13 @@ def gradual_pruning(
         groups, size = structure_lib.group_shape(shape, structure, ax, name)
         final = structure_lib.kept_per_group(densities[name], size, structure)
         sizes.append((groups, size, final))
+    largest = max((size for _, size, _ in sizes), default=0)
+    if largest >= 2**31:
+      raise ValueError(
+          f"gradual_pruning(scope={scope!r}): a group of {largest} weights; "
+          "its kept counts are int32, which holds at most 2**31 - 1. Prune "
+          "such a model with scope='layer'."
+      )
     table = np.asarray(
         [[_kept(r_size, k, r) for _, r_size, k in sizes] for r in progress],
         np.int32,
