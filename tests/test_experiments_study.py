@@ -81,7 +81,7 @@ def test_studies_import_no_training_code():
       "import sys\n"
       "import experiments.studies.plot, experiments.studies.study\n"
       "import experiments.studies.compact, experiments.studies.bn_stats\n"
-      "import experiments.studies.recalibration\n"
+      "import experiments.studies.recalibration, experiments.studies.arms\n"
       "print('\\n'.join(sys.modules))\n"
   )
   loaded = subprocess.run(
@@ -1040,3 +1040,35 @@ def test_recalibration_table_pairs_the_two_evaluations_by_seed():
   want = runs.format_difference(diffs.mean(), diffs.std(ddof=1) / np.sqrt(2))
   assert f"| sgd | 150 | 2 | 60.00 | 70.50 | {want} |" in table
   assert "| sgd | 300 | 2 | 80.00 | 80.00 | +0.00 ± 0.00 |" in table
+
+
+def test_arms_table_pairs_each_arm_with_the_reference(tmp_path):
+  from experiments.studies import arms
+
+  root = str(tmp_path)
+  finals = {"sgd": [0.80, 0.82, 0.84], "sparseopt": [0.81, 0.80, 0.86]}
+  for opt, accs in finals.items():
+    for seed, acc in enumerate(accs):
+      workdirs.fake_workdir(root, f"{opt}{seed}", opt, seed, [0.5, acc])
+  workdirs.fake_workdir(root, "late", "sparseopt", 3, [0.5], finished=False)
+  parsed = [
+      arms.parse_arm("SGD:optimizer=sgd"),
+      arms.parse_arm("SO:optimizer=sparseopt"),
+  ]
+  by_arm = arms.select(runs.load_all(root), parsed)
+  text = arms.table(by_arm, "SGD")
+  # By hand: differences +1, -2, +2 points: mean +0.33, std 2.08, s.e.
+  # 2.08 / sqrt(3) = 1.20; SO's finals 81, 80, 86: std 3.21.
+  assert (
+      "| SO | 3 | 82.33 ± 3.21 | n/a | +0.33 ± 1.20 (n=3: +1.00, -2.00, +2.00) |"
+      in text
+  )
+  assert "| SGD | 3 | 82.00 ± 2.00 | n/a | (reference) |" in text
+  arms.draw(by_arm, str(tmp_path / "arms.png"), "t")
+  assert os.path.getsize(tmp_path / "arms.png") > 0
+  with pytest.raises(ValueError, match="matches arms"):
+    arms.select(
+        runs.load_all(root), [parsed[0], arms.parse_arm("all:method=rigl")]
+    )
+  with pytest.raises(ValueError, match="label"):
+    arms.parse_arm("optimizer=sgd")
