@@ -93,6 +93,14 @@ def _flops(rs: Sequence[Run]) -> str:
   return f"{np.mean(train):.3f} / {np.mean(infer):.3f}"
 
 
+def _mean_std(acc: np.ndarray) -> str:
+  if not len(acc):
+    return "n/a"
+  if len(acc) == 1:
+    return f"{acc[0]:.2f}"
+  return f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
+
+
 def _difference(control: Sequence[Run], treatment: Sequence[Run]) -> str:
   pairs = runs_lib.pair_by_seed(control, treatment)
   if not pairs:
@@ -116,9 +124,7 @@ def table(by_arm: Mapping[str, Sequence[Run]], reference: str) -> str:
         [
             label,
             len(done),
-            f"{acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f}"
-            if len(acc)
-            else "n/a",
+            _mean_std(acc),
             _flops(done),
             "(reference)"
             if label == reference
@@ -164,7 +170,8 @@ def draw(by_arm: Mapping[str, Sequence[Run]], path: str, title: str) -> None:
     steps, curves = plot_lib.full_length_curves(done)
     mean, std = 100 * curves.mean(0), 100 * curves.std(0)
     color = f"C{i}"
-    ax.plot(steps, mean, color=color, label=f"{label} ({len(curves)} seeds)")
+    seeds = f"{len(curves)} seed{'s' * (len(curves) > 1)}"
+    ax.plot(steps, mean, color=color, label=f"{label} ({seeds})")
     if len(curves) > 1:
       ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.12)
   ax.set_xlabel("step")
