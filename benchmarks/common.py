@@ -93,6 +93,25 @@ def make_tree(
   return params
 
 
+def random_grads(params, scale: float = 0.01):
+  """Dense Gaussian gradients like ``params``, nonzero at pruned positions too.
+
+  Real gradients are dense; RigL ranks the inactive positions by them. A
+  gradient derived from the masked params (zero wherever a weight is
+  pruned) would make every growth candidate tie at 0, which ``lax.top_k``
+  ranks faster than real scores: mask updates would time optimistically.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(9), len(leaves))
+  return jax.tree.unflatten(
+      treedef,
+      [
+          scale * jax.random.normal(k, x.shape, x.dtype)
+          for k, x in zip(keys, leaves)
+      ],
+  )
+
+
 def num_params(tree) -> int:
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 

@@ -40,7 +40,7 @@ def update_breakdown(tree: str, rounds: int):
   params = common.make_tree(common.tree_shapes(tree))
   masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
   params = sparseopt.apply_masks(params, masks)
-  grads = jax.tree.map(lambda x: x * 0.01 + 0.001, params)
+  grads = common.random_grads(params)
 
   def carrying(tx, state, count=None):
     def step(state, g, p):

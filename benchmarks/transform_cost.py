@@ -168,7 +168,7 @@ def run(tree_names, rounds):
     params = common.make_tree(shapes[name])
     masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
     params = sparseopt.apply_masks(params, masks)
-    grads = jax.tree.map(lambda x: x * 0.01, params)
+    grads = common.random_grads(params)
     n = common.num_params(params)
     extra = extra_state_bytes(params, masks)
     times = common.interleaved(candidates(params, masks, grads), rounds)
