@@ -388,6 +388,28 @@ SWEEPS = {
             },
         ],
     ),
+    "fmnist_vit_qk_adamw": Sweep(
+        "fmnist_vit",
+        "fmnist_vit_qk's comparison under AdamW (the config's recipe: lr "
+        "1e-3, decoupled weight decay 0.05, half an epoch of warmup), RigL "
+        "95%, 3 epochs, 3 seeds: no correction, the per-neuron factor and "
+        "the group-following one. AdamW normalizes each coordinate, which "
+        "should cancel a per-neuron factor (THEORY prediction 3).",
+        base={
+            "model": "fmnist_vit_qk",
+            "method": "rigl",
+            "sparsity": 0.95,
+            "num_epochs": 3.0,
+        },
+        grids=[
+            {"optimizer": ["adam"], "seed": [0, 1, 2]},
+            {
+                "optimizer": ["sparseopt+adam"],
+                "correction_unit": ["neuron", "group"],
+                "seed": [0, 1, 2],
+            },
+        ],
+    ),
     "cifar100_resnet20": Sweep(
         "resnet20_cifar100",
         "The paper's CIFAR-100 ResNet-20 grid at 100 epochs (needs a GPU/TPU "
