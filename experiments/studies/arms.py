@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import itertools
 import os
+import textwrap
 from typing import Any
 
 from absl import app
@@ -179,7 +180,7 @@ def draw(by_arm: Mapping[str, Sequence[Run]], path: str, title: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
   if title:
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 72), fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
