@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+import sparseopt_jax as sparseopt
 
 
 def resnet20_shapes() -> list[tuple[int, ...]]:
@@ -215,6 +218,41 @@ def donating(
     return out
 
   return call, ()
+
+
+def sparse_wrapper(masks, method: str = "rigl", inner=None):
+  """The benchmarks' ``dynamic_sparse(chain(scale_by_sparseopt(), inner))``.
+
+  ``inner`` defaults to momentum SGD; mask updates every 100 steps until step
+  10,000, so a counter of 100 makes a mask-update step and 1 a normal one.
+  """
+  inner = optax.sgd(0.1, 0.9) if inner is None else inner
+  return sparseopt.dynamic_sparse(
+      optax.chain(sparseopt.scale_by_sparseopt(), inner),
+      masks,
+      method=method,
+      update_every=100,
+      end_step=10_000,
+      key=jax.random.key(0),
+  )
+
+
+def update_candidate(tx, state, grads, params, count: int | None = None):
+  """``tx.update`` as a donating candidate (see `donating`): state carried.
+
+  With ``count``, the state's step counter is set to it before every call,
+  so every call times the same kind of step (normal, or a mask update).
+  """
+
+  def step(state, g, p):
+    updates, state = tx.update(g, state, p)
+    return state, updates
+
+  fix = lambda out: out
+  if count is not None:
+    state = state._replace(count=jnp.int32(count))
+    fix = lambda out: (out[0]._replace(count=jnp.int32(count)),)
+  return donating(step, (state, grads, params), carried=(0,), fix=fix)
 
 
 def header() -> str:

@@ -42,29 +42,16 @@ def update_breakdown(tree: str, rounds: int):
   params = sparseopt.apply_masks(params, masks)
   grads = common.random_grads(params)
 
-  def carrying(tx, state, count=None):
-    def step(state, g, p):
-      updates, state = tx.update(g, state, p)
-      return state, updates
-
-    fix = lambda out: out
-    if count is not None:
-      fix = lambda out: (out[0]._replace(count=jnp.int32(count)),)
-    return common.donating(step, (state, grads, params), carried=(0,), fix=fix)
-
   def rigl():
-    tx = sparseopt.dynamic_sparse(
-        optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
-        masks,
-        method="rigl",
-        update_every=100,
-        end_step=10_000,
-        key=jax.random.key(0),
-    )
-    return carrying(tx, tx.init(params)._replace(count=jnp.int32(100)), 100)
+    tx = common.sparse_wrapper(masks)
+    return common.update_candidate(tx, tx.init(params), grads, params, 100)
 
   sgd = optax.sgd(0.1, momentum=0.9)
-  cands = {"sgd_momentum": carrying(sgd, sgd.init(params))}
+  cands = {
+      "sgd_momentum": common.update_candidate(
+          sgd, sgd.init(params), grads, params
+      )
+  }
   select = dst.select_top_k
   try:
     # The selection is looked up when the step is traced, which

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import sparseopt_jax as sparseopt
@@ -64,35 +63,16 @@ def candidates(params, masks, grads):
   zero_state = zero.init(params)
   zero_fn = jax.jit(lambda g, s, p, m: zero.update(g, s, p, masks=m)[0])
 
-  def carrying(tx, state, fix=lambda out: out):
-    """``tx.update`` as a donating candidate: (state, updates) out."""
+  def carrying(tx, count=None):
+    return common.update_candidate(
+        tx, tx.init(params), grads, params, count=count
+    )
 
-    def step(state, g, p):
-      updates, state = tx.update(g, state, p)
-      return state, updates
-
-    return common.donating(step, (state, grads, params), carried=(0,), fix=fix)
-
-  sgd = optax.sgd(0.1, momentum=0.9)
-
-  adam = optax.adam(1e-3)
-
-  def dst(method, count, inner=lambda: optax.sgd(0.1, 0.9)):
+  def dst(method, count, inner=None):
     # As in a train step: the state is donated and carried from call to
     # call, with the counter reset so that every call is the same kind of
     # step (normal, or a mask update).
-    tx = sparseopt.dynamic_sparse(
-        optax.chain(sparseopt.scale_by_sparseopt(), inner()),
-        masks,
-        method=method,
-        update_every=100,
-        end_step=10_000,
-        key=jax.random.key(0),
-    )
-    state = tx.init(params)._replace(count=jnp.int32(count))
-    return carrying(
-        tx, state, fix=lambda out: (out[0]._replace(count=jnp.int32(count)),)
-    )
+    return carrying(common.sparse_wrapper(masks, method, inner), count)
 
   out = {
       "floor": (floor, (grads, masks)),
@@ -102,13 +82,13 @@ def candidates(params, masks, grads):
           (grads, cached_state, params, masks),
       ),
       "zero_masked_updates": (zero_fn, (grads, zero_state, params, masks)),
-      "sgd_momentum": carrying(sgd, sgd.init(params)),
+      "sgd_momentum": carrying(optax.sgd(0.1, momentum=0.9)),
       "dst_step": dst("rigl", 1),
       "static_step": dst("static", 1),
       "rigl_update": dst("rigl", 100),
       "set_update": dst("set", 100),
-      "adam": carrying(adam, adam.init(params)),
-      "dst_adam_step": dst("rigl", 1, lambda: optax.adam(1e-3)),
+      "adam": carrying(optax.adam(1e-3)),
+      "dst_adam_step": dst("rigl", 1, optax.adam(1e-3)),
   }
   return out
 
@@ -121,14 +101,7 @@ def extra_state_bytes(params, masks):
   """
   sgd = optax.sgd(0.1, momentum=0.9)
   sgd_state = jax.eval_shape(sgd.init, params)
-  dst = sparseopt.dynamic_sparse(
-      optax.chain(sparseopt.scale_by_sparseopt(), optax.sgd(0.1, 0.9)),
-      masks,
-      method="rigl",
-      update_every=100,
-      end_step=10_000,
-      key=jax.random.key(0),
-  )
+  dst = common.sparse_wrapper(masks)
   dst_bytes = common.added_state_bytes_per_param(
       jax.eval_shape(dst.init, params), sgd_state, params
   )
