@@ -617,6 +617,27 @@ print(jax.device_count())
 """
 
 
+def _run_on_devices(script, overrides, workdir, devices):
+  """Runs ``script overrides workdir`` in a process with ``devices`` CPUs.
+
+  ``XLA_FLAGS`` is read when jax starts, hence the subprocess. Returns its
+  completed process; its stderr's tail is the assertion message on failure.
+  """
+  env = {
+      **os.environ,
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "JAX_PLATFORMS": "cpu",
+  }
+  out = subprocess.run(
+      [sys.executable, "-c", script, json.dumps(overrides), workdir],
+      env=env,
+      capture_output=True,
+      text=True,
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
 def test_eight_devices_match_one(tmp_path, fmnist_dir):
   overrides = dict(
       data_dir=fmnist_dir,
@@ -631,18 +652,7 @@ def test_eight_devices_match_one(tmp_path, fmnist_dir):
   results = {}
   for devices in (1, 8):
     workdir = str(tmp_path / str(devices))
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", _MULTI_DEVICE, json.dumps(overrides), workdir],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = _run_on_devices(_MULTI_DEVICE, overrides, workdir, devices)
     assert out.stdout.strip().endswith(str(devices))
     results[devices] = records.read_metrics(workdir)
   for one, eight in zip(results[1], results[8]):
@@ -742,11 +752,6 @@ def test_fsdp_on_eight_devices_matches_replicated(tmp_path, fmnist_dir):
       drop_fraction=0.5,
       progress_bar=False,
   )
-  env = {
-      **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-      "JAX_PLATFORMS": "cpu",
-  }
   results = {}
   for sharding, workdir in (
       ("replicated", "replicated"),
@@ -760,19 +765,9 @@ def test_fsdp_on_eight_devices_matches_replicated(tmp_path, fmnist_dir):
       shutil.rmtree(str(tmp_path / workdir / "checkpoints" / "6"))
       os.remove(str(tmp_path / workdir / "summary.json"))
     workdir = str(tmp_path / workdir)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _FSDP_DEVICES,
-            json.dumps({**overrides, "sharding": sharding}),
-            workdir,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    out = _run_on_devices(
+        _FSDP_DEVICES, {**overrides, "sharding": sharding}, workdir, 8
     )
-    assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
     results[os.path.basename(workdir)] = (
