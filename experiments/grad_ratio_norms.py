@@ -358,6 +358,16 @@ def measure(
   return rows
 
 
+# The keys of `measure`'s rows that hold a ratio or slope, in column order.
+MEASURED = (
+    "layer",
+    "spread",
+    "spread_factor",
+    "spread_group",
+    "erk",
+    "erk_factor",
+    "erk_group",
+)
 COLUMNS = (
     "case",
     "layers",
@@ -376,15 +386,6 @@ COLUMNS = (
 
 def markdown_table(rows) -> str:
   """The ratios and slopes of `measure`, one line per case, group and s."""
-  keys = (
-      "layer",
-      "spread",
-      "spread_factor",
-      "spread_group",
-      "erk",
-      "erk_factor",
-      "erk_group",
-  )
   return markdown.table(
       COLUMNS,
       [
@@ -394,7 +395,7 @@ def markdown_table(rows) -> str:
               r["unit"],
               r["s"],
               f"{1 / np.sqrt(1 - r['s']):.2f}",
-              *(f"{r[k]:.2f}" for k in keys),
+              *(f"{r[k]:.2f}" for k in MEASURED),
           ]
           for r in rows
       ],
