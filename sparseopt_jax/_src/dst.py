@@ -508,13 +508,12 @@ def _resolve_shardings(shardings: Any, masks: PyTree) -> PyTree:
   treedef = jax.tree.structure(masks, is_leaf=tree_lib.is_none)
   if shardings is None:
     return jax.tree.unflatten(treedef, [None] * treedef.num_leaves)
-  try:
-    specs = treedef.flatten_up_to(shardings)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "shardings must have the structure of the params (a NamedSharding "
-        f"or None at each leaf); got {shardings!r} for params {treedef}."
-    ) from e
+  specs = tree_lib.leaves_like(
+      shardings,
+      masks,
+      "shardings must have the structure of the params (a NamedSharding "
+      "or None at each leaf)",
+  )
   leaves = jax.tree_util.tree_leaves_with_path(masks, is_leaf=tree_lib.is_none)
   return jax.tree.unflatten(
       treedef,

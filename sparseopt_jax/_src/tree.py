@@ -282,6 +282,24 @@ def check_neuron_axis_spec(spec: NeuronAxisSpec) -> None:
     raise TypeError(f"{_SPEC_HELP}; got {spec!r}.")
 
 
+def leaves_like(spec: Any, tree: PyTree, requirement: str) -> list[Any]:
+  """``spec``'s subtrees at the leaves of ``tree`` (its ``None`` leaves too).
+
+  For per-leaf options given as a pytree shaped like the params.
+
+  Raises:
+    ValueError: ``spec`` does not have ``tree``'s structure; the message is
+      ``requirement`` followed by what was given.
+  """
+  treedef = jax.tree.structure(tree, is_leaf=is_none)
+  try:
+    return treedef.flatten_up_to(spec)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{requirement}; got {spec!r} for params {treedef}."
+    ) from e
+
+
 def resolve_neuron_axes(spec: NeuronAxisSpec, tree: PyTree) -> PyTree:
   """Each leaf's neuron axes under a ``neuron_axis=`` spec (see below).
 
@@ -330,14 +348,12 @@ def resolve_neuron_axes(spec: NeuronAxisSpec, tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(call, tree, is_leaf=is_none)
   check_neuron_axis_spec(spec)
   treedef = jax.tree.structure(tree, is_leaf=is_none)
-  try:
-    leaves = treedef.flatten_up_to(spec)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "neuron_axis: a pytree spec must have the structure of the params "
-        f"(an int, a tuple of ints or None at each leaf); got {spec!r} for "
-        f"params {treedef}."
-    ) from e
+  leaves = leaves_like(
+      spec,
+      tree,
+      "neuron_axis: a pytree spec must have the structure of the params "
+      "(an int, a tuple of ints or None at each leaf)",
+  )
   for (path, _), v in zip(
       jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_none), leaves
   ):
