@@ -15,6 +15,7 @@ import pytest
 
 import sparseopt_jax as sparseopt
 from sparseopt_jax import diagnostics
+from sparseopt_jax._src import tree as tree_lib
 import reference as ref
 
 IS_NONE = lambda x: x is None  # noqa: E731
@@ -1054,23 +1055,21 @@ def test_non_finite_weights_and_gradients_never_reach_pruned_slots(method):
 
 
 def test_itop_count_blocks_do_not_overflow_int32():
-  from sparseopt_jax._src import dst
-
   # Numerically, on a small array with a small block: full blocks, a
   # remainder, no remainder, and a block larger than the array.
   m = jax.random.bernoulli(jax.random.key(0), 0.3, (7, 13))
   want = int(np.sum(np.asarray(m)))
   for block in (1, 5, 7, 91, 1000):
-    got = dst.count_true(m, block=block)
+    got = tree_lib.count_true(m, block=block)
     assert got.dtype == jnp.float32 and float(got) == want
-  assert float(dst.count_true(jnp.zeros((0,), bool))) == 0.0
+  assert float(tree_lib.count_true(jnp.zeros((0,), bool))) == 0.0
 
   # Abstractly, on a layer of more than 2**31 entries (nothing allocated):
   # every int32 reduction covers at most COUNT_BLOCK < 2**31 entries, so no
   # partial count can wrap around; they are added in float32.
   big = jax.ShapeDtypeStruct((2**31 + 5,), jnp.bool_)
-  assert jax.eval_shape(dst.count_true, big).dtype == jnp.float32
-  jaxpr = jax.make_jaxpr(dst.count_true)(big).jaxpr
+  assert jax.eval_shape(tree_lib.count_true, big).dtype == jnp.float32
+  jaxpr = jax.make_jaxpr(tree_lib.count_true)(big).jaxpr
   int_sums = [
       e
       for e in jaxpr.eqns
@@ -1083,7 +1082,7 @@ def test_itop_count_blocks_do_not_overflow_int32():
     per_output = math.prod(x.aval.shape) // max(
         1, math.prod(e.outvars[0].aval.shape)
     )
-    assert per_output <= dst.COUNT_BLOCK < 2**31
+    assert per_output <= tree_lib.COUNT_BLOCK < 2**31
 
   # The rate of a state holding such a layer traces to float32 too.
   params = {"w": jnp.zeros((4, 4))}

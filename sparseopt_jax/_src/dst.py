@@ -1116,10 +1116,5 @@ def itop_rate(state: optax.OptState) -> jax.Array:
   total = sum(int(m.size) for m in leaves)
   if total == 0:
     return jnp.float32(0.0)
-  ever = sum(count_true(m) for m in leaves)
+  ever = sum(tree_lib.count_true(m) for m in leaves)
   return ever / jnp.float32(total)
-
-
-# Counting without int32 overflow lives with the other tree helpers.
-COUNT_BLOCK = tree_lib.COUNT_BLOCK
-count_true = tree_lib.count_true
