@@ -962,8 +962,10 @@ def sparse_step(
       updates=updates,
       inner_state=inner_state,
   )
+  is_update = jnp.zeros([], bool)
   if is_update_at is not None:
     count = state.count
+    is_update = is_update_at(count)
 
     def change(carry: StepCarry) -> StepCarry:
       new, num_changed, key = change_topology(
@@ -998,13 +1000,8 @@ def sparse_step(
     # through (benchmarks/results/). The normal step above never reads the
     # new masks, so it is the same elementwise pass as a static step.
     result = jax.lax.while_loop(
-        lambda c: c.pending,
-        change,
-        result._replace(pending=is_update_at(count)),
+        lambda c: c.pending, change, result._replace(pending=is_update)
     )
-    is_update = is_update_at(count)
-  else:
-    is_update = jnp.zeros([], bool)
   return result.updates, DynamicSparseState(
       count=optax.safe_int32_increment(state.count),
       key=result.key,
