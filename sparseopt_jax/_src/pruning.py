@@ -70,9 +70,14 @@ def pruning_schedule(
 ) -> Callable[[int], float]:
   r"""The target sparsity :func:`gradual_pruning` trains with at each step.
 
-  Returns ``step -> r_t * s_f``: the target (before rounding to whole
-  counts) of the masks in force during the update with step counter
-  ``step``, which are those set at the last pruning step before it (a
+  Returns ``step -> r_t * s_f``, with the cubic schedule
+
+  .. math:: r_t = 1 - \left(1 - \frac{t_j - t_0}{t_{end} - t_0}\right)^3,
+
+  :math:`t_j` the last pruning step :math:`t_0 + j\,\Delta t` before
+  ``step`` (or ``schedule(t_j) / s_f`` for a callable): the target (before
+  rounding to whole counts) of the masks in force during the update with
+  step counter ``step``, which are those set at that pruning step (a
   pruning step's own update still uses the masks from before it). It is 0
   up to ``start_step`` and ``sparsity`` after ``end_step``; ``r_t`` is
   exactly :func:`gradual_pruning`'s, clipped and nondecreasing. Use it for
@@ -92,6 +97,10 @@ def pruning_schedule(
     ...     0.9, start_step=10, end_step=40, update_every=10)
     >>> [round(at(t), 4) for t in (10, 11, 21, 31, 41)]
     [0.0, 0.0, 0.6333, 0.8667, 0.9]
+
+  References:
+    Zhu & Gupta. To prune, or not to prune: exploring the efficacy of pruning
+    for model compression. 2017. https://arxiv.org/abs/1710.01878
   """
   start_step = _check_step(start_step, "start_step")
   end_step = _check_step(end_step, "end_step")
