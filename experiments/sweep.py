@@ -281,6 +281,33 @@ SWEEPS = {
             },
         ],
     ),
+    "fmnist_bn_stats_long": Sweep(
+        "fmnist_resnet",
+        "The mechanism test at a 4x longer budget: RigL 97%, 12 epochs, 3 "
+        "seeds, SGD against BatchNorm's measured std, each at its best lr "
+        "on fmnist_bn_stats's 3-epoch grid (0.05 and 0.1). Seed by seed, so "
+        "every finished pair can be read as it lands.",
+        base={
+            "method": "rigl",
+            "sparsity": 0.97,
+            "num_epochs": 12.0,
+            "sigma_diagnostics": True,
+        },
+        grids=[
+            grid
+            for seed in (0, 1, 2)
+            for grid in (
+                {"optimizer": ["sgd"], "learning_rate": [0.05], "seed": [seed]},
+                {
+                    "optimizer": ["sparseopt"],
+                    "correction": ["batch_stats"],
+                    "bn_stats": ["batch"],
+                    "learning_rate": [0.1],
+                    "seed": [seed],
+                },
+            )
+        ],
+    ),
     "fmnist_recalibrate": Sweep(
         "fmnist_resnet",
         "The quickstart (RigL 95%, 900 steps) with and without BatchNorm "
