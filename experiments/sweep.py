@@ -352,7 +352,7 @@ SWEEPS = {
         },
         grids=[
             {
-                "learning_rate": [0.05, 0.1, 0.2],
+                "learning_rate": [0.1, 0.05, 0.2],
                 "optimizer": _BOTH,
                 "seed": [0, 1, 2],
             }
