@@ -984,6 +984,8 @@ def _bn_run(seed, optimizer, correction, lr, final, slope):
       "optimizer": optimizer,
       "correction": correction,
       "learning_rate": lr,
+      "sparsity": 0.97,
+      "num_epochs": 3.0,
   }
   logged = [
       {"step": 50, "sigma/L0/slope_fan_in": slope, "sigma/L1/slope_fan_in": 0},
@@ -1022,6 +1024,7 @@ def test_bn_stats_pairs_each_arm_with_sgd_and_tunes_each_arm():
   steps, slope = bn_stats.sigma_curve(loaded[-1], "slope_fan_in")
   np.testing.assert_array_equal(steps, [50, 100])
   np.testing.assert_allclose(slope, [0.3, 0.3])  # Mean over the two layers.
+  assert bn_stats.setting(by_arm) == "RigL 97% (ERK), 3 epochs"
 
 
 def test_recalibration_table_pairs_the_two_evaluations_by_seed():

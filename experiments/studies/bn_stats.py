@@ -5,7 +5,7 @@ r"""The mechanism test: correcting by BatchNorm's measured std.
       --root=experiments/results/fmnist_bn_stats \
       --out=experiments/results/fmnist_bn_stats
 
-Three arms at RigL 97%, paired by seed (same init, masks and data order):
+Three arms under RigL, paired by seed (same init, masks and data order):
 the SGD baseline (``optimizer=sgd``), the paper's factor
 (``optimizer=sparseopt``, ``correction=fan_in``) and BatchNorm's measured
 std (``optimizer=sparseopt``, ``correction=batch_stats``). Prints, as
@@ -193,6 +193,20 @@ def sigma_table(by_arm: dict[str, dict[float, list[runs_lib.Run]]]) -> str:
   )
 
 
+def setting(by_arm) -> str:
+  """The runs' sparsity and budget, e.g. ``"RigL 97% (ERK), 3 epochs"``."""
+  configs = [
+      r.config for arm in by_arm.values() for rs in arm.values() for r in rs
+  ]
+
+  def values(field, fmt):
+    return "/".join(fmt(v) for v in sorted({c[field] for c in configs}))
+
+  sparsity = values("sparsity", lambda s: f"{100 * s:g}%")
+  epochs = values("num_epochs", lambda e: f"{e:g}")
+  return f"RigL {sparsity} (ERK), {epochs} epochs"
+
+
 def plot_accuracy(by_arm, path: str) -> None:
   """Mean test accuracy curves per arm, one panel per learning rate."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -227,7 +241,7 @@ def plot_accuracy(by_arm, path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("test accuracy (%)")
   axes[0][-1].legend(fontsize=8, loc="lower right")
-  fig.suptitle("Fashion-MNIST, small BN ResNet, RigL 97% (ERK), 3 epochs")
+  fig.suptitle(f"Fashion-MNIST, small BN ResNet, {setting(by_arm)}")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
