@@ -334,7 +334,7 @@ SWEEPS = {
         "HAM (hyperbolic aware minimization) at RigL 95%, 3 epochs, 3 seeds: "
         "SGD, SparseOpt, HAM and SparseOpt + HAM (the paper's CIFAR-100 "
         "pattern is SparseOpt + HAM > SparseOpt > HAM > SGD), all at the "
-        "default lr 0.1 and HAM's default alpha 200, beta 1e-3.",
+        "config's lr 0.05 and HAM's default alpha 200, beta 1e-3.",
         base={"method": "rigl", "sparsity": 0.95, "num_epochs": 3.0},
         grids=[{"ham": [False, True], "optimizer": _BOTH, "seed": [0, 1, 2]}],
     ),
