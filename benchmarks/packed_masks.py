@@ -65,9 +65,7 @@ def _step(mask_of):
 
 def candidates(params, masks, grads):
   """The three steps as donating candidates, and their per-leaf masks."""
-  none_masks = jax.tree.map(
-      lambda m: None, masks, is_leaf=lambda x: x is None
-  )
+  none_masks = jax.tree.map(lambda m: None, masks, is_leaf=lambda x: x is None)
   packed = jax.tree.map(
       lambda m: None if m is None else jnp.packbits(m.reshape(-1)),
       masks,
