@@ -263,17 +263,18 @@ SWEEPS = {
         "fmnist_resnet",
         "The mechanism test at RigL 95%, 3 epochs, 3 seeds: SGD, the paper's "
         "factor and BatchNorm's measured std (this batch's variances), each "
-        "on lr 0.05/0.1/0.2, all logging the sigma diagnostics. Run "
-        "--where learning_rate=0.1 first: it pairs all three arms.",
+        "on lr 0.05/0.1/0.2/0.4, all logging the sigma diagnostics. Run "
+        "--where learning_rate=0.1 first: it pairs all three arms. (lr 0.4 "
+        "was added after every arm was best at 0.2, the grid's edge.)",
         base={"method": "rigl", "sparsity": 0.95, "sigma_diagnostics": True},
         grids=[
             {
-                "learning_rate": [0.1, 0.05, 0.2],
+                "learning_rate": [0.1, 0.05, 0.2, 0.4],
                 "optimizer": _BOTH,
                 "seed": [0, 1, 2],
             },
             {
-                "learning_rate": [0.1, 0.05, 0.2],
+                "learning_rate": [0.1, 0.05, 0.2, 0.4],
                 "optimizer": ["sparseopt"],
                 "correction": ["batch_stats"],
                 "bn_stats": ["batch"],
@@ -333,17 +334,28 @@ SWEEPS = {
         "fmnist_resnet",
         "HAM (hyperbolic aware minimization) at RigL 95%, 3 epochs, 3 seeds: "
         "SGD, SparseOpt, HAM and SparseOpt + HAM (the paper's CIFAR-100 "
-        "pattern is SparseOpt + HAM > SparseOpt > HAM > SGD), all at the "
-        "config's lr 0.05 and HAM's default alpha 200, beta 1e-3.",
+        "pattern is SparseOpt + HAM > SparseOpt > HAM > SGD), at HAM's "
+        "default alpha 200, beta 1e-3; all four arms at the config's lr "
+        "0.05, the HAM arms also at 0.1 and 0.2 (the arms without HAM at "
+        "those rates are fmnist_bn_stats_095's, the same config).",
         base={"method": "rigl", "sparsity": 0.95, "num_epochs": 3.0},
-        grids=[{"ham": [False, True], "optimizer": _BOTH, "seed": [0, 1, 2]}],
+        grids=[
+            {"ham": [False, True], "optimizer": _BOTH, "seed": [0, 1, 2]},
+            {
+                "learning_rate": [0.1, 0.2],
+                "ham": [True],
+                "optimizer": _BOTH,
+                "seed": [0, 1, 2],
+            },
+        ],
     ),
     "fmnist_renorm": Sweep(
         "fmnist_resnet",
         "The renormalization ablation at RigL 95%, 3 epochs, 3 seeds: the "
         "loss gradient rescaled to unit global norm before weight decay and "
         "momentum SGD, baseline vs SparseOpt (which renormalizes the "
-        "corrected gradient), each on its own lr grid.",
+        "corrected gradient), each on its own lr grid (0.4 added after both "
+        "arms were best at 0.2, the grid's edge).",
         base={
             "method": "rigl",
             "sparsity": 0.95,
@@ -352,7 +364,7 @@ SWEEPS = {
         },
         grids=[
             {
-                "learning_rate": [0.1, 0.05, 0.2],
+                "learning_rate": [0.1, 0.05, 0.2, 0.4],
                 "optimizer": _BOTH,
                 "seed": [0, 1, 2],
             }
@@ -444,7 +456,7 @@ SWEEPS = {
         "95%, 3 epochs, 3 seeds: no correction against the better "
         "correction under SGD, the per-neuron factor (fmnist_vit_qk). AdamW "
         "normalizes each coordinate, which should cancel a per-neuron "
-        "factor (THEORY prediction 3).",
+        "factor (THEORY prediction 3). Then the pair at 12 epochs.",
         base={
             "model": "fmnist_vit_qk",
             "method": "rigl",
@@ -458,6 +470,24 @@ SWEEPS = {
                 "correction_unit": ["neuron"],
                 "seed": [0, 1, 2],
             },
+            # The same pair at a 4x longer budget, seed by seed.
+            *(
+                grid
+                for seed in (0, 1, 2)
+                for grid in (
+                    {
+                        "num_epochs": [12.0],
+                        "optimizer": ["adam"],
+                        "seed": [seed],
+                    },
+                    {
+                        "num_epochs": [12.0],
+                        "optimizer": ["sparseopt+adam"],
+                        "correction_unit": ["neuron"],
+                        "seed": [seed],
+                    },
+                )
+            ),
         ],
     ),
     "cifar100_resnet20": Sweep(
