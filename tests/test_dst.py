@@ -550,6 +550,69 @@ def test_normal_step_never_counts_masks():
 
 
 @pytest.mark.parametrize("method", ["rigl", "set", "static"])
+def test_normal_step_reads_no_sparse_params(method):
+  # Pruned weights are zeroed at count 0 (-params, whatever the caller's
+  # params hold there) and then stay zero, so a normal step emits 0 there
+  # without reading the params: outside the loop bodies, no equation may
+  # read a sparse kernel's params (momentum SGD itself never reads them).
+  params, masks, grads = mlp_problem()
+  tx = make_tx(
+      masks,
+      method,
+      update_every=100,
+      end_step=1000,
+      inner=optax.chain(
+          sparseopt.scale_by_sparseopt(), optax.sgd(0.1, momentum=0.9)
+      ),
+  )
+  state = tx.init(params)
+  closed = jax.make_jaxpr(tx.update)(grads[0], state, params)
+  n_params = len(jax.tree.leaves(params))
+  param_vars = closed.jaxpr.invars[-n_params:]
+  sparse = {
+      v
+      for v, m in zip(
+          param_vars, jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+      )
+      if m is not None
+  }
+  assert len(sparse) == 2
+  readers = [
+      e.primitive.name
+      for e in closed.jaxpr.eqns
+      if any(v in sparse for v in e.invars if isinstance(v, jax.extend.core.Var))
+  ]
+  assert readers and set(readers) <= {"while"}, readers
+
+  # Behaviour: params unmasked at count 0 are zeroed; at a later normal step
+  # a pruned position gets exactly 0, live ones the inner update.
+  step = jax.jit(tx.update)
+  dirty = jax.tree.map(lambda p: p + 1.0, params)
+  updates, state = step(grads[0], state, dirty)
+  for u, p, m in zip(
+      jax.tree.leaves(updates),
+      jax.tree.leaves(dirty),
+      jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+  ):
+    if m is not None:
+      np.testing.assert_array_equal(
+          np.asarray(u)[~np.asarray(m)], -np.asarray(p)[~np.asarray(m)]
+      )
+  params = optax.apply_updates(dirty, updates)
+  updates, state = step(grads[1], state, params)
+  for u, p, m in zip(
+      jax.tree.leaves(updates),
+      jax.tree.leaves(params),
+      jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+  ):
+    if m is not None:
+      m = np.asarray(m)
+      assert np.all(np.asarray(p)[~m] == 0)
+      assert np.all(np.asarray(u)[~m] == 0)
+      assert np.all(np.asarray(u)[m] != 0)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "static"])
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_donated_step_copies_no_kernel_buffer(method, inner):
   # The normal step's cost is one elementwise pass, as for a static mask:

@@ -652,12 +652,17 @@ def dynamic_sparse(
   (the gated part is a ``lax.while_loop`` that runs once or not at all,
   which, unlike ``lax.cond``, leaves the state in place when skipped).
 
-  Non-finite values: whatever the gradients hold, the updates at positions
-  outside the live mask are ``-params`` (gradients there are zeroed before
-  ``inner`` sees them), so after ``optax.apply_updates`` every pruned weight
-  that was finite is exactly 0, and a regrown connection starts at exactly 0
-  (an inactive position holding a non-finite weight is never regrown).
-  Non-finite weights and gradients rank below every finite magnitude: NaN and
+  Pruned weights: gradients outside the live mask are zeroed before
+  ``inner`` sees them, and the updates there are ``-params`` at the first
+  step (count 0) and at the weights a mask update drops, and 0 otherwise: a
+  normal step does not read the params. So, whatever the gradients hold,
+  after ``optax.apply_updates`` every pruned weight that was finite is
+  exactly 0 and stays so, and a regrown connection starts at exactly 0 (an
+  inactive position holding a non-finite weight is never regrown). A caller
+  who writes the params between steps (anything but ``apply_updates``)
+  re-applies the masks (:func:`apply_masks`).
+
+  Non-finite values: non-finite weights and gradients rank below every finite magnitude: NaN and
   inf weights are dropped first, NaN and inf gradients grow last, and the
   per-layer counts stay exact. What no optax update can do is turn a NaN or
   inf weight into 0 (``NaN + x`` is NaN), so once a pruned or dropped weight
@@ -914,8 +919,9 @@ def sparse_step(
   """One step of a mask-owning wrapper (:func:`dynamic_sparse` and friends).
 
   Masks the gradients, updates ``inner`` with the live masks and sets the
-  updates outside them to ``-params``: one elementwise pass, all a normal
-  step does. When ``is_update_at(count)`` holds, a loop body that runs once
+  updates outside them to 0 (to ``-params`` at count 0, in a loop body that
+  runs then only): one elementwise pass that does not read the params, all
+  a normal step does. When ``is_update_at(count)`` holds, a loop body that runs once
   then calls ``change_topology(count, masks, params, grads, key) -> (masks,
   num_changed, key)``, resets moments where the masks changed and sets the
   updates there to ``-params``, so every position outside the old-and-new
@@ -943,15 +949,31 @@ def sparse_step(
       masks_updated=forwarded_new,
       **extra_args,
   )
-  # Live connections take the inner update; every other position is set
-  # to exactly zero (p + (-p) == 0 for finite p), which keeps pruned weights
-  # at zero. No additive update can zero a NaN or inf weight: see
-  # "Non-finite values" in dynamic_sparse.
+  # Live connections take the inner update. Every other position holds a
+  # weight that is already exactly 0 and gets an update of 0, so a normal
+  # step never reads the params: on the first step (count 0) only, a loop
+  # body sets those updates to -params, which zeroes whatever the caller's
+  # params held there (p + (-p) == 0 for finite p); mask updates do the same
+  # for the weights they drop. No additive update can zero a NaN or inf
+  # weight: see "Non-finite values" in dynamic_sparse.
   updates = tree_lib.map_masked(
-      lambda m, u, p: u if m is None else jnp.where(m, u, -p),
+      lambda m, u: u if m is None else jnp.where(m, u, jnp.zeros_like(u)),
       old,
       inner_updates,
-      params,
+  )
+
+  def zero_pruned(carry: tuple[jax.Array, PyTree]) -> tuple[jax.Array, PyTree]:
+    return jnp.zeros([], bool), tree_lib.map_masked(
+        lambda m, u, p: u if m is None else jnp.where(m, u, -p),
+        old,
+        carry[1],
+        params,
+    )
+
+  # Runs once at count 0 and not at all otherwise (see the mask-update loop
+  # below for why a loop and not a cond).
+  _, updates = jax.lax.while_loop(
+      lambda c: c[0], zero_pruned, (state.count == 0, updates)
   )
   result = StepCarry(
       pending=jnp.zeros([], bool),

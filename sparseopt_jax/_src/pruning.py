@@ -178,7 +178,8 @@ def gradual_pruning(
 
   Every step, gradients at pruned positions are zeroed, ``inner`` is updated
   with ``masks=`` and ``masks_updated=`` as in :func:`dynamic_sparse`, and the
-  updates set every pruned weight to exactly 0 (``-params`` there); at a
+  updates keep every pruned weight at exactly 0 (``-params`` there at the
+  first step and where a pruning step prunes, 0 otherwise); at a
   pruning step every params-shaped moment of the inner state is reset where
   weights were pruned (:func:`reset_changed_moments`). Pruning runs on
   device, gated by the step counter, with the counts a host-computed table
