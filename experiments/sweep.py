@@ -309,6 +309,38 @@ SWEEPS = {
             )
         ],
     ),
+    "fmnist_bn_stats_long_095": Sweep(
+        "fmnist_resnet",
+        "The mechanism test at 95% and a 4x longer budget: RigL 95%, 12 "
+        "epochs, 3 seeds, SGD, the paper's factor and BatchNorm's measured "
+        "std, each at its best lr on fmnist_bn_stats_095's 3-epoch grid "
+        "(0.2 for all three). Seed by seed.",
+        base={
+            "method": "rigl",
+            "sparsity": 0.95,
+            "num_epochs": 12.0,
+            "sigma_diagnostics": True,
+        },
+        grids=[
+            grid
+            for seed in (0, 1, 2)
+            for grid in (
+                {"optimizer": ["sgd"], "learning_rate": [0.2], "seed": [seed]},
+                {
+                    "optimizer": ["sparseopt"],
+                    "learning_rate": [0.2],
+                    "seed": [seed],
+                },
+                {
+                    "optimizer": ["sparseopt"],
+                    "correction": ["batch_stats"],
+                    "bn_stats": ["batch"],
+                    "learning_rate": [0.2],
+                    "seed": [seed],
+                },
+            )
+        ],
+    ),
     "fmnist_recalibrate": Sweep(
         "fmnist_resnet",
         "The quickstart (RigL 95%, 900 steps) with and without BatchNorm "
