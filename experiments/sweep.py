@@ -377,12 +377,13 @@ SWEEPS = {
         "pattern is SparseOpt + HAM > SparseOpt > HAM > SGD), at HAM's "
         "default alpha 200, beta 1e-3; all four arms at the config's lr "
         "0.05, the HAM arms also at 0.1 and 0.2 (the arms without HAM at "
-        "those rates are fmnist_bn_stats_095's, the same config).",
+        "those rates are fmnist_bn_stats_095's, the same config), then at "
+        "0.025 (HAM was best at 0.05, the grid's lower edge).",
         base={"method": "rigl", "sparsity": 0.95, "num_epochs": 3.0},
         grids=[
             {"ham": [False, True], "optimizer": _BOTH, "seed": [0, 1, 2]},
             {
-                "learning_rate": [0.1, 0.2],
+                "learning_rate": [0.1, 0.2, 0.025],
                 "ham": [True],
                 "optimizer": _BOTH,
                 "seed": [0, 1, 2],
