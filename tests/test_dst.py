@@ -580,36 +580,33 @@ def test_normal_step_reads_no_sparse_params(method):
   readers = [
       e.primitive.name
       for e in closed.jaxpr.eqns
-      if any(v in sparse for v in e.invars if isinstance(v, jax.extend.core.Var))
+      if any(
+          v in sparse for v in e.invars if isinstance(v, jax.extend.core.Var)
+      )
   ]
   assert readers and set(readers) <= {"while"}, readers
 
   # Behaviour: params unmasked at count 0 are zeroed; at a later normal step
   # a pruned position gets exactly 0, live ones the inner update.
+  def sparse_leaves(updates, params):
+    for u, p, m in zip(
+        jax.tree.leaves(updates),
+        jax.tree.leaves(params),
+        jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+    ):
+      if m is not None:
+        yield np.asarray(u), np.asarray(p), np.asarray(m)
+
   step = jax.jit(tx.update)
   dirty = jax.tree.map(lambda p: p + 1.0, params)
   updates, state = step(grads[0], state, dirty)
-  for u, p, m in zip(
-      jax.tree.leaves(updates),
-      jax.tree.leaves(dirty),
-      jax.tree.leaves(masks, is_leaf=lambda x: x is None),
-  ):
-    if m is not None:
-      np.testing.assert_array_equal(
-          np.asarray(u)[~np.asarray(m)], -np.asarray(p)[~np.asarray(m)]
-      )
+  for u, p, m in sparse_leaves(updates, dirty):
+    np.testing.assert_array_equal(u[~m], -p[~m])
   params = optax.apply_updates(dirty, updates)
   updates, state = step(grads[1], state, params)
-  for u, p, m in zip(
-      jax.tree.leaves(updates),
-      jax.tree.leaves(params),
-      jax.tree.leaves(masks, is_leaf=lambda x: x is None),
-  ):
-    if m is not None:
-      m = np.asarray(m)
-      assert np.all(np.asarray(p)[~m] == 0)
-      assert np.all(np.asarray(u)[~m] == 0)
-      assert np.all(np.asarray(u)[m] != 0)
+  for u, p, m in sparse_leaves(updates, params):
+    assert np.all(p[~m] == 0) and np.all(u[~m] == 0)
+    assert np.all(u[m] != 0)
 
 
 @pytest.mark.parametrize("method", ["rigl", "set", "static"])
