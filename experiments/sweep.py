@@ -287,8 +287,7 @@ SWEEPS = {
         "The mechanism test at a 4x longer budget: RigL 97%, 12 epochs, 3 "
         "seeds, SGD against BatchNorm's measured std, each at its best lr "
         "on fmnist_bn_stats's 3-epoch grid (0.05 and 0.1). Seed by seed, so "
-        "every finished pair can be read as it lands. Then the paper's "
-        "factor at its 3-epoch best (0.05).",
+        "every finished pair can be read as it lands.",
         base={
             "method": "rigl",
             "sparsity": 0.97,
@@ -308,13 +307,6 @@ SWEEPS = {
                     "seed": [seed],
                 },
             )
-        ]
-        + [
-            {
-                "optimizer": ["sparseopt"],
-                "learning_rate": [0.05],
-                "seed": [0, 1, 2],
-            }
         ],
     ),
     "fmnist_bn_stats_long_095": Sweep(
