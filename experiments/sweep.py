@@ -51,6 +51,13 @@ class Sweep:
 
 _BOTH = ("sgd", "sparseopt")
 
+
+def _seed_by_seed(*arms: dict[str, Any], seeds=(0, 1, 2)) -> list[dict]:
+  """One grid per (seed, arm), seed-major: every seed's arms run together,
+  so each finished pair can be read as it lands."""
+  return [{**arm, "seed": [seed]} for seed in seeds for arm in arms]
+
+
 SWEEPS = {
     "quickstart": Sweep(
         "fmnist_resnet",
@@ -295,20 +302,15 @@ SWEEPS = {
             "num_epochs": 12.0,
             "sigma_diagnostics": True,
         },
-        grids=[
-            grid
-            for seed in (0, 1, 2)
-            for grid in (
-                {"optimizer": ["sgd"], "learning_rate": [0.05], "seed": [seed]},
-                {
-                    "optimizer": ["sparseopt"],
-                    "correction": ["batch_stats"],
-                    "bn_stats": ["batch"],
-                    "learning_rate": [0.1],
-                    "seed": [seed],
-                },
-            )
-        ],
+        grids=_seed_by_seed(
+            {"optimizer": ["sgd"], "learning_rate": [0.05]},
+            {
+                "optimizer": ["sparseopt"],
+                "correction": ["batch_stats"],
+                "bn_stats": ["batch"],
+                "learning_rate": [0.1],
+            },
+        ),
     ),
     "fmnist_bn_stats_long_095": Sweep(
         "fmnist_resnet",
@@ -322,25 +324,16 @@ SWEEPS = {
             "num_epochs": 12.0,
             "sigma_diagnostics": True,
         },
-        grids=[
-            grid
-            for seed in (0, 1, 2)
-            for grid in (
-                {"optimizer": ["sgd"], "learning_rate": [0.2], "seed": [seed]},
-                {
-                    "optimizer": ["sparseopt"],
-                    "learning_rate": [0.2],
-                    "seed": [seed],
-                },
-                {
-                    "optimizer": ["sparseopt"],
-                    "correction": ["batch_stats"],
-                    "bn_stats": ["batch"],
-                    "learning_rate": [0.2],
-                    "seed": [seed],
-                },
-            )
-        ],
+        grids=_seed_by_seed(
+            {"optimizer": ["sgd"], "learning_rate": [0.2]},
+            {"optimizer": ["sparseopt"], "learning_rate": [0.2]},
+            {
+                "optimizer": ["sparseopt"],
+                "correction": ["batch_stats"],
+                "bn_stats": ["batch"],
+                "learning_rate": [0.2],
+            },
+        ),
     ),
     "fmnist_recalibrate": Sweep(
         "fmnist_resnet",
@@ -505,22 +498,13 @@ SWEEPS = {
                 "seed": [0, 1, 2],
             },
             # The same pair at a 4x longer budget, seed by seed.
-            *(
-                grid
-                for seed in (0, 1, 2)
-                for grid in (
-                    {
-                        "num_epochs": [12.0],
-                        "optimizer": ["adam"],
-                        "seed": [seed],
-                    },
-                    {
-                        "num_epochs": [12.0],
-                        "optimizer": ["sparseopt+adam"],
-                        "correction_unit": ["neuron"],
-                        "seed": [seed],
-                    },
-                )
+            *_seed_by_seed(
+                {"num_epochs": [12.0], "optimizer": ["adam"]},
+                {
+                    "num_epochs": [12.0],
+                    "optimizer": ["sparseopt+adam"],
+                    "correction_unit": ["neuron"],
+                },
             ),
         ],
     ),
