@@ -922,8 +922,8 @@ def sparse_step(
   updates outside them to 0 (to ``-params`` at count 0, in a loop body that
   runs then only): one elementwise pass that does not read the params, all
   a normal step does. When ``is_update_at(count)`` holds, a loop body that
-  runs once then calls ``change_topology(count, masks, params, grads, key) -> (masks,
-  num_changed, key)``, resets moments where the masks changed and sets the
+  runs once then calls ``change_topology(count, masks, params, grads, key)
+  -> (masks, num_changed, key)``, resets moments where the masks changed and sets the
   updates there to ``-params``, so every position outside the old-and-new
   masks ends at zero. ``is_update_at=None``: the masks never change.
   """
