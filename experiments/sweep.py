@@ -293,9 +293,9 @@ SWEEPS = {
     "fmnist_bn_stats_long": Sweep(
         "fmnist_resnet",
         "The mechanism test at a 4x longer budget: RigL 97%, 12 epochs, 3 "
-        "seeds, SGD against BatchNorm's measured std, each at its best lr "
-        "on fmnist_bn_stats's 3-epoch grid (0.05 and 0.1). Seed by seed, so "
-        "every finished pair can be read as it lands.",
+        "seeds, SGD, the paper's factor and BatchNorm's measured std, each "
+        "at its best lr on fmnist_bn_stats's 3-epoch grid (0.05, 0.05 and "
+        "0.1). Seed by seed, so every finished pair can be read as it lands.",
         base={
             "method": "rigl",
             "sparsity": 0.97,
@@ -310,7 +310,8 @@ SWEEPS = {
                 "bn_stats": ["batch"],
                 "learning_rate": [0.1],
             },
-        ),
+        )
+        + _seed_by_seed({"optimizer": ["sparseopt"], "learning_rate": [0.05]}),
     ),
     "fmnist_bn_stats_long_095": Sweep(
         "fmnist_resnet",
@@ -402,14 +403,40 @@ SWEEPS = {
         "Gradual magnitude pruning (Zhu & Gupta's cubic schedule, dense to "
         "the final sparsity from 10% to 75% of training, every update_every "
         "steps) to 90/95/97%, SGD vs SparseOpt, 3 seeds, 3 epochs: a "
-        "dense-to-sparse baseline beside fmnist_convergence's RigL and SET.",
+        "dense-to-sparse baseline beside fmnist_convergence's RigL and SET. "
+        "Then 97% and 95%, where 3 epochs left the pair unclear, at 12 "
+        "epochs, seed by seed.",
         base={"method": "gmp", "num_epochs": 3.0},
         grids=[
             {
                 "sparsity": [0.9, 0.95, 0.97],
                 "optimizer": _BOTH,
                 "seed": [0, 1, 2],
-            }
+            },
+            *_seed_by_seed(
+                {
+                    "num_epochs": [12.0],
+                    "sparsity": [0.97],
+                    "optimizer": ["sgd"],
+                },
+                {
+                    "num_epochs": [12.0],
+                    "sparsity": [0.97],
+                    "optimizer": ["sparseopt"],
+                },
+            ),
+            *_seed_by_seed(
+                {
+                    "num_epochs": [12.0],
+                    "sparsity": [0.95],
+                    "optimizer": ["sgd"],
+                },
+                {
+                    "num_epochs": [12.0],
+                    "sparsity": [0.95],
+                    "optimizer": ["sparseopt"],
+                },
+            ),
         ],
     ),
     "fmnist_structure": Sweep(
