@@ -10,6 +10,7 @@ import gzip
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -220,6 +221,25 @@ def test_a_single_pair_has_no_standard_error():
   )
 
 
+def test_every_std_over_seeds_is_the_sample_std():
+  # statistics.stdev (n - 1 in the denominator) is the reference.
+  acc = [0.80, 0.83, 0.78]
+  want = f"{100 * statistics.mean(acc):.2f} ± {100 * statistics.stdev(acc):.2f}"
+  assert runs.format_mean_std(np.array(acc)) == want == "80.33 ± 2.52"
+  assert runs.format_mean_std(np.array([0.8])) == "80.00"
+  assert runs.format_mean_std(np.array([])) == "n/a"
+  assert runs.sample_std(np.array([0.8])) is None
+  curves = np.array([[0.1, 0.5], [0.3, 0.5], [0.2, 0.8]])
+  np.testing.assert_allclose(
+      runs.sample_std(curves),
+      [statistics.stdev(curves[:, 0]), statistics.stdev(curves[:, 1])],
+  )
+  rows = plot.summarize(
+      {("", 0.9): {"sgd": [_run(s, "sgd", (a,)) for s, a in enumerate(acc)]}}
+  )
+  assert want in plot.markdown_table(rows)
+
+
 def test_plot_and_study_agree_on_the_same_pairs(tmp_path):
   # Seeds 0-2 of each arm finished, seed 3 of SparseOpt unfinished, seed 4
   # of SGD without a partner: both modules pair seeds 0-2 alike.
@@ -368,7 +388,7 @@ def test_table_and_plot(tmp_path):
   assert not rows["sparseopt"]["finished"]
   table = plot.report(root)
   assert (
-      "| - | 0.95 | sparseopt | 2 | 79.00 ± 1.00 (unfinished) | 250 / 300 |"
+      "| - | 0.95 | sparseopt | 2 | 79.00 ± 1.41 (unfinished) | 250 / 300 |"
       in table
   )
   # Seed 1 of SparseOpt is unfinished: one pair, no standard error.
@@ -425,7 +445,7 @@ def test_report_reads_several_roots_filters_and_counts_links_once(tmp_path):
   loaded = plot.load_all([a, b], where)
   assert sorted(r.name for r in loaded) == ["b0", "b1", "s0", "s1"]
   table = plot.report([a, b], where=where)
-  assert "| - | 0.95 | sgd | 2 | 75.00 ± 5.00 |" in table
+  assert "| - | 0.95 | sgd | 2 | 75.00 ± 7.07 |" in table
   assert "| - | 0.95 | sparseopt - sgd | 2 | +1.00 ± 3.00 |" in table
   with pytest.raises(FileNotFoundError, match="matching"):
     plot.report([a, b], where={"sparsity": 0.5})

@@ -94,14 +94,6 @@ def _flops(rs: Sequence[Run]) -> str:
   return f"{np.mean(train):.3f} / {np.mean(infer):.3f}"
 
 
-def _mean_std(acc: np.ndarray) -> str:
-  if not len(acc):
-    return "n/a"
-  if len(acc) == 1:
-    return f"{acc[0]:.2f}"
-  return f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
-
-
 def _difference(control: Sequence[Run], treatment: Sequence[Run]) -> str:
   pairs = runs_lib.pair_by_seed(control, treatment)
   if not pairs:
@@ -120,12 +112,12 @@ def table(by_arm: Mapping[str, Sequence[Run]], reference: str) -> str:
   rows = []
   for label, rs in by_arm.items():
     done = list(runs_lib.by_seed(rs).values())
-    acc = np.array([r.final_accuracy for r in done]) * 100
+    acc = np.array([r.final_accuracy for r in done])
     rows.append(
         [
             label,
             len(done),
-            _mean_std(acc),
+            runs_lib.format_mean_std(acc),
             _flops(done),
             "(reference)"
             if label == reference
@@ -169,11 +161,12 @@ def draw(by_arm: Mapping[str, Sequence[Run]], path: str, title: str) -> None:
     if not done:
       continue
     steps, curves = plot_lib.full_length_curves(done)
-    mean, std = 100 * curves.mean(0), 100 * curves.std(0)
+    mean, std = 100 * curves.mean(0), runs_lib.sample_std(curves)
     color = f"C{i}"
     seeds = f"{len(curves)} seed{'s' * (len(curves) > 1)}"
     ax.plot(steps, mean, color=color, label=f"{label} ({seeds})")
-    if len(curves) > 1:
+    if std is not None:
+      std = 100 * std
       ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.12)
   ax.set_xlabel("step")
   ax.set_ylabel("test accuracy (%)")

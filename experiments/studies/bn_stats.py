@@ -73,10 +73,10 @@ def _mean_final(rs: Sequence[runs_lib.Run]) -> float:
 
 
 def _acc(rs: Sequence[runs_lib.Run]) -> str:
-  finals = 100 * np.array([r.final_accuracy for r in rs if r.finished])
+  finals = np.array([r.final_accuracy for r in rs if r.finished])
   if not finals.size:
     return "n/a"
-  return f"{finals.mean():.2f} ± {finals.std():.2f} ({finals.size})"
+  return f"{runs_lib.format_mean_std(finals)} ({finals.size})"
 
 
 def _paired(control, treatment) -> str:
@@ -229,13 +229,15 @@ def plot_accuracy(by_arm, path: str) -> None:
       ax.plot(
           steps, acc.mean(0), style, color=color, label=f"{name} ({len(rs)})"
       )
-      ax.fill_between(
-          steps,
-          acc.mean(0) - acc.std(0),
-          acc.mean(0) + acc.std(0),
-          color=color,
-          alpha=0.15,
-      )
+      std = runs_lib.sample_std(acc)
+      if std is not None:
+        ax.fill_between(
+            steps,
+            acc.mean(0) - std,
+            acc.mean(0) + std,
+            color=color,
+            alpha=0.15,
+        )
     ax.set_title(f"lr {lr:g}", fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

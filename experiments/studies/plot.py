@@ -147,7 +147,7 @@ def summarize(groups) -> list[dict[str, Any]]:
               "optimizer": opt,
               "seeds": len(rs),
               "final_mean": float(finals[opt].mean()),
-              "final_std": float(finals[opt].std()),
+              "final_std": runs_lib.sample_std(finals[opt]),
               "final_step": int(max(r.steps[-1] for r in rs)),
               "steps_to_baseline": float(np.mean(hits)) if hits else None,
               "seeds_reaching": len(hits),
@@ -157,6 +157,13 @@ def summarize(groups) -> list[dict[str, Any]]:
           }
       )
   return rows
+
+
+def _mean_std_text(row) -> str:
+  mean = f"{100 * row['final_mean']:.2f}"
+  if row["final_std"] is None:
+    return mean
+  return f"{mean} ± {100 * row['final_std']:.2f}"
 
 
 def markdown_table(rows) -> str:
@@ -180,8 +187,7 @@ def markdown_table(rows) -> str:
             r["sparsity"],
             r["optimizer"],
             r["seeds"],
-            f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}"
-            f"{unfinished}",
+            f"{_mean_std_text(r)}{unfinished}",
             f"{reach} / {r['final_step']}",
             flops,
         ]
@@ -598,7 +604,7 @@ def plot(groups, path: str, title: str = "") -> None:
     ax = axes[row_labels.index(row), sparsities.index(sparsity)]
     for opt, rs in sorted(by_opt.items()):
       steps, curves = full_length_curves(rs)
-      mean, std = 100 * curves.mean(0), 100 * curves.std(0)
+      mean, std = 100 * curves.mean(0), runs_lib.sample_std(curves)
       style = "--" if opt in ("sgd", "adam") else "-"
       color = colors.get(opt)
       seeds = (
@@ -607,7 +613,8 @@ def plot(groups, path: str, title: str = "") -> None:
           else f"{len(rs)} seed{'s' * (len(rs) > 1)}"
       )
       ax.plot(steps, mean, style, color=color, label=f"{opt} ({seeds})")
-      if len(curves) > 1:
+      if std is not None:
+        std = 100 * std
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
     ax.set_title(
         f"sparsity {sparsity}" + (f"\n{row}" if row else ""), fontsize=9

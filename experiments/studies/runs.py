@@ -232,6 +232,33 @@ def standard_error(diffs: np.ndarray) -> float | np.ndarray | None:
   return float(sem) if np.ndim(sem) == 0 else sem
 
 
+def sample_std(values: np.ndarray) -> float | np.ndarray | None:
+  """The sample std over axis 0 (ddof=1); None for fewer than two seeds.
+
+  Every "± std over seeds" the studies print or shade is this one, the
+  same estimator `standard_error` divides by sqrt(n).
+  """
+  values = np.asarray(values, dtype=float)
+  if values.shape[0] < 2:
+    return None
+  std = values.std(axis=0, ddof=1)
+  return float(std) if np.ndim(std) == 0 else std
+
+
+def format_mean_std(accuracies: np.ndarray) -> str:
+  """Accuracies (fractions) as ``mean ± std`` in %, std by `sample_std`.
+
+  ``n/a`` for none; the mean alone for one seed.
+  """
+  accuracies = 100 * np.asarray(accuracies, dtype=float)
+  if not accuracies.size:
+    return "n/a"
+  std = sample_std(accuracies)
+  if std is None:
+    return f"{accuracies.mean():.2f}"
+  return f"{accuracies.mean():.2f} ± {std:.2f}"
+
+
 def difference_stats(diffs: np.ndarray) -> dict[str, Any]:
   """n, mean and standard error (`standard_error`) of paired differences."""
   diffs = np.asarray(diffs, dtype=float)

@@ -189,10 +189,6 @@ def paired(
 
 def paired_markdown(rows) -> str:
   """The rows of `paired` as markdown (accuracies in %)."""
-
-  def acc(x):
-    return f"{100 * x.mean():.2f} ± {100 * x.std():.2f}"
-
   return markdown.table(
       [
           "factor",
@@ -208,8 +204,8 @@ def paired_markdown(rows) -> str:
               r["comparison"].section,
               r["comparison"].label,
               r["n"],
-              acc(r["control"]),
-              acc(r["treatment"]),
+              runs_lib.format_mean_std(r["control"]),
+              runs_lib.format_mean_std(r["treatment"]),
               runs_lib.format_difference(r["diff"], r["sem"]),
               r["comparison"].note,
           ]
