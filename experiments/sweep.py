@@ -503,6 +503,25 @@ SWEEPS = {
             },
         ],
     ),
+    "fmnist_vit_qk_set": Sweep(
+        "fmnist_vit",
+        "fmnist_vit_qk's three arms under SET instead of RigL (random "
+        "growth: no gradient ranking, so only the step's scaling differs), "
+        "SET 95%, SGD with momentum, 3 epochs, 3 seeds, seed by seed.",
+        base={
+            "model": "fmnist_vit_qk",
+            "method": "set",
+            "sparsity": 0.95,
+            "learning_rate": 0.05,
+            "weight_decay": 5e-4,
+            "num_epochs": 3.0,
+        },
+        grids=_seed_by_seed(
+            {"optimizer": ["sgd"]},
+            {"optimizer": ["sparseopt"], "correction_unit": ["neuron"]},
+            {"optimizer": ["sparseopt"], "correction_unit": ["group"]},
+        ),
+    ),
     "fmnist_vit_qk_adamw": Sweep(
         "fmnist_vit",
         "fmnist_vit_qk's comparison under AdamW (the config's recipe: lr "

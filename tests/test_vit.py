@@ -143,8 +143,12 @@ def _finished_masks(workdir, step):
   }
 
 
-def test_sweep_is_nine_valid_runs():
-  runs = dict(sweep.expand(sweep.SWEEPS["fmnist_vit_qk"]))
+@pytest.mark.parametrize(
+    "sweep_name, method",
+    [("fmnist_vit_qk", "rigl"), ("fmnist_vit_qk_set", "set")],
+)
+def test_sweep_is_nine_valid_runs(sweep_name, method):
+  runs = dict(sweep.expand(sweep.SWEEPS[sweep_name]))
   assert len(runs) == 9
   arms = {
       (o["optimizer"], o.get("correction_unit", "-")) for o in runs.values()
@@ -157,12 +161,19 @@ def test_sweep_is_nine_valid_runs():
   for overrides in runs.values():
     config = sweep.make_config("fmnist_vit", overrides)
     fields.validate(config)
-    assert config.model == "fmnist_vit_qk" and config.method == "rigl"
+    assert config.model == "fmnist_vit_qk" and config.method == method
 
 
-@pytest.mark.parametrize("unit", ["neuron", "group"])
-def test_vit_trains_with_rigl(tmp_path, unit):
-  runs = dict(sweep.expand(sweep.SWEEPS["fmnist_vit_qk"]))
+@pytest.mark.parametrize(
+    "sweep_name, unit",
+    [
+        ("fmnist_vit_qk", "neuron"),
+        ("fmnist_vit_qk", "group"),
+        ("fmnist_vit_qk_set", "group"),
+    ],
+)
+def test_vit_trains_with_rigl_and_set(tmp_path, sweep_name, unit):
+  runs = dict(sweep.expand(sweep.SWEEPS[sweep_name]))
   name = f"optimizer-sparseopt__correction_unit-{unit}__seed-0"
   data = fake_data.write_fashion_mnist(str(tmp_path / "d"), 32, 16)
   config = sweep.make_config(
@@ -191,7 +202,8 @@ def test_vit_trains_with_rigl(tmp_path, unit):
   assert not any(
       n.startswith(("patch_embed", "pos_embed", "head")) for n in masks
   )
-  # Exact: each layer keeps its ERK count through RigL's updates.
+  assert config.method == {"fmnist_vit_qk": "rigl"}.get(sweep_name, "set")
+  # Exact: each layer keeps its ERK count through the mask updates.
   densities = sparseopt.layer_densities(
       _vit_params(),
       0.95,
