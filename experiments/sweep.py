@@ -295,8 +295,8 @@ SWEEPS = {
         "The mechanism test at a 4x longer budget: RigL 97%, 12 epochs, 3 "
         "seeds, SGD, the paper's factor and BatchNorm's measured std, each "
         "at its best lr on fmnist_bn_stats's 3-epoch grid (0.05, 0.05 and "
-        "0.1), then SGD at 0.1. Seed by seed, so every finished pair can be "
-        "read as it lands.",
+        "0.1), then SGD at 0.1 and BatchNorm's std at 0.05. Seed by seed, so "
+        "every finished pair can be read as it lands.",
         base={
             "method": "rigl",
             "sparsity": 0.97,
@@ -313,8 +313,17 @@ SWEEPS = {
             },
         )
         + _seed_by_seed({"optimizer": ["sparseopt"], "learning_rate": [0.05]})
-        # SGD at the corrected arm's rate: is 0.05 starving it at 12 epochs?
-        + _seed_by_seed({"optimizer": ["sgd"], "learning_rate": [0.1]}),
+        # SGD at the corrected arm's rate and the corrected arm at SGD's: a
+        # 2 x 2 learning-rate grid at 12 epochs for the two arms.
+        + _seed_by_seed({"optimizer": ["sgd"], "learning_rate": [0.1]})
+        + _seed_by_seed(
+            {
+                "optimizer": ["sparseopt"],
+                "correction": ["batch_stats"],
+                "bn_stats": ["batch"],
+                "learning_rate": [0.05],
+            }
+        ),
     ),
     "fmnist_bn_stats_long_095": Sweep(
         "fmnist_resnet",
