@@ -50,6 +50,13 @@ class Sweep:
 
 
 _BOTH = ("sgd", "sparseopt")
+# SparseOpt corrected by the current batch's BatchNorm std (the mechanism
+# test), without a learning rate; key order names the runs.
+_BN_STATS = {
+    "optimizer": ["sparseopt"],
+    "correction": ["batch_stats"],
+    "bn_stats": ["batch"],
+}
 
 
 def _seed_by_seed(*arms: dict[str, Any], seeds=(0, 1, 2)) -> list[dict]:
@@ -305,25 +312,13 @@ SWEEPS = {
         },
         grids=_seed_by_seed(
             {"optimizer": ["sgd"], "learning_rate": [0.05]},
-            {
-                "optimizer": ["sparseopt"],
-                "correction": ["batch_stats"],
-                "bn_stats": ["batch"],
-                "learning_rate": [0.1],
-            },
+            {**_BN_STATS, "learning_rate": [0.1]},
         )
         + _seed_by_seed({"optimizer": ["sparseopt"], "learning_rate": [0.05]})
         # SGD at the corrected arm's rate and the corrected arm at SGD's: a
         # 2 x 2 learning-rate grid at 12 epochs for the two arms.
         + _seed_by_seed({"optimizer": ["sgd"], "learning_rate": [0.1]})
-        + _seed_by_seed(
-            {
-                "optimizer": ["sparseopt"],
-                "correction": ["batch_stats"],
-                "bn_stats": ["batch"],
-                "learning_rate": [0.05],
-            }
-        ),
+        + _seed_by_seed({**_BN_STATS, "learning_rate": [0.05]}),
     ),
     "fmnist_bn_stats_long_095": Sweep(
         "fmnist_resnet",
@@ -340,12 +335,7 @@ SWEEPS = {
         grids=_seed_by_seed(
             {"optimizer": ["sgd"], "learning_rate": [0.2]},
             {"optimizer": ["sparseopt"], "learning_rate": [0.2]},
-            {
-                "optimizer": ["sparseopt"],
-                "correction": ["batch_stats"],
-                "bn_stats": ["batch"],
-                "learning_rate": [0.2],
-            },
+            {**_BN_STATS, "learning_rate": [0.2]},
         ),
     ),
     "fmnist_recalibrate": Sweep(
