@@ -664,11 +664,11 @@ def dynamic_sparse(
 
   Non-finite values: non-finite weights and gradients rank below every
   finite magnitude: NaN and inf weights are dropped first, NaN and inf
-  gradients grow last, and the per-layer counts stay exact. What no optax update can do is turn a NaN or
-  inf weight into 0 (``NaN + x`` is NaN), so once a pruned or dropped weight
-  is non-finite it stays so. A caller whose params may become non-finite
-  (a diverging run) re-applies the live masks after each step, which is a
-  ``jnp.where`` and does zero them:
+  gradients grow last, and the per-layer counts stay exact. What no optax
+  update can do is turn a NaN or inf weight into 0 (``NaN + x`` is NaN), so
+  once a pruned or dropped weight is non-finite it stays so. A caller whose
+  params may become non-finite (a diverging run) re-applies the live masks
+  after each step, which is a ``jnp.where`` and does zero them:
   ``params = apply_masks(optax.apply_updates(params, updates),
   get_masks(state))``.
 
@@ -923,9 +923,10 @@ def sparse_step(
   runs then only): one elementwise pass that does not read the params, all
   a normal step does. When ``is_update_at(count)`` holds, a loop body that
   runs once then calls ``change_topology(count, masks, params, grads, key)
-  -> (masks, num_changed, key)``, resets moments where the masks changed and sets the
-  updates there to ``-params``, so every position outside the old-and-new
-  masks ends at zero. ``is_update_at=None``: the masks never change.
+  -> (masks, num_changed, key)``, resets moments where the masks changed and
+  sets the updates there to ``-params``, so every position outside the
+  old-and-new masks ends at zero. ``is_update_at=None``: the masks never
+  change.
   """
   if params is None:
     raise ValueError(
