@@ -1170,12 +1170,11 @@ def _first_k_reference(scores, k):
 
 @pytest.fixture
 def small_selection(monkeypatch):
-  # The threshold path normally starts at 65536 scores and k_max 4096;
-  # lowered here so the tests run on small vectors through the same code.
+  # Selection by counting normally starts at 32768 scores; lowered here so
+  # the tests run on small vectors through the same code.
   from sparseopt_jax._src import dst
 
   monkeypatch.setattr(dst, "SELECT_MIN_SIZE", 1024)
-  monkeypatch.setattr(dst, "SELECT_MIN_K", 16)
   return dst
 
 
@@ -1190,23 +1189,60 @@ def _scores(kind, n, rng):
     return rng.integers(0, 7, size=n).astype(np.float64)
   if kind == "sorted":  # Adversarial for a strided sample.
     return np.sort(rng.uniform(size=n))
+  if kind == "signed_zeros":  # -0.0 and 0.0 tie; subnormals rank by value.
+    values = np.array([-0.0, 0.0, 1e-45, -1e-45, 1e-40, -1.0, 2.0])
+    return rng.choice(values, size=n)
+  if kind == "infinities":  # +-inf among finite scores of both signs.
+    x = rng.normal(size=n)
+    x[rng.uniform(size=n) < 0.05] = np.inf
+    x[rng.uniform(size=n) < 0.3] = -np.inf
+    return x
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize(
-    "kind", ["uniform", "mostly_excluded", "tied", "integers", "sorted"]
-)
-def test_select_top_k_equals_top_k_reference(small_selection, kind):
+_KINDS = [
+    "uniform",
+    "mostly_excluded",
+    "tied",
+    "integers",
+    "sorted",
+    "signed_zeros",
+    "infinities",
+]
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+@pytest.mark.parametrize("interpolation_steps", [12, 0])
+def test_select_top_k_equals_top_k_reference(
+    small_selection, monkeypatch, kind, interpolation_steps
+):
+  # interpolation_steps=0: bisection only, the search's fallback.
   dst = small_selection
+  monkeypatch.setattr(dst, "INTERPOLATION_STEPS", interpolation_steps)
   rng = np.random.default_rng(0)
-  n, k_max = 6000, 900
-  select = jax.jit(lambda s, k: dst.select_top_k(s, k_max, k))
-  for trial in range(4):
-    scores = _scores(kind, n, rng).astype(np.float32)
-    for k in (0, 1, 17, k_max // 2, k_max):
-      got = np.asarray(select(jnp.asarray(scores), jnp.int32(k)))
-      want = _first_k_reference(scores, k)
-      np.testing.assert_array_equal(got, want, err_msg=f"{kind} {trial} k={k}")
+  n = 6000
+  for k_max in (900, n):
+    select = jax.jit(lambda s, k, k_max=k_max: dst.select_top_k(s, k_max, k))
+    for trial in range(3):
+      scores = _scores(kind, n, rng).astype(np.float32)
+      for k in sorted({0, 1, 17, k_max // 2, k_max - 1, k_max}):
+        got = np.asarray(select(jnp.asarray(scores), jnp.int32(k)))
+        want = _first_k_reference(scores, k)
+        np.testing.assert_array_equal(
+            got, want, err_msg=f"{kind} {trial} k_max={k_max} k={k}"
+        )
+
+
+def test_order_key_orders_like_the_floats():
+  from sparseopt_jax._src import dst
+
+  x = np.array(
+      [-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 1.0, np.inf],
+      np.float32,
+  )
+  keys = np.asarray(jax.jit(dst.order_key)(x)).astype(np.int64)
+  assert (np.diff(keys[[0, 1, 2, 3, 4, 6, 7, 8, 9]]) > 0).all()
+  assert keys[4] == keys[5]  # -0.0 and 0.0 compare equal.
 
 
 def test_select_top_k_threshold_path_runs(small_selection, monkeypatch):

@@ -109,33 +109,188 @@ def first_k_of_top(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   return jnp.zeros(scores.shape, bool).at[idx].set(jnp.arange(k_max) < k)
 
 
-# select_top_k's parameters: a strided sample of 1/SAMPLE_STRIDE of the
-# scores brackets the k-th largest within SAMPLE_SIGMAS binomial standard
-# deviations. Its cost is nearly flat in k (about 23 ms on 2.4M scores on the
-# 2-core CPU of benchmarks/results/, against 16 ms for top_k at k = 15k,
-# 31 ms at 30k, 55 ms at 70k), so below SELECT_MIN_K (or for fewer scores
-# than SELECT_MIN_SIZE) plain top_k runs.
+# select_top_k's parameters. Below SELECT_MIN_SIZE scores plain top_k runs:
+# each counting pass below is a loop iteration with a fixed cost, which only
+# a large layer amortizes. A strided sample of 1/SAMPLE_STRIDE of the scores
+# brackets the k-th largest within SAMPLE_SIGMAS binomial standard
+# deviations; INTERPOLATION_STEPS steps of interpolation search then narrow
+# the bracket before plain bisection takes over (benchmarks/selection.py).
 SAMPLE_STRIDE = 32
 SAMPLE_SIGMAS = 4.0
-SELECT_MIN_K = 32768
-SELECT_MIN_SIZE = 1 << 16
+INTERPOLATION_STEPS = 12
+SELECT_MIN_SIZE = 1 << 15
+
+
+def order_key(scores: jax.Array) -> jax.Array:
+  """uint32 keys in the order of the float32 ``scores`` (without NaN).
+
+  The float's bits, with the sign bit set for a non-negative value and all
+  bits flipped for a negative one: comparing keys as unsigned integers
+  compares the scores, ``-inf`` lowest and ``+inf`` highest. ``-0.0`` is
+  made ``0.0`` first, so the two zeros tie, as they compare equal
+  (``lax.top_k`` ranks ``-0.0`` below ``0.0``).
+  """
+  bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+  # Not `scores + 0.0`: XLA simplifies that to `scores`.
+  bits = jnp.where(bits == jnp.uint32(1 << 31), jnp.uint32(0), bits)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def count_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """int32 numbers of true entries of two bool arrays, in one pass.
+
+  One variadic reduction, so XLA fuses both predicates into the loop that
+  sums them and stores nothing. A plain ``jnp.sum`` of one predicate does
+  not fuse on XLA's CPU backend: it first writes the predicate out as a
+  float32 or int32 array as large as the layer (a fresh temporary in every
+  mask-update step), which costs several times the sum itself
+  (benchmarks/results/). ``a`` and ``b`` must differ as expressions, or XLA
+  folds the pair back into one sum. Exact below 2**31 entries.
+  """
+  out = jax.lax.reduce(
+      (a.astype(jnp.int32), b.astype(jnp.int32)),
+      (jnp.int32(0), jnp.int32(0)),
+      lambda x, y: (x[0] + y[0], x[1] + y[1]),
+      tuple(range(a.ndim)),
+  )
+  return out[0], out[1]
+
+
+def _kth_key(
+    score_fn: Callable[[], jax.Array], n: int, k_max: int, k: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Where the ``k`` largest of ``n`` scores end, found by counting.
+
+  ``score_fn()`` returns the flat float32 scores; it is called at each use,
+  so scores derived from the caller's arrays (a mask and its weights) are
+  recomputed inside each pass rather than stored. Every step is one pass
+  that counts the keys (:func:`order_key`) at or above two probes
+  (:func:`count_pair`). ``lo`` and ``hi`` keep ``count(key >= lo) >= k >
+  count(key >= hi)``. They start from a strided sample's bracket (or the
+  whole key range if the sample misses); each step interpolates the counts
+  linearly between them and probes where they predict ``k +- m`` for a
+  margin ``m`` of 1/32 of the bracket's count, so an accurate prediction
+  shrinks the bracket 16-fold and a poor one still cuts it at a probe;
+  after ``INTERPOLATION_STEPS`` steps the probes split it in thirds. The
+  search stops once ``count(key >= lo) == k``, typically after 3-5 passes.
+  ``lo`` is then the k-th largest key. If more than ``k`` keys reach it
+  (ties), a search over the flat index, in thirds as well (only then,
+  ``log3(n)`` passes), finds how many of the tied entries the ``k`` take:
+  the lowest-indexed ones, as ``lax.top_k`` would.
+
+  Returns:
+    ``(kth, cut)``: the ``k`` largest are the keys above ``kth`` and those
+    equal to it at flat indices below ``cut``.
+  """
+  num_sample = -(-n // SAMPLE_STRIDE)
+  rate = num_sample / n
+  rank_max = min(
+      num_sample,
+      math.ceil(k_max * rate + SAMPLE_SIGMAS * math.sqrt(k_max * rate) + 8) + 1,
+  )
+  # The sample's largest scores, descending; lax.top_k on float32 is far
+  # faster on CPU than on integers, and order_key keeps the order.
+  top = order_key(jax.lax.top_k(score_fn()[::SAMPLE_STRIDE], rank_max)[0])
+  rank = k.astype(jnp.float32) * rate
+  margin = SAMPLE_SIGMAS * jnp.sqrt(rank) + 8
+  r_hi = jnp.floor(rank - margin).astype(jnp.int32)
+  r_lo = jnp.ceil(rank + margin).astype(jnp.int32)
+  top_key = jnp.uint32(0xFFFFFFFF)  # Above every key of a non-NaN score.
+  lo = jnp.where(
+      r_lo >= rank_max, jnp.uint32(0), top[jnp.clip(r_lo, 0, rank_max - 1)]
+  )
+  hi = jnp.where(r_hi < 0, top_key, top[jnp.clip(r_hi, 0, rank_max - 1)] + 1)
+
+  def counts_at_least(a, b):
+    key = order_key(score_fn())
+    return count_pair(key >= a, key >= b)
+
+  c_lo, c_hi = counts_at_least(lo, hi)
+  # A bracket the sample got wrong opens to the whole key range.
+  lo, c_lo = jnp.where(c_lo >= k, lo, 0), jnp.where(c_lo >= k, c_lo, n)
+  hi, c_hi = jnp.where(c_hi < k, hi, top_key), jnp.where(c_hi < k, c_hi, 0)
+
+  def narrowing(s):
+    lo, hi, c_lo, _, _ = s
+    return (c_lo != k) & (hi - lo > 1)
+
+  def narrow(s):
+    lo, hi, c_lo, c_hi, step = s
+    width = hi - lo
+    w = width.astype(jnp.float32)
+    spread = (c_lo - c_hi).astype(jnp.float32)
+    m = jnp.maximum(spread / 32, 0.5)
+
+    def offset_for(count):  # Where the line through the ends hits count.
+      x = (c_lo.astype(jnp.float32) - count) / spread * w
+      return jnp.clip(x, 1.0, w - 1.0).astype(jnp.uint32)
+
+    target = k.astype(jnp.float32) + 0.5
+    interpolating = step < INTERPOLATION_STEPS
+    off_a = jnp.where(interpolating, offset_for(target + m), width // 3)
+    off_b = jnp.where(interpolating, offset_for(target - m), width - width // 3)
+    # Both strictly inside (lo, hi) and ordered; equal probes are harmless.
+    off_a = jnp.clip(off_a, 1, width - 1)
+    off_b = jnp.clip(off_b, off_a, width - 1)
+    a, b = lo + off_a, lo + off_b
+    c_a, c_b = counts_at_least(a, b)
+    # Counts fall as keys rise: the new lo is the highest probe counting at
+    # least k, the new hi the lowest counting fewer.
+    lo, c_lo = jnp.where(c_a >= k, a, lo), jnp.where(c_a >= k, c_a, c_lo)
+    lo, c_lo = jnp.where(c_b >= k, b, lo), jnp.where(c_b >= k, c_b, c_lo)
+    hi, c_hi = jnp.where(c_b < k, b, hi), jnp.where(c_b < k, c_b, c_hi)
+    hi, c_hi = jnp.where(c_a < k, a, hi), jnp.where(c_a < k, c_a, c_hi)
+    return lo, hi, c_lo, c_hi, step + 1
+
+  lo, _, c_lo, c_hi, _ = jax.lax.while_loop(
+      narrowing, narrow, (lo, hi, c_lo, c_hi, jnp.zeros([], jnp.int32))
+  )
+
+  # Ties at lo: the smallest cut with count(key == lo, index < cut) equal
+  # to the number still needed. Invariant: count at a < need <= count at b.
+  need = k - c_hi
+
+  def split(s):
+    a, b = s
+    third = jnp.maximum((b - a) // 3, 1)
+    p, q = a + third, jnp.maximum(b - third, a + third)
+    index = jax.lax.iota(jnp.int32, n)
+    tied = order_key(score_fn()) == lo
+    c_p, c_q = count_pair(tied & (index < p), tied & (index < q))
+    a = jnp.where(c_q < need, q, jnp.where(c_p < need, p, a))
+    b = jnp.where(c_p >= need, p, jnp.where(c_q >= need, q, b))
+    return a, b
+
+  exact = c_lo == k
+  _, cut = jax.lax.while_loop(
+      lambda s: s[1] - s[0] > 1,
+      split,
+      (jnp.int32(0), jnp.where(exact, 0, n).astype(jnp.int32)),
+  )
+  return lo, jnp.where(exact, n, cut).astype(jnp.int32)
+
+
+def _select_by_count(
+    score_fn: Callable[[], jax.Array], n: int, k_max: int, k: jax.Array
+) -> jax.Array:
+  """Flat bool vector of the ``k`` largest scores (see :func:`_kth_key`)."""
+  kth, cut = _kth_key(score_fn, n, k_max, k)
+  key = order_key(score_fn())
+  chosen = (key > kth) | ((key == kth) & (jax.lax.iota(jnp.int32, n) < cut))
+  return chosen & (k > 0)
 
 
 def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   """Exactly :func:`first_k_of_top` (ties to the lower index), faster.
 
-  For a large ``k_max``, ``lax.top_k`` over the whole layer spends most of
-  its time ordering the ``k_max`` winners, which a mask does not need. This
-  finds the winners by threshold instead: the sorted top of a strided sample
-  gives two values ``hi > lo`` that bracket the k-th largest score; one
-  pass counts the scores above each; every score above ``hi`` is selected,
-  and a ``lax.top_k`` over only the bracketed scores (a capacity of a few
-  thousand) picks the remaining ``k - count(> hi)`` with the same ordering
-  and tie-break as ``lax.top_k`` over the whole vector. Whenever the bracket
-  misses (the k-th score outside it, or more bracketed scores than the
-  capacity: rare for a sample of this size, common only for heavily tied
-  scores) the exact ``lax.top_k`` runs instead, under ``lax.cond``, so the
-  result is always exact; only the time varies.
+  ``lax.top_k`` orders the ``k_max`` winners, which a mask does not need,
+  and on CPU that costs far more than reading the scores. For a large
+  layer this finds the k-th largest score by counting instead (one pass per
+  step of an interpolation search started from a strided sample's bracket,
+  a few passes in all: :func:`_kth_key`) and then marks everything above it,
+  with ties at it going to the lower flat index, as ``lax.top_k`` does. It
+  is exact for any scores; only the number of passes varies (heavily tied
+  scores add a bisection over the index).
 
   Args:
     scores: a 1-D float vector without NaN (``-inf`` marks an entry that
@@ -146,46 +301,18 @@ def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   Returns:
     A bool vector like ``scores`` with exactly ``k`` entries set.
   """
-  n = scores.size
-  if k_max < SELECT_MIN_K or n < SELECT_MIN_SIZE:
-    return first_k_of_top(scores, k_max, k)
-  num_sample = -(-n // SAMPLE_STRIDE)
-  rate = num_sample / n
-  margin_max = SAMPLE_SIGMAS * math.sqrt(k_max * rate) + 8
-  rank_max = min(num_sample, math.ceil(k_max * rate + margin_max) + 1)
-  capacity = min(n, math.ceil(3 * margin_max * SAMPLE_STRIDE) + 1024)
-  top = jax.lax.top_k(scores[::SAMPLE_STRIDE], rank_max)[0]  # Descending.
-  rank = k.astype(jnp.float32) * rate
-  margin = SAMPLE_SIGMAS * jnp.sqrt(rank) + 8
-  r_hi = jnp.floor(rank - margin).astype(jnp.int32)
-  r_lo = jnp.ceil(rank + margin).astype(jnp.int32)
-  # Past either end of the sample the bracket is open on that side.
-  hi = jnp.where(r_hi < 0, jnp.inf, top[jnp.clip(r_hi, 0, rank_max - 1)])
-  lo = jnp.where(
-      r_lo >= rank_max, -jnp.inf, top[jnp.clip(r_lo, 0, rank_max - 1)]
-  )
-  above = jnp.stack([scores > hi, scores > lo])
-  # One pass for both counts; float32 sums vectorize better on CPU and are
-  # exact below 2**24 entries.
-  if n < 1 << 24:
-    above = jnp.sum(above.astype(jnp.float32), axis=1).astype(jnp.int32)
-  else:
-    above = jnp.sum(above, axis=1, dtype=jnp.int32)
-  above_hi, above_lo = above[0], above[1]
-  # Exactly the scores above hi win, plus the best `need` of (lo, hi].
-  need = k - above_hi
-  fits = (need > 0) & (above_lo >= k) & (above_lo - above_hi <= capacity)
+  return _select_flat(lambda: scores, scores.size, k_max, k)
 
-  def by_threshold():
-    winners = scores > hi
-    bracket = (scores > lo) & ~winners
-    # Bracketed scores are > lo >= -inf, so they rank above every -inf fill.
-    _, idx = jax.lax.top_k(jnp.where(bracket, scores, -jnp.inf), capacity)
-    return winners.at[idx].set(winners[idx] | (jnp.arange(capacity) < need))
 
-  return jax.lax.cond(
-      fits & (k > 0), by_threshold, lambda: first_k_of_top(scores, k_max, k)
-  )
+def _select_flat(
+    score_fn: Callable[[], jax.Array], n: int, k_max: int, k: jax.Array
+) -> jax.Array:
+  """:func:`select_top_k` of the flat scores that ``score_fn()`` returns."""
+  if k_max == 0:
+    return jnp.zeros([n], bool)
+  if n < SELECT_MIN_SIZE:
+    return first_k_of_top(score_fn(), k_max, k)
+  return _select_by_count(score_fn, n, k_max, k)
 
 
 class Shard(NamedTuple):
@@ -377,25 +504,26 @@ def _update_layer(
     w = weight.reshape(-1)
     grow_score = grow_score.reshape(-1)
 
-    def select(scores):
-      return select_top_k(scores, k_max, k)
+    def select(score_fn):
+      # Scores as functions: the counting passes recompute them from the
+      # mask, weights and gradients instead of storing two score arrays.
+      return _select_flat(score_fn, m.size, k_max, k)
 
   else:
     m, w = mask, weight
 
-    def select(scores):
-      return select_top_k_sharded(scores, k_max, k, *shard)
+    def select(score_fn):
+      return select_top_k_sharded(score_fn(), k_max, k, *shard)
 
   can_grow = ~m & jnp.isfinite(w)
-  active = jnp.sum(m, dtype=jnp.int32)
+  active, growable = count_pair(m, can_grow)
   k = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
-  k = jnp.clip(k, 0, jnp.minimum(jnp.sum(can_grow, dtype=jnp.int32), k_max))
+  k = jnp.clip(k, 0, jnp.minimum(growable, k_max))
 
-  # Smallest magnitudes first; + 0.0 turns -0.0 into 0.0 so zeros tie.
-  keep_score = jnp.where(m, -finite_magnitude(w) + 0.0, -jnp.inf)
-  dropped = select(keep_score)
+  # Smallest magnitudes first (every zero weight scores -0.0: they tie).
+  dropped = select(lambda: jnp.where(m, -finite_magnitude(w), -jnp.inf))
   # Scoring by the old mask excludes what was just dropped from growth.
-  grown = select(jnp.where(can_grow, grow_score, -jnp.inf))
+  grown = select(lambda: jnp.where(can_grow, grow_score, -jnp.inf))
   new = (m & ~dropped) | grown
   return new.reshape(mask.shape), k
 

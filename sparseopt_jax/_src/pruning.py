@@ -368,8 +368,8 @@ def gradual_pruning(
 
   def drop_scores(m, w):
     # Smallest magnitudes first, non-finite weights before all; inactive
-    # entries never. + 0.0 turns -0.0 into 0.0 so zeros tie.
-    return jnp.where(m, -dst.finite_magnitude(w) + 0.0, -jnp.inf)
+    # entries never. Every zero weight scores -0.0, so zeros tie.
+    return jnp.where(m, -dst.finite_magnitude(w), -jnp.inf)
 
   def prune(count, old, params, grads, key):
     del grads

@@ -481,9 +481,12 @@ def count_true(mask: jax.Array, block: int = COUNT_BLOCK) -> jax.Array:
   Returns:
     A float32 scalar.
   """
+  if mask.size < 1 << 24 and mask.size <= block:
+    # Exact in float32 (and far faster on XLA's CPU backend than an int32
+    # sum). No reshape: flattening a kernel sharded on a non-leading axis
+    # would gather it onto every device.
+    return jnp.sum(jnp.asarray(mask, jnp.float32))
   if mask.size <= block:
-    # No reshape: flattening a kernel sharded on a non-leading axis would
-    # gather it onto every device.
     return jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
   flat = mask.reshape(-1)
   n = flat.size
