@@ -1245,9 +1245,9 @@ def test_order_key_orders_like_the_floats():
   assert keys[4] == keys[5]  # -0.0 and 0.0 compare equal.
 
 
-def test_select_top_k_threshold_path_runs(small_selection, monkeypatch):
-  # With the exact fallback sabotaged, well-spread scores must still come
-  # out right: the threshold path, not the fallback, produced them.
+def test_select_top_k_counting_path_runs(small_selection, monkeypatch):
+  # With lax.top_k's path sabotaged, the scores must still come out right:
+  # counting, not top_k, produced them.
   dst = small_selection
   monkeypatch.setattr(
       dst, "first_k_of_top", lambda s, k_max, k: jnp.zeros(s.shape, bool)
@@ -1439,3 +1439,62 @@ def test_set_growth_is_uniform_over_inactive_entries():
       a, dst.random_scores(jax.random.key(1), (1000,))
   )
   assert len(np.unique(np.asarray(a))) >= 999
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5, 11), (65536,)])
+def test_count_pair_counts_both_predicates_exactly(shape):
+  from sparseopt_jax._src import dst
+
+  rng = np.random.default_rng(3)
+  x = rng.uniform(size=shape).astype(np.float32)
+  got = jax.jit(lambda x: dst.count_pair(x > 0.3, x > 0.8))(x)
+  assert [int(c) for c in got] == [np.sum(x > 0.3), np.sum(x > 0.8)]
+  assert all(c.dtype == jnp.int32 for c in got)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "tied", "non_finite"])
+def test_update_layer_by_counting_equals_numpy_rigl(small_selection, kind):
+  # One RigL update of a layer large enough for the counting path, against
+  # NumPy: drop the k smallest |w| among active entries, grow the k largest
+  # |g| among inactive entries with a finite weight, ties to the lower flat
+  # index, k = floor(fraction * active) capped by what can grow.
+  dst = small_selection
+  rng = np.random.default_rng(4)
+  shape = (40, 60)  # 2400 entries >= the fixture's SELECT_MIN_SIZE.
+  update = jax.jit(dst._update_layer, static_argnums=(4,))
+  for trial in range(3):
+    m = rng.uniform(size=shape) < 0.3
+    w = rng.normal(size=shape).astype(np.float32) * m
+    g = rng.normal(size=shape).astype(np.float32)
+    if kind == "tied":  # Many equal magnitudes on both sides.
+      w = np.round(w * 2) / 2 * m
+      g = np.round(g)
+    if kind == "non_finite":
+      w[rng.uniform(size=shape) < 0.02] = np.nan
+      g[rng.uniform(size=shape) < 0.05] = np.inf
+    w, g = w.astype(np.float32), g.astype(np.float32)
+    fraction = np.float32(0.3)
+    new, k = update(
+        jnp.asarray(m),
+        jnp.asarray(w),
+        dst.finite_magnitude(jnp.asarray(g)),
+        jnp.float32(fraction),
+        m.size,
+    )
+
+    def magnitude(x):
+      return np.where(np.isfinite(x), np.abs(x), -1.0)
+
+    can_grow = ~m & np.isfinite(w)
+    want_k = int(np.floor(fraction * np.float32(m.sum())))
+    want_k = min(want_k, int(can_grow.sum()))
+    drop = _first_k_reference(
+        np.where(m, -magnitude(w), -np.inf).reshape(-1), want_k
+    )
+    grow = _first_k_reference(
+        np.where(can_grow, magnitude(g), -np.inf).reshape(-1), want_k
+    )
+    want = ((m.reshape(-1) & ~drop) | grow).reshape(shape)
+    assert int(k) == want_k
+    np.testing.assert_array_equal(np.asarray(new), want, err_msg=f"{trial}")
+    assert np.asarray(new).sum() == m.sum()

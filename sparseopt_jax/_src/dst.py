@@ -255,7 +255,10 @@ def _kth_key(
     third = jnp.maximum((b - a) // 3, 1)
     p, q = a + third, jnp.maximum(b - third, a + third)
     index = jax.lax.iota(jnp.int32, n)
-    tied = order_key(score_fn()) == lo
+    # lo ^ 0, with a 0 XLA cannot fold: otherwise it hoists the loop-
+    # invariant `key == lo` out of the loop and computes it on every update,
+    # ties or not.
+    tied = order_key(score_fn()) == lo ^ jnp.minimum(a, 0).astype(jnp.uint32)
     c_p, c_q = count_pair(tied & (index < p), tied & (index < q))
     a = jnp.where(c_q < need, q, jnp.where(c_p < need, p, a))
     b = jnp.where(c_p >= need, p, jnp.where(c_q >= need, q, b))
@@ -841,8 +844,9 @@ def dynamic_sparse(
       a piece's size; from there on the candidates are the whole layer. The
       masks are exactly those chosen without ``shardings`` (same ties, same
       counts); only the work differs (a ``lax.top_k`` of ``k_max`` per
-      piece, where the default switches to a sampled threshold from
-      ``SELECT_MIN_K``). Arrays are placed by the caller (``jax.jit``'s
+      piece, where the default counts its way to the k-th score from
+      ``SELECT_MIN_SIZE`` entries, in passes that are reductions and
+      gather nothing when the layer is split on its leading axis). Arrays are placed by the caller (``jax.jit``'s
       shardings); this only tells the mask update where they are. A
       ``ValueError`` names a leaf whose split axis does not divide evenly,
       and structured masks do not take ``shardings``.
