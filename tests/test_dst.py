@@ -1357,9 +1357,10 @@ def test_sharded_set_scores_equal_random_scores():
   from sparseopt_jax._src import dst
 
   key = jax.random.key(5)
+  seed = jax.random.bits(key, (2,), jnp.uint32)
   for shape in [(7,), (6, 10), (3, 4, 5)]:
     np.testing.assert_array_equal(
-        dst._hash_scores(key, dst._flat_index(shape)),
+        dst._hash_scores(seed, dst._flat_index(shape)),
         dst.random_scores(key, shape),
     )
 
@@ -1432,6 +1433,11 @@ def test_set_growth_is_uniform_over_inactive_entries():
   chi2 = ((counts - expected) ** 2 / expected).sum()
   assert chi2 < 120, (chi2, counts)
   assert abs(counts[:32].sum() - counts[32:].sum()) < 6 * np.sqrt(32000)
+  # Neighbouring indices are drawn independently: both of a pair (i, i + 1)
+  # are grown as often as any two entries (8 of 64 without replacement).
+  both = (picks[:, :-1] & picks[:, 1:]).sum()
+  expected_both = 4000 * 63 * (8 * 7) / (64 * 63)
+  assert abs(both - expected_both) < 6 * np.sqrt(expected_both), both
   # Different keys, different draws; the same key, the same draw.
   a, b = (dst.random_scores(jax.random.key(i), (1000,)) for i in (1, 2))
   assert not np.array_equal(a, b)

@@ -156,14 +156,27 @@ def count_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   return out[0], out[1]
 
 
+# Optional stored form of a selection's keys: ``(key_fn, subset)``, where
+# ``key_fn()`` returns uint32 keys that equal ``order_key(score_fn())`` on the
+# bool ``subset``; entries outside it count as unselectable. Two selections
+# of one layer can then share a single array of keys (RigL's drop among the
+# active entries and growth among the others).
+Keys = tuple[Callable[[], jax.Array], jax.Array]
+
+
 def _kth_key(
-    score_fn: Callable[[], jax.Array], n: int, k_max: int, k: jax.Array
+    score_fn: Callable[[], jax.Array],
+    n: int,
+    k_max: int,
+    k: jax.Array,
+    keys: Keys | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Where the ``k`` largest of ``n`` scores end, found by counting.
 
-  ``score_fn()`` returns the flat float32 scores; it is called at each use,
-  so scores derived from the caller's arrays (a mask and its weights) are
-  recomputed inside each pass rather than stored. Every step is one pass
+  ``score_fn()`` returns the flat float32 scores, derived at each use from
+  the caller's arrays (a mask and its weights), so no score array is built
+  for the selection; XLA does hoist the keys out of the loops below and
+  store them, once per selection. Every step is one pass
   that counts the keys (:func:`order_key`) at or above two probes
   (:func:`count_pair`). ``lo`` and ``hi`` keep ``count(key >= lo) >= k >
   count(key >= hi)``. They start from a strided sample's bracket (or the
@@ -178,10 +191,15 @@ def _kth_key(
   ``log3(n)`` passes), finds how many of the tied entries the ``k`` take:
   the lowest-indexed ones, as ``lax.top_k`` would.
 
+  With ``keys`` (see ``Keys``), the passes count ``subset & (key >= t)``
+  instead; valid when ``k`` is at most the number of subset entries whose
+  score is above ``-inf``.
+
   Returns:
     ``(kth, cut)``: the ``k`` largest are the keys above ``kth`` and those
     equal to it at flat indices below ``cut``.
   """
+  key_fn, within = _key_source(score_fn, keys)
   num_sample = -(-n // SAMPLE_STRIDE)
   rate = num_sample / n
   rank_max = min(
@@ -202,8 +220,8 @@ def _kth_key(
   hi = jnp.where(r_hi < 0, top_key, top[jnp.clip(r_hi, 0, rank_max - 1)] + 1)
 
   def counts_at_least(a, b):
-    key = order_key(score_fn())
-    return count_pair(key >= a, key >= b)
+    key = key_fn()
+    return count_pair(within(key >= a), within(key >= b))
 
   c_lo, c_hi = counts_at_least(lo, hi)
   # A bracket the sample got wrong opens to the whole key range.
@@ -258,7 +276,7 @@ def _kth_key(
     # lo ^ 0, with a 0 XLA cannot fold: otherwise it hoists the loop-
     # invariant `key == lo` out of the loop and computes it on every update,
     # ties or not.
-    tied = order_key(score_fn()) == lo ^ jnp.minimum(a, 0).astype(jnp.uint32)
+    tied = within(key_fn() == lo ^ jnp.minimum(a, 0).astype(jnp.uint32))
     c_p, c_q = count_pair(tied & (index < p), tied & (index < q))
     a = jnp.where(c_q < need, q, jnp.where(c_p < need, p, a))
     b = jnp.where(c_p >= need, p, jnp.where(c_q >= need, q, b))
@@ -273,14 +291,29 @@ def _kth_key(
   return lo, jnp.where(exact, n, cut).astype(jnp.int32)
 
 
+def _key_source(
+    score_fn: Callable[[], jax.Array], keys: Keys | None
+) -> tuple[Callable[[], jax.Array], Callable[[jax.Array], jax.Array]]:
+  """``key_fn`` and a function restricting a predicate to the subset."""
+  if keys is None:
+    return lambda: order_key(score_fn()), lambda pred: pred
+  key_fn, subset = keys
+  return key_fn, lambda pred: subset & pred
+
+
 def _select_by_count(
-    score_fn: Callable[[], jax.Array], n: int, k_max: int, k: jax.Array
+    score_fn: Callable[[], jax.Array],
+    n: int,
+    k_max: int,
+    k: jax.Array,
+    keys: Keys | None = None,
 ) -> jax.Array:
   """Flat bool vector of the ``k`` largest scores (see :func:`_kth_key`)."""
-  kth, cut = _kth_key(score_fn, n, k_max, k)
-  key = order_key(score_fn())
+  kth, cut = _kth_key(score_fn, n, k_max, k, keys)
+  key_fn, within = _key_source(score_fn, keys)
+  key = key_fn()
   chosen = (key > kth) | ((key == kth) & (jax.lax.iota(jnp.int32, n) < cut))
-  return chosen & (k > 0)
+  return within(chosen) & (k > 0)
 
 
 def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
@@ -308,14 +341,18 @@ def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
 
 
 def _select_flat(
-    score_fn: Callable[[], jax.Array], n: int, k_max: int, k: jax.Array
+    score_fn: Callable[[], jax.Array],
+    n: int,
+    k_max: int,
+    k: jax.Array,
+    keys: Keys | None = None,
 ) -> jax.Array:
   """:func:`select_top_k` of the flat scores that ``score_fn()`` returns."""
   if k_max == 0:
     return jnp.zeros([n], bool)
   if n < SELECT_MIN_SIZE:
     return first_k_of_top(score_fn(), k_max, k)
-  return _select_by_count(score_fn, n, k_max, k)
+  return _select_by_count(score_fn, n, k_max, k, keys)
 
 
 class Shard(NamedTuple):
@@ -442,26 +479,35 @@ def select_top_k_sharded(
   return chosen & (k > 0)
 
 
+_SCORE_BITS_BASE = jnp.uint32(0x20000000)  # float32 2**-63.
+
+
 def random_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Random float32 scores in [0, 2**24), one per entry, for SET's growth.
+  """Random positive float32 scores, one per entry, for SET's growth.
 
   ``jax.random.uniform`` costs about 13 ns per entry on a CPU core (the
-  threefry rounds), twice what a RigL update spends per entry in total. SET
+  threefry rounds), more than a RigL update spends per entry in total. SET
   only needs an exchangeable ranking of the inactive entries, so the key
   (through ``jax.random.bits``) seeds a counter-based hash instead: each
-  entry's flat index goes through two rounds of the murmur3 finalizer mixed
-  with the two seed words. The result is a bijection of the index for a
-  given key, kept to its top 24 bits so every score is an exact float32;
-  equal scores (one entry in about 2**24 / size shares its value) go to the
-  lower index like every other tie.
+  entry's flat index, spread by a Weyl step and mixed with the two seed
+  words, goes through the murmur3 finalizer, a bijection of the index for
+  a given key. Its top 29 bits become the bits of a normal float32, so
+  scores rank exactly as the hashes do; their values are not uniform, only
+  their order is. Equal scores (one pair in about 2**29 / size entries)
+  go to the lower index like every other tie; with fewer bits, ties at the
+  k-th score were common enough to cost a mask update a tie search in
+  about one large layer in seven.
   """
   size = math.prod(shape)
-  return _hash_scores(key, jax.lax.iota(jnp.uint32, size)).reshape(shape)
-
-
-def _hash_scores(key: jax.Array, index: jax.Array) -> jax.Array:
-  """:func:`random_scores` of the entries with these flat indices."""
   seed = jax.random.bits(key, (2,), jnp.uint32)
+  return _hash_scores(seed, jax.lax.iota(jnp.uint32, size)).reshape(shape)
+
+
+def _hash_scores(seed: jax.Array, index: jax.Array) -> jax.Array:
+  """:func:`random_scores` of the entries with these flat indices.
+
+  ``seed``: two uint32 words (``jax.random.bits(key, (2,), jnp.uint32)``).
+  """
   x = index.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + seed[0]
 
   def fmix(x):
@@ -471,8 +517,10 @@ def _hash_scores(key: jax.Array, index: jax.Array) -> jax.Array:
     x = x * jnp.uint32(0xC2B2AE35)
     return x ^ (x >> 16)
 
-  x = fmix(fmix(x) ^ seed[1])
-  return (x >> 8).astype(jnp.float32)
+  x = fmix(x ^ seed[1])
+  # The top 29 bits as the bits of a normal positive float32 (exponents
+  # 2**-63 to 2**1): distinct hashes give distinct scores in the same order.
+  return jax.lax.bitcast_convert_type((x >> 3) + _SCORE_BITS_BASE, jnp.float32)
 
 
 def _update_layer(
@@ -507,15 +555,17 @@ def _update_layer(
     w = weight.reshape(-1)
     grow_score = grow_score.reshape(-1)
 
-    def select(score_fn):
-      # Scores as functions: the counting passes recompute them from the
-      # mask, weights and gradients instead of storing two score arrays.
-      return _select_flat(score_fn, m.size, k_max, k)
+    def select(score_fn, subset):
+      # Scores as functions of the mask, weights and gradients: each use
+      # derives them. Both selections count the same keys (each within its
+      # subset), so XLA stores one key array per layer, not two.
+      return _select_flat(score_fn, m.size, k_max, k, (both_keys, subset))
 
   else:
     m, w = mask, weight
 
-    def select(score_fn):
+    def select(score_fn, subset):
+      del subset
       return select_top_k_sharded(score_fn(), k_max, k, *shard)
 
   can_grow = ~m & jnp.isfinite(w)
@@ -523,10 +573,20 @@ def _update_layer(
   k = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
   k = jnp.clip(k, 0, jnp.minimum(growable, k_max))
 
-  # Smallest magnitudes first (every zero weight scores -0.0: they tie).
-  dropped = select(lambda: jnp.where(m, -finite_magnitude(w), -jnp.inf))
+  def drop_score():
+    # Smallest magnitudes first (every zero weight scores -0.0: they tie).
+    return jnp.where(m, -finite_magnitude(w), -jnp.inf)
+
+  def grow_score_fn():
+    return jnp.where(can_grow, grow_score, -jnp.inf)
+
+  def both_keys():
+    return order_key(jnp.where(m, drop_score(), grow_score_fn()))
+
+  # k <= active and k <= growable, so neither selection reaches -inf.
+  dropped = select(drop_score, m)
   # Scoring by the old mask excludes what was just dropped from growth.
-  grown = select(lambda: jnp.where(can_grow, grow_score, -jnp.inf))
+  grown = select(grow_score_fn, ~m)
   new = (m & ~dropped) | grown
   return new.reshape(mask.shape), k
 
@@ -846,8 +906,9 @@ def dynamic_sparse(
       counts); only the work differs (a ``lax.top_k`` of ``k_max`` per
       piece, where the default counts its way to the k-th score from
       ``SELECT_MIN_SIZE`` entries, in passes that are reductions and
-      gather nothing when the layer is split on its leading axis). Arrays are placed by the caller (``jax.jit``'s
-      shardings); this only tells the mask update where they are. A
+      gather nothing when the layer is split on its leading axis). Arrays
+      are placed by the caller (``jax.jit``'s shardings); this only tells
+      the mask update where they are. A
       ``ValueError`` names a leaf whose split axis does not divide evenly,
       and structured masks do not take ``shardings``.
 
@@ -961,14 +1022,20 @@ def dynamic_sparse(
       leaves = tree_lib.mask_leaves_with_path(old_masks)
       index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(leaves)}
 
+      # One draw of seed words for all layers: a threefry call per layer
+      # (fold_in, then bits) is a small loop each on CPU, and over a
+      # ResNet-50's layers those loops cost more than hashing the scores.
+      seeds = jax.random.bits(step_key, (max(len(leaves), 1), 2), jnp.uint32)
+
       def scores(path, m, shard):
         if m is None:
           return None
-        leaf_key = jax.random.fold_in(step_key, index[tree_lib.path_str(path)])
+        seed = seeds[index[tree_lib.path_str(path)]]
         if shard is None:
-          return random_scores(leaf_key, m.shape)
+          flat = _hash_scores(seed, jax.lax.iota(jnp.uint32, m.size))
+          return flat.reshape(m.shape)
         # The same scores, hashed in the layer's shape (no flat iota).
-        return _hash_scores(leaf_key, _flat_index(m.shape))
+        return _hash_scores(seed, _flat_index(m.shape))
 
       return tree_lib.map_masked(scores, old_masks, leaf_shards, with_path=True)
     if grow_with == "corrected":
