@@ -59,10 +59,12 @@ def update_breakdown(tree: str, rounds: int):
     # common.donating's jit does at the first call: trace each variant now.
     cands["rigl_update"] = rigl()
     jax.block_until_ready(cands["rigl_update"][0]())
-    dst._select_flat = lambda f, n, k_max, k: dst.first_k_of_top(f(), k_max, k)
+    dst._select_flat = lambda f, n, k_max, k, keys=None: dst.first_k_of_top(
+        f(), k_max, k
+    )
     cands["rigl_update_top_k"] = rigl()
     jax.block_until_ready(cands["rigl_update_top_k"][0]())
-    dst._select_flat = lambda f, n, k_max, k: f() > 1e30
+    dst._select_flat = lambda f, n, k_max, k, keys=None: f() > 1e30
     cands["rigl_update_no_selection"] = rigl()
     jax.block_until_ready(cands["rigl_update_no_selection"][0]())
   finally:
