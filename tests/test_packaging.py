@@ -77,6 +77,18 @@ def test_import_loads_no_flax_or_tensorflow():
   assert not loaded & set(_EXPERIMENT_ONLY)
 
 
+def test_import_starts_no_jax_backend():
+  # Multi-host training calls jax.distributed.initialize() after importing
+  # the library, which JAX refuses once a backend exists: no module-level
+  # jnp array anywhere in the package.
+  code = (
+      "import sparseopt_jax, sparseopt_jax.diagnostics; "
+      "from jax._src import xla_bridge; print(bool(xla_bridge._backends))"
+  )
+  out = _run([sys.executable, "-c", code], cwd=_REPO).stdout
+  assert out.split()[-1] == "False"
+
+
 @pytest.mark.packaging
 def test_wheel_ships_the_library_only_and_passes_twine(tmp_path):
   for module in ("build", "twine"):  # The `dev` extra.

@@ -472,7 +472,7 @@ def select_top_k_sharded(
   return chosen & (k > 0)
 
 
-_SCORE_BITS_BASE = jnp.uint32(0x20000000)  # float32 2**-63.
+_SCORE_BITS_BASE = np.uint32(0x20000000)  # float32 2**-63.
 
 
 def random_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
