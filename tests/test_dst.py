@@ -1114,6 +1114,25 @@ def test_non_finite_weights_and_gradients_never_reach_pruned_slots(method):
   assert np.all(out2[new2 & ~new] == 0)
 
 
+def test_count_along_is_exact_and_sums_wide_counts_in_int32():
+  m = jax.random.bernoulli(jax.random.key(1), 0.4, (3, 5, 7))
+  for axis in (None, (0,), (1, 2), (0, 2)):
+    got = jax.jit(lambda m, axis=axis: tree_lib.count_along(m, axis))(m)
+    want = np.sum(np.asarray(m), axis=axis)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+  # A count over 2**24 or more entries is not exact in float32: int32 then.
+  wide = jax.ShapeDtypeStruct((2**24, 2), jnp.bool_)
+  sums = [
+      e.outvars[0].aval.dtype
+      for e in jax.make_jaxpr(lambda m: tree_lib.count_along(m, (0,)))(
+          wide
+      ).jaxpr.eqns
+      if e.primitive.name == "reduce_sum"
+  ]
+  assert sums == [jnp.int32]
+
+
 def test_itop_count_blocks_do_not_overflow_int32():
   # Numerically, on a small array with a small block: full blocks, a
   # remainder, no remainder, and a block larger than the array.

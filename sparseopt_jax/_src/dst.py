@@ -166,10 +166,11 @@ Keys = tuple[Callable[[], jax.Array], jax.Array]
 
 def _kth_key(
     score_fn: Callable[[], jax.Array],
+    key_fn: Callable[[], jax.Array],
+    within: Callable[[jax.Array], jax.Array],
     n: int,
     k_max: int,
     k: jax.Array,
-    keys: Keys | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Where the ``k`` largest of ``n`` scores end, found by counting.
 
@@ -192,15 +193,15 @@ def _kth_key(
   ``log3(n)`` passes), finds how many of the tied entries the ``k`` take:
   the lowest-indexed ones, as ``lax.top_k`` would.
 
-  With ``keys`` (see ``Keys``), the passes count ``subset & (key >= t)``
-  instead; valid when ``k`` is at most the number of subset entries whose
-  score is above ``-inf``.
+  ``key_fn()`` returns the keys the passes count and ``within(pred)``
+  restricts a predicate to the entries that may be selected (see
+  :func:`_key_source`); with a subset, valid when ``k`` is at most the
+  number of subset entries whose score is above ``-inf``.
 
   Returns:
     ``(kth, cut)``: the ``k`` largest are the keys above ``kth`` and those
     equal to it at flat indices below ``cut``.
   """
-  key_fn, within = _key_source(score_fn, keys)
   num_sample = -(-n // SAMPLE_STRIDE)
   rate = num_sample / n
   rank_max = min(
@@ -341,8 +342,8 @@ def _select_flat(
     return jnp.zeros([n], bool)
   if n < SELECT_MIN_SIZE:
     return first_k_of_top(score_fn(), k_max, k)
-  kth, cut = _kth_key(score_fn, n, k_max, k, keys)
   key_fn, within = _key_source(score_fn, keys)
+  kth, cut = _kth_key(score_fn, key_fn, within, n, k_max, k)
   key = key_fn()
   chosen = (key > kth) | ((key == kth) & (jax.lax.iota(jnp.int32, n) < cut))
   return within(chosen) & (k > 0)

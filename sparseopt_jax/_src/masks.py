@@ -444,13 +444,7 @@ def neuron_counts(
   axis = tree_lib.normalize_axes(neuron_axis, ndim, name)
   rest = tree_lib.reduce_axes(ndim, axis)
   fan_in = math.prod(np.shape(mask)[a] for a in rest)
-  if fan_in < 1 << 24:
-    # Exact in float32, and far faster on XLA's CPU backend, which turns an
-    # int32 sum into a materialized int32 copy and a tree of reduce-windows.
-    count = jnp.sum(jnp.asarray(mask, jnp.float32), axis=rest)
-    return count.astype(jnp.int32), fan_in
-  count = jnp.sum(mask, axis=rest, dtype=jnp.int32)
-  return count, fan_in
+  return tree_lib.count_along(jnp.asarray(mask), rest), fan_in
 
 
 def neuron_density(

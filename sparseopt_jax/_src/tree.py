@@ -8,6 +8,7 @@ with ``is_leaf=is_none`` to keep them aligned with ``params``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -460,6 +461,22 @@ def zero_masked(masks: PyTree, tree: PyTree) -> PyTree:
   )
 
 
+def count_along(
+    mask: jax.Array, axis: tuple[int, ...] | None = None
+) -> jax.Array:
+  """int32 numbers of ``True`` entries of ``mask`` along ``axis`` (default all).
+
+  Summed in float32 when every count covers fewer than 2**24 entries (exact
+  there): XLA's CPU backend runs an int32 sum as a materialized int32 copy
+  and a tree of reduce-windows, about 12x slower on a 2.4M-entry mask. Wider
+  counts sum in int32 (exact below 2**31 entries; see :func:`count_true`).
+  """
+  axes = tuple(range(mask.ndim)) if axis is None else axis
+  if math.prod(mask.shape[a] for a in axes) < 1 << 24:
+    return jnp.sum(jnp.asarray(mask, jnp.float32), axis=axes).astype(jnp.int32)
+  return jnp.sum(mask, axis=axes, dtype=jnp.int32)
+
+
 # Largest number of entries one int32 partial count covers; 2**30 < 2**31.
 COUNT_BLOCK = 2**30
 
@@ -469,9 +486,10 @@ def count_true(mask: jax.Array, block: int = COUNT_BLOCK) -> jax.Array:
 
   ``jnp.sum(mask, dtype=jnp.int32)`` wraps around past 2**31 - 1 entries.
   Here the flat mask is counted in int32 per block of at most ``block``
-  entries (exact), and the partial counts are added in float32: exact while
-  the total is below 2**24, and within float32's relative precision (about
-  6e-8 per addition) above, for layers of any size.
+  entries (exact, :func:`count_along`), and the partial counts are added in
+  float32: exact while the total is below 2**24, and within float32's
+  relative precision (about 6e-8 per addition) above, for layers of any
+  size.
 
   Args:
     mask: a bool array.
@@ -481,25 +499,20 @@ def count_true(mask: jax.Array, block: int = COUNT_BLOCK) -> jax.Array:
   Returns:
     A float32 scalar.
   """
-  if mask.size < 1 << 24 and mask.size <= block:
-    # Exact in float32 (and far faster on XLA's CPU backend than an int32
-    # sum). No reshape: flattening a kernel sharded on a non-leading axis
-    # would gather it onto every device.
-    return jnp.sum(jnp.asarray(mask, jnp.float32))
   if mask.size <= block:
-    return jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
+    # No reshape: flattening a kernel sharded on a non-leading axis would
+    # gather it onto every device.
+    return count_along(mask).astype(jnp.float32)
   flat = mask.reshape(-1)
   n = flat.size
   full = n // block  # >= 1 here.
   parts = [
-      jnp.sum(
-          flat[: full * block].reshape(full, block), axis=1, dtype=jnp.int32
-      ).astype(jnp.float32)
+      count_along(flat[: full * block].reshape(full, block), (1,)).astype(
+          jnp.float32
+      )
   ]
   if n > full * block:
     parts.append(
-        jnp.sum(flat[full * block :], dtype=jnp.int32)
-        .astype(jnp.float32)
-        .reshape(1)
+        count_along(flat[full * block :]).astype(jnp.float32).reshape(1)
     )
   return jnp.sum(jnp.concatenate(parts))
