@@ -16,10 +16,11 @@ not exact.
 
 ``--update_breakdown`` asks how much of a whole RigL mask-update step
 (``dynamic_sparse(chain(scale_by_sparseopt(), sgd))`` on a benchmark tree,
-ERK 90%, donated) is selection: it times the step as it is, with every
-selection done by ``lax.top_k``, and with every selection replaced by a
-no-op (``scores > 1e30``: nothing dropped or grown, every other pass of
-the update kept), against plain momentum SGD's step.
+ERK 90%, donated) is the search: it times the step as it is, with every
+layer's selections done by ``lax.top_k``, and with the counting search
+skipped (each layer's thresholds taken from its sample's bracket unchecked:
+wrong masks, every other pass of the update kept), against plain momentum
+SGD's step.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from sparseopt_jax._src import dst
 
 
 def update_breakdown(tree: str, rounds: int):
-  """Times RigL's update step with real, top_k-only and no-op selection."""
+  """Times RigL's update step as it is, with top_k only, without search."""
   params = common.make_tree(common.tree_shapes(tree))
   masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
   params = sparseopt.apply_masks(params, masks)
@@ -53,22 +54,21 @@ def update_breakdown(tree: str, rounds: int):
           sgd, sgd.init(params), grads, params
       )
   }
-  select = dst._select_flat  # pylint: disable=protected-access
+  min_size, search = dst.SELECT_MIN_SIZE, dst._kth_key  # pylint: disable=protected-access
   try:
-    # The selection is looked up when the step is traced, which
-    # common.donating's jit does at the first call: trace each variant now.
+    # Both are looked up when the step is traced, which common.donating's
+    # jit does at the first call: trace each variant now.
     cands["rigl_update"] = rigl()
     jax.block_until_ready(cands["rigl_update"][0]())
-    dst._select_flat = lambda f, n, k_max, k, keys=None: dst.first_k_of_top(
-        f(), k_max, k
-    )
+    dst.SELECT_MIN_SIZE = 1 << 62
     cands["rigl_update_top_k"] = rigl()
     jax.block_until_ready(cands["rigl_update_top_k"][0]())
-    dst._select_flat = lambda f, n, k_max, k, keys=None: f() > 1e30
-    cands["rigl_update_no_selection"] = rigl()
-    jax.block_until_ready(cands["rigl_update_no_selection"][0]())
+    dst.SELECT_MIN_SIZE = min_size
+    dst._kth_key = lambda key, k, lo, *_: (lo, jnp.int32(key.size))
+    cands["rigl_update_no_search"] = rigl()
+    jax.block_until_ready(cands["rigl_update_no_search"][0]())
   finally:
-    dst._select_flat = select
+    dst.SELECT_MIN_SIZE, dst._kth_key = min_size, search
   times = common.interleaved(cands, rounds)
   print(common.header())
   print()

@@ -1264,6 +1264,25 @@ def test_order_key_orders_like_the_floats():
   assert keys[4] == keys[5]  # -0.0 and 0.0 compare equal.
 
 
+def test_layer_keys_order_like_their_scores():
+  # A mask update's keys: drop scores (-|w|, or +1 for a non-finite weight)
+  # below 2**31, growth scores (-inf, -1, then magnitudes) from 2**31 up,
+  # each strictly in its scores' order, equal scores equal keys.
+  from sparseopt_jax._src import dst
+
+  drop = np.array([-3e38, -1.0, -1e-38, -1e-45, -0.0, 0.0, 1.0], np.float32)
+  grow = np.array(
+      [-np.inf, -1.0, 0.0, 1e-45, 1e-38, 1.0, 3e38, np.inf], np.float32
+  )
+  d = np.asarray(jax.jit(dst._drop_key)(drop)).astype(np.int64)
+  g = np.asarray(jax.jit(dst._grow_key)(grow)).astype(np.int64)
+  assert d.max() < 2**31 <= g.min()
+  assert (np.diff(d[[0, 1, 2, 3, 4, 6]]) > 0).all()
+  assert d[4] == d[5]  # -0.0 and 0.0: a zero weight either way.
+  assert (np.diff(g) > 0).all()
+  assert d.min() > 0  # Key 0 is left for entries that are not active.
+
+
 def test_select_top_k_counting_path_runs(small_selection, monkeypatch):
   # With lax.top_k's path sabotaged, the scores must still come out right:
   # counting, not top_k, produced them.
@@ -1477,7 +1496,18 @@ def test_count_pair_counts_both_predicates_exactly(shape):
   assert all(c.dtype == jnp.int32 for c in got)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "tied", "non_finite"])
+_LAYER_KINDS = [
+    "gaussian",
+    "tied",
+    "non_finite",
+    "zero_weights",
+    "dead_gradients",
+    "periodic",
+    "set",
+]
+
+
+@pytest.mark.parametrize("kind", _LAYER_KINDS)
 def test_update_layer_by_counting_equals_numpy_rigl(small_selection, kind):
   # One RigL update of a layer large enough for the counting path, against
   # NumPy: drop the k smallest |w| among active entries, grow the k largest
@@ -1497,27 +1527,36 @@ def test_update_layer_by_counting_equals_numpy_rigl(small_selection, kind):
     if kind == "non_finite":
       w[rng.uniform(size=shape) < 0.02] = np.nan
       g[rng.uniform(size=shape) < 0.05] = np.inf
+    if kind == "zero_weights":  # Freshly grown weights: more zeros than k.
+      w[rng.uniform(size=shape) < 0.5] = 0.0
+      w[0, 0] = -0.0
+    if kind == "dead_gradients":  # Fewer nonzero gradients than k.
+      g[rng.uniform(size=shape) < 0.97] = 0.0
+    if kind == "periodic":  # Misleads the strided samples of both rankings.
+      every = np.arange(m.size).reshape(shape) % dst.SAMPLE_STRIDE == 0
+      g = np.where(every, g * 1e3, g)
+      w = np.where(every, w * 1e-3, w)
     w, g = w.astype(np.float32), g.astype(np.float32)
     fraction = np.float32(0.3)
+    if kind == "set":
+      score = dst.random_scores(jax.random.key(trial), shape)
+      grow_score = np.asarray(score).astype(np.float64)
+    else:
+      score = dst.finite_magnitude(jnp.asarray(g))
+      grow_score = np.where(np.isfinite(g), np.abs(g), -1.0)
     new, k = update(
-        jnp.asarray(m),
-        jnp.asarray(w),
-        dst.finite_magnitude(jnp.asarray(g)),
-        jnp.float32(fraction),
-        m.size,
+        jnp.asarray(m), jnp.asarray(w), score, jnp.float32(fraction), m.size
     )
-
-    def magnitude(x):
-      return np.where(np.isfinite(x), np.abs(x), -1.0)
 
     can_grow = ~m & np.isfinite(w)
     want_k = int(np.floor(fraction * np.float32(m.sum())))
     want_k = min(want_k, int(can_grow.sum()))
+    drop_score = np.where(np.isfinite(w), -np.abs(w), 1.0)
     drop = _first_k_reference(
-        np.where(m, -magnitude(w), -np.inf).reshape(-1), want_k
+        np.where(m, drop_score, -np.inf).reshape(-1), want_k
     )
     grow = _first_k_reference(
-        np.where(can_grow, magnitude(g), -np.inf).reshape(-1), want_k
+        np.where(can_grow, grow_score, -np.inf).reshape(-1), want_k
     )
     want = ((m.reshape(-1) & ~drop) | grow).reshape(shape)
     assert int(k) == want_k

@@ -156,114 +156,130 @@ def count_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   return out[0], out[1]
 
 
-# Optional stored form of a selection's keys: ``(key_fn, subset)``, where
-# ``key_fn()`` returns uint32 keys that equal ``order_key(score_fn())`` on the
-# bool ``subset``; entries outside it count as unselectable. Two selections
-# of one layer can then share a single array of keys (RigL's drop among the
-# active entries and growth among the others).
-Keys = tuple[Callable[[], jax.Array], jax.Array]
+_TOP_KEY = np.uint32(0xFFFFFFFF)  # Above the key of every non-NaN score.
 
 
-def _kth_key(
-    score_fn: Callable[[], jax.Array],
-    key_fn: Callable[[], jax.Array],
-    within: Callable[[jax.Array], jax.Array],
-    n: int,
-    k_max: int,
-    k: jax.Array,
+def _sample_bracket(
+    scores: jax.Array, k_max: int, k: jax.Array, to_key: Callable
 ) -> tuple[jax.Array, jax.Array]:
-  """Where the ``k`` largest of ``n`` scores end, found by counting.
+  """A likely bracket ``(lo, hi)`` of the k-th largest key, from a sample.
 
-  ``score_fn()`` returns the flat float32 scores, derived at each use from
-  the caller's arrays (a mask and its weights), so no score array is built
-  for the selection; XLA does hoist the keys out of the loops below and
-  store them, once per selection. Every step is one pass that counts the
-  keys (:func:`order_key`) at or above two probes
-  (:func:`count_pair`). ``lo`` and ``hi`` keep ``count(key >= lo) >= k >
-  count(key >= hi)``. They start from a strided sample's bracket (or the
-  whole key range if the sample misses); each step interpolates the counts
-  linearly between them and probes where they predict ``k +- m`` for a
-  margin ``m`` of 1/32 of the bracket's count, so an accurate prediction
-  shrinks the bracket 16-fold and a poor one still cuts it at a probe;
-  after ``INTERPOLATION_STEPS`` steps the probes split it in thirds. The
-  search stops once ``count(key >= lo) == k``: after 4.7 passes on average
-  (2 to 11) over a RigL update of the ResNet-50 benchmark tree.
-  ``lo`` is then the k-th largest key. If more than ``k`` keys reach it
-  (ties), a search over the flat index, in thirds as well (only then,
-  ``log3(n)`` passes), finds how many of the tied entries the ``k`` take:
-  the lowest-indexed ones, as ``lax.top_k`` would.
-
-  ``key_fn()`` returns the keys the passes count and ``within(pred)``
-  restricts a predicate to the entries that may be selected (see
-  :func:`_key_source`); with a subset, valid when ``k`` is at most the
-  number of subset entries whose score is above ``-inf``.
-
-  Returns:
-    ``(kth, cut)``: the ``k`` largest are the keys above ``kth`` and those
-    equal to it at flat indices below ``cut``.
+  ``scores``: flat float32 scores (an expression: only every
+  ``SAMPLE_STRIDE``-th is computed), ``to_key``: their keys, in their
+  order. ``lo`` is the key at the sample's rank a few standard deviations
+  past ``k``'s expected rank, ``hi`` just above the key a few before it
+  (``0`` and ``0xFFFFFFFF`` where the sample runs out); :func:`_kth_key`
+  checks the bracket and widens it if the sample got it wrong.
   """
-  num_sample = -(-n // SAMPLE_STRIDE)
-  rate = num_sample / n
+  sample = scores[::SAMPLE_STRIDE]
+  num_sample = sample.size
+  rate = num_sample / scores.size
   rank_max = min(
       num_sample,
       math.ceil(k_max * rate + SAMPLE_SIGMAS * math.sqrt(k_max * rate) + 8) + 1,
   )
   # The sample's largest scores, descending; lax.top_k on float32 is far
-  # faster on CPU than on integers, and order_key keeps the order.
-  top = order_key(jax.lax.top_k(score_fn()[::SAMPLE_STRIDE], rank_max)[0])
+  # faster on CPU than on integers, and the keys keep the order.
+  top = to_key(jax.lax.top_k(sample, rank_max)[0])
   rank = k.astype(jnp.float32) * rate
   margin = SAMPLE_SIGMAS * jnp.sqrt(rank) + 8
   r_hi = jnp.floor(rank - margin).astype(jnp.int32)
   r_lo = jnp.ceil(rank + margin).astype(jnp.int32)
-  top_key = jnp.uint32(0xFFFFFFFF)  # Above every key of a non-NaN score.
   lo = jnp.where(
       r_lo >= rank_max, jnp.uint32(0), top[jnp.clip(r_lo, 0, rank_max - 1)]
   )
-  hi = jnp.where(r_hi < 0, top_key, top[jnp.clip(r_hi, 0, rank_max - 1)] + 1)
+  hi = jnp.where(r_hi < 0, _TOP_KEY, top[jnp.clip(r_hi, 0, rank_max - 1)] + 1)
+  return lo, hi
 
-  def counts_at_least(a, b):
-    key = key_fn()
-    return count_pair(within(key >= a), within(key >= b))
 
-  c_lo, c_hi = counts_at_least(lo, hi)
+def _kth_key(
+    key: jax.Array,
+    k: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    ceiling: jax.Array | np.uint32 = _TOP_KEY,
+    ceiling_count: jax.Array | int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """Where the ``k`` largest of the flat uint32 ``key`` end, by counting.
+
+  Every step is one pass that counts the keys at or above two probes
+  (:func:`count_pair`). ``lo`` and ``hi`` keep ``count(key >= lo) >=
+  k > count(key >= hi)``. They start from a guess (:func:`_sample_bracket`),
+  checked by the first pass; a wrong guess opens to ``0`` (every key counts)
+  or to ``ceiling``, at or above which ``ceiling_count < k`` keys lie. Each
+  step interpolates the counts linearly between the ends and probes where
+  they predict ``k +- m`` for a margin ``m`` of 1/32 of the bracket's count,
+  so an accurate prediction shrinks the bracket 16-fold and a poor one still
+  cuts it at a probe; an end that stays put for two steps or more counts
+  half as far from ``k`` per step (regula falsi's Illinois rule), so a count
+  curve far from linear still shrinks the bracket fast, and after
+  ``INTERPOLATION_STEPS`` steps the probes split it in thirds. The search
+  stops once ``count(key >= lo) == k``, or when the bracket is one key
+  wide.
+
+  ``lo`` is then the k-th largest key. If more than ``k`` keys equal it
+  (ties), a search over the flat index, in thirds as well (only then,
+  ``log3(n)`` passes), finds how many of the tied entries the ``k`` take:
+  the lowest-indexed ones, as ``lax.top_k`` would.
+
+  XLA's CPU backend hoists the computation of ``key`` out of the loops and
+  stores it, once per call, so callers pass an expression of their arrays.
+
+  Returns:
+    ``(kth, cut)``: the ``k`` largest are the keys above ``kth`` and those
+    equal to it at flat indices below ``cut``.
+  """
+  n = key.size
+  c_lo, c_hi = count_pair(key >= lo, key >= hi)
   # A bracket the sample got wrong opens to the whole key range.
   lo, c_lo = jnp.where(c_lo >= k, lo, 0), jnp.where(c_lo >= k, c_lo, n)
-  hi, c_hi = jnp.where(c_hi < k, hi, top_key), jnp.where(c_hi < k, c_hi, 0)
+  hi, c_hi = (
+      jnp.where(c_hi < k, hi, ceiling),
+      jnp.where(c_hi < k, c_hi, ceiling_count),
+  )
 
   def narrowing(s):
-    lo, hi, c_lo, _, _ = s
+    lo, hi, c_lo, *_ = s
     return (c_lo != k) & (hi - lo > 1)
 
   def narrow(s):
-    lo, hi, c_lo, c_hi, step = s
+    lo, hi, c_lo, c_hi, step, stuck_lo, stuck_hi = s
     width = hi - lo
     w = width.astype(jnp.float32)
-    spread = (c_lo - c_hi).astype(jnp.float32)
-    m = jnp.maximum(spread / 32, 0.5)
+    kf = k.astype(jnp.float32)
+    top = kf + (c_lo - kf) * 0.5 ** jnp.maximum(stuck_lo - 1, 0)
+    bottom = kf - (kf - c_hi) * 0.5 ** jnp.maximum(stuck_hi - 1, 0)
+    m = jnp.maximum((c_lo - c_hi).astype(jnp.float32) / 32, 0.5)
 
     def offset_for(count):  # Where the line through the ends hits count.
-      x = (c_lo.astype(jnp.float32) - count) / spread * w
+      x = (top - count) / (top - bottom) * w
       return jnp.clip(x, 1.0, w - 1.0).astype(jnp.uint32)
 
-    target = k.astype(jnp.float32) + 0.5
     interpolating = step < INTERPOLATION_STEPS
-    off_a = jnp.where(interpolating, offset_for(target + m), width // 3)
-    off_b = jnp.where(interpolating, offset_for(target - m), width - width // 3)
+    off_a = jnp.where(interpolating, offset_for(kf + 0.5 + m), width // 3)
+    off_b = jnp.where(
+        interpolating, offset_for(kf + 0.5 - m), width - width // 3
+    )
     # Both strictly inside (lo, hi) and ordered; equal probes are harmless.
     off_a = jnp.clip(off_a, 1, width - 1)
     off_b = jnp.clip(off_b, off_a, width - 1)
     a, b = lo + off_a, lo + off_b
-    c_a, c_b = counts_at_least(a, b)
+    c_a, c_b = count_pair(key >= a, key >= b)
     # Counts fall as keys rise: the new lo is the highest probe counting at
     # least k, the new hi the lowest counting fewer.
-    lo, c_lo = jnp.where(c_a >= k, a, lo), jnp.where(c_a >= k, c_a, c_lo)
-    lo, c_lo = jnp.where(c_b >= k, b, lo), jnp.where(c_b >= k, c_b, c_lo)
-    hi, c_hi = jnp.where(c_b < k, b, hi), jnp.where(c_b < k, c_b, c_hi)
-    hi, c_hi = jnp.where(c_a < k, a, hi), jnp.where(c_a < k, c_a, c_hi)
-    return lo, hi, c_lo, c_hi, step + 1
+    new_lo, c_lo = jnp.where(c_a >= k, a, lo), jnp.where(c_a >= k, c_a, c_lo)
+    new_lo, c_lo = jnp.where(c_b >= k, b, new_lo), jnp.where(
+        c_b >= k, c_b, c_lo
+    )
+    new_hi, c_hi = jnp.where(c_b < k, b, hi), jnp.where(c_b < k, c_b, c_hi)
+    new_hi, c_hi = jnp.where(c_a < k, a, new_hi), jnp.where(c_a < k, c_a, c_hi)
+    stuck_lo = jnp.where(new_lo == lo, stuck_lo + 1, 0)
+    stuck_hi = jnp.where(new_hi == hi, stuck_hi + 1, 0)
+    return new_lo, new_hi, c_lo, c_hi, step + 1, stuck_lo, stuck_hi
 
-  lo, _, c_lo, c_hi, _ = jax.lax.while_loop(
-      narrowing, narrow, (lo, hi, c_lo, c_hi, jnp.zeros([], jnp.int32))
+  zero = jnp.zeros([], jnp.int32)
+  lo, _, c_lo, c_hi, *_ = jax.lax.while_loop(
+      narrowing, narrow, (lo, hi, c_lo, c_hi, zero, zero, zero)
   )
 
   # Ties at lo: the smallest cut with count(key == lo, index < cut) equal
@@ -278,7 +294,7 @@ def _kth_key(
     # lo ^ 0, with a 0 XLA cannot fold: otherwise it hoists the loop-
     # invariant `key == lo` out of the loop and computes it on every update,
     # ties or not.
-    tied = within(key_fn() == lo ^ jnp.minimum(a, 0).astype(jnp.uint32))
+    tied = key == lo ^ jnp.minimum(a, 0).astype(jnp.uint32)
     c_p, c_q = count_pair(tied & (index < p), tied & (index < q))
     a = jnp.where(c_q < need, q, jnp.where(c_p < need, p, a))
     b = jnp.where(c_p >= need, p, jnp.where(c_q >= need, q, b))
@@ -293,14 +309,10 @@ def _kth_key(
   return lo, jnp.where(exact, n, cut).astype(jnp.int32)
 
 
-def _key_source(
-    score_fn: Callable[[], jax.Array], keys: Keys | None
-) -> tuple[Callable[[], jax.Array], Callable[[jax.Array], jax.Array]]:
-  """``key_fn`` and a function restricting a predicate to the subset."""
-  if keys is None:
-    return lambda: order_key(score_fn()), lambda pred: pred
-  key_fn, subset = keys
-  return key_fn, lambda pred: subset & pred
+def _chosen(key: jax.Array, kth: jax.Array, cut: jax.Array) -> jax.Array:
+  """Bool mask of the keys above ``kth`` and those at it below ``cut``."""
+  index = jax.lax.iota(jnp.int32, key.size).reshape(key.shape)
+  return (key > kth) | ((key == kth) & (index < cut))
 
 
 def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
@@ -310,10 +322,11 @@ def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   and on CPU that costs far more than reading the scores. For a large
   layer this finds the k-th largest score by counting instead (an
   interpolation search started from a strided sample's bracket, a few
-  fused passes over the scores: :func:`_kth_key`) and then marks everything
-  above it, with ties at it going to the lower flat index, as ``lax.top_k``
-  does. It is exact for any scores; only the number of passes varies (ties
-  at the k-th score add a search over the index).
+  fused passes over the scores' :func:`order_key`: :func:`_kth_key`) and
+  then marks everything above it, with ties at it going to the lower flat
+  index, as ``lax.top_k`` does. It is exact for any scores; only the
+  number of passes varies (ties at the k-th score add a search over the
+  index).
 
   Args:
     scores: a 1-D float vector without NaN (``-inf`` marks an entry that
@@ -324,29 +337,14 @@ def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   Returns:
     A bool vector like ``scores`` with exactly ``k`` entries set.
   """
-  return _select_flat(lambda: scores, scores.size, k_max, k)
-
-
-def _select_flat(
-    score_fn: Callable[[], jax.Array],
-    n: int,
-    k_max: int,
-    k: jax.Array,
-    keys: Keys | None = None,
-) -> jax.Array:
-  """:func:`select_top_k` of the flat scores that ``score_fn()`` returns.
-
-  ``keys``: the keys to count, if stored apart from the scores (``Keys``).
-  """
+  n = scores.size
   if k_max == 0:
     return jnp.zeros([n], bool)
   if n < SELECT_MIN_SIZE:
-    return first_k_of_top(score_fn(), k_max, k)
-  key_fn, within = _key_source(score_fn, keys)
-  kth, cut = _kth_key(score_fn, key_fn, within, n, k_max, k)
-  key = key_fn()
-  chosen = (key > kth) | ((key == kth) & (jax.lax.iota(jnp.int32, n) < cut))
-  return within(chosen) & (k > 0)
+    return first_k_of_top(scores, k_max, k)
+  key = order_key(scores)
+  lo, hi = _sample_bracket(scores, k_max, k, order_key)
+  return _chosen(key, *_kth_key(key, k, lo, hi)) & (k > 0)
 
 
 class Shard(NamedTuple):
@@ -517,6 +515,82 @@ def _hash_scores(seed: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type((x >> 3) + _SCORE_BITS_BASE, jnp.float32)
 
 
+# The keys of a layer's mask update (_layer_keys): active entries below
+# _GROWN_KEYS, ranked for dropping; inactive ones at or above it, for growth.
+_GROWN_KEYS = np.uint32(1 << 31)
+
+
+def _drop_key(score: jax.Array) -> jax.Array:
+  """Keys below ``_GROWN_KEYS`` in the order of drop scores.
+
+  ``score``: ``-finite_magnitude(w)`` (``+1`` for a non-finite weight, else
+  ``-|w|``), or ``-inf`` for an entry that is not active (key 0).
+  """
+  magnitude = jax.lax.bitcast_convert_type(jnp.abs(score), jnp.uint32)
+  return jnp.where(
+      score > 0,
+      _GROWN_KEYS - 1,
+      jnp.where(score == -jnp.inf, 0, _GROWN_KEYS - 2 - magnitude),
+  ).astype(jnp.uint32)
+
+
+def _grow_key(score: jax.Array) -> jax.Array:
+  """Keys from ``_GROWN_KEYS`` up in the order of growth scores.
+
+  ``score``: ``-inf`` for an entry that cannot grow, ``-1`` for one whose
+  score is not finite (:func:`finite_magnitude`), else non-negative.
+  """
+  magnitude = jax.lax.bitcast_convert_type(jnp.abs(score), jnp.uint32)
+  return jnp.where(
+      score >= 0,
+      _GROWN_KEYS + 2 + magnitude,
+      jnp.where(score == -jnp.inf, _GROWN_KEYS, _GROWN_KEYS + 1),
+  ).astype(jnp.uint32)
+
+
+def _update_by_counting(
+    m: jax.Array,
+    drop_score: Callable[[], jax.Array],
+    grow_score: Callable[[], jax.Array],
+    active: jax.Array,
+    k_max: int,
+    k: jax.Array,
+) -> jax.Array:
+  """The flat mask after RigL's two selections, found by counting.
+
+  Both selections rank one array of uint32 keys, one per entry: an active
+  entry's drop score below ``_GROWN_KEYS`` (:func:`_drop_key`), an inactive
+  entry's growth score at or above it (:func:`_grow_key`), each in its
+  score's order. The ``k`` entries grown are then the ``k`` largest keys,
+  and the ``k`` dropped the active ones among the ``n - active + k``
+  largest: two plain top-k searches (:func:`_kth_key`) whose passes read
+  only the keys (4 bytes per entry), with no mask to restrict them to.
+  Ties go to the lower flat index in both rankings, as in
+  :func:`first_k_of_top`.
+  """
+  n = m.size
+  lo_d, hi_d = _sample_bracket(drop_score(), k_max, k, _drop_key)
+  lo_g, hi_g = _sample_bracket(grow_score(), k_max, k, _grow_key)
+  key = jnp.where(m, _drop_key(drop_score()), _grow_key(grow_score()))
+  inactive = n - active
+  # Every inactive key ranks above every active one, so the k active keys
+  # to drop are the last of the n - active + k largest.
+  # (Inactive entries pass the drop threshold too; the mask ignores them.)
+  dropped = _chosen(
+      key,
+      *_kth_key(
+          key,
+          inactive + k,
+          lo_d,
+          jnp.minimum(hi_d, _GROWN_KEYS),
+          _GROWN_KEYS,
+          inactive,
+      ),
+  )
+  grown = _chosen(key, *_kth_key(key, k, lo_g, hi_g))
+  return jnp.where(k > 0, (m & ~dropped) | grown, m)
+
+
 def _update_layer(
     mask: jax.Array,
     weight: jax.Array,
@@ -534,10 +608,13 @@ def _update_layer(
   non-finite weight: the additive update that starts a grown weight at
   ``p + (-p) = 0`` cannot do so from NaN or inf. Non-finite active weights
   are dropped first. Ties go to the lower flat index in both rankings.
+  ``grow_score``: non-negative, or ``-1`` where not finite
+  (:func:`finite_magnitude`).
 
-  A :class:`Shard` selects per piece of the layer
-  (:func:`select_top_k_sharded`) in the layer's own shape; the masks are
-  the same as without it.
+  A layer of ``SELECT_MIN_SIZE`` entries or more selects by counting
+  (:func:`_update_by_counting`), a smaller one with ``lax.top_k``. A
+  :class:`Shard` selects per piece of the layer (:func:`select_top_k_sharded`)
+  in the layer's own shape; the masks are the same in every case.
 
   Returns:
     The new mask and the int32 number of connections regrown.
@@ -548,25 +625,15 @@ def _update_layer(
     m = mask.reshape(-1)
     w = weight.reshape(-1)
     grow_score = grow_score.reshape(-1)
-
-    def select(score_fn, subset):
-      # Scores as functions of the mask, weights and gradients: each use
-      # derives them. Both selections count the same keys (each within its
-      # subset), so XLA stores one key array per layer, not two.
-      return _select_flat(score_fn, m.size, k_max, k, (both_keys, subset))
-
   else:
     m, w = mask, weight
-
-    def select(score_fn, subset):
-      del subset
-      return select_top_k_sharded(score_fn(), k_max, k, *shard)
-
   can_grow = ~m & jnp.isfinite(w)
   active, growable = count_pair(m, can_grow)
   k = jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
   k = jnp.clip(k, 0, jnp.minimum(growable, k_max))
 
+  # Scores as functions of the mask, weights and gradients: each use derives
+  # them, and no score array is stored.
   def drop_score():
     # Smallest magnitudes first (every zero weight scores -0.0: they tie).
     return jnp.where(m, -finite_magnitude(w), -jnp.inf)
@@ -574,13 +641,17 @@ def _update_layer(
   def grow_score_fn():
     return jnp.where(can_grow, grow_score, -jnp.inf)
 
-  def both_keys():
-    return order_key(jnp.where(m, drop_score(), grow_score_fn()))
-
+  if shard is None and m.size >= SELECT_MIN_SIZE:
+    new = _update_by_counting(m, drop_score, grow_score_fn, active, k_max, k)
+    return new.reshape(mask.shape), k
   # k <= active and k <= growable, so neither selection reaches -inf.
-  dropped = select(drop_score, m)
+  if shard is None:
+    dropped = first_k_of_top(drop_score(), k_max, k)
+    grown = first_k_of_top(grow_score_fn(), k_max, k)
+  else:
+    dropped = select_top_k_sharded(drop_score(), k_max, k, *shard)
+    grown = select_top_k_sharded(grow_score_fn(), k_max, k, *shard)
   # Scoring by the old mask excludes what was just dropped from growth.
-  grown = select(grow_score_fn, ~m)
   new = (m & ~dropped) | grown
   return new.reshape(mask.shape), k
 
