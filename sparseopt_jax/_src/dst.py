@@ -515,8 +515,8 @@ def _hash_scores(seed: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type((x >> 3) + _SCORE_BITS_BASE, jnp.float32)
 
 
-# The keys of a layer's mask update (_layer_keys): active entries below
-# _GROWN_KEYS, ranked for dropping; inactive ones at or above it, for growth.
+# Keys of a layer's mask update (_update_by_counting): active entries below
+# _GROWN_KEYS, ranked for dropping; inactive ones from it up, for growth.
 _GROWN_KEYS = np.uint32(1 << 31)
 
 
