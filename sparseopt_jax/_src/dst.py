@@ -267,12 +267,10 @@ def _kth_key(
     c_a, c_b = count_pair(key >= a, key >= b)
     # Counts fall as keys rise: the new lo is the highest probe counting at
     # least k, the new hi the lowest counting fewer.
-    new_lo, c_lo = jnp.where(c_a >= k, a, lo), jnp.where(c_a >= k, c_a, c_lo)
-    new_lo, c_lo = jnp.where(c_b >= k, b, new_lo), jnp.where(
-        c_b >= k, c_b, c_lo
-    )
-    new_hi, c_hi = jnp.where(c_b < k, b, hi), jnp.where(c_b < k, c_b, c_hi)
-    new_hi, c_hi = jnp.where(c_a < k, a, new_hi), jnp.where(c_a < k, c_a, c_hi)
+    new_lo = jnp.where(c_b >= k, b, jnp.where(c_a >= k, a, lo))
+    c_lo = jnp.where(c_b >= k, c_b, jnp.where(c_a >= k, c_a, c_lo))
+    new_hi = jnp.where(c_a < k, a, jnp.where(c_b < k, b, hi))
+    c_hi = jnp.where(c_a < k, c_a, jnp.where(c_b < k, c_b, c_hi))
     stuck_lo = jnp.where(new_lo == lo, stuck_lo + 1, 0)
     stuck_hi = jnp.where(new_hi == hi, stuck_hi + 1, 0)
     return new_lo, new_hi, c_lo, c_hi, step + 1, stuck_lo, stuck_hi
