@@ -488,8 +488,12 @@ def random_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   k-th score were common enough to cost a mask update a tie search in
   about one large layer in seven.
   """
+  return _seeded_scores(jax.random.bits(key, (2,), jnp.uint32), shape)
+
+
+def _seeded_scores(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """:func:`random_scores` from its two seed words (see :func:`_hash_scores`)."""
   size = math.prod(shape)
-  seed = jax.random.bits(key, (2,), jnp.uint32)
   return _hash_scores(seed, jax.lax.iota(jnp.uint32, size)).reshape(shape)
 
 
@@ -1095,8 +1099,7 @@ def dynamic_sparse(
           return None
         seed = seeds[index[tree_lib.path_str(path)]]
         if shard is None:
-          flat = _hash_scores(seed, jax.lax.iota(jnp.uint32, m.size))
-          return flat.reshape(m.shape)
+          return _seeded_scores(seed, m.shape)
         # The same scores, hashed in the layer's shape (no flat iota).
         return _hash_scores(seed, _flat_index(m.shape))
 
