@@ -9,6 +9,7 @@ are measured side by side.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -96,7 +97,7 @@ def make_tree(
   return params
 
 
-def random_grads(params, scale: float = 0.01):
+def random_grads(params, scale: float = 0.01, seed: int = 9):
   """Dense Gaussian gradients like ``params``, nonzero at pruned positions too.
 
   Real gradients are dense; RigL ranks the inactive positions by them. A
@@ -105,7 +106,7 @@ def random_grads(params, scale: float = 0.01):
   ranks faster than real scores: mask updates would time optimistically.
   """
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(9), len(leaves))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(
       treedef,
       [
@@ -192,6 +193,7 @@ def donating(
     args: Sequence,
     carried: Sequence[int],
     fix: Callable[[tuple], tuple] = lambda out: out,
+    inputs: Sequence[Sequence] = (),
 ) -> tuple[Callable, tuple]:
   """A candidate that donates its state and feeds the result back, as training does.
 
@@ -201,7 +203,9 @@ def donating(
   in place, which changes what a step costs (and which copies it makes), so
   steps are timed the way a training loop runs them. ``fix`` maps the new
   values before they are carried (e.g. to reset a step counter so every call
-  times the same kind of step).
+  times the same kind of step). ``inputs``: arguments for the positions not
+  carried, a tuple per call in turn (``args``' own first), so successive
+  calls see new values there, as successive training steps do.
 
   Returns:
     ``(call, ())``, an entry for :func:`interleaved`.
@@ -211,7 +215,13 @@ def donating(
   for i in carried:  # Own copies: donation deletes what it is given.
     args[i] = jax.tree.map(jnp.copy, args[i])
 
+  free = [i for i in range(len(args)) if i not in carried]
+  turns = [tuple(args[i] for i in free), *inputs]
+  calls = itertools.count()
+
   def call():
+    for i, value in zip(free, turns[next(calls) % len(turns)]):
+      args[i] = value
     out = jitted(*args)
     for i, new in zip(carried, fix(tuple(out[: len(carried)]))):
       args[i] = new
@@ -237,11 +247,15 @@ def sparse_wrapper(masks, method: str = "rigl", inner=None):
   )
 
 
-def update_candidate(tx, state, grads, params, count: int | None = None):
+def update_candidate(
+    tx, state, grads, params, count: int | None = None, inputs=()
+):
   """``tx.update`` as a donating candidate (see `donating`): state carried.
 
   With ``count``, the state's step counter is set to it before every call,
   so every call times the same kind of step (normal, or a mask update).
+  ``inputs``: further ``(grads, params)`` pairs, taken in turn after the
+  given ones.
   """
 
   def step(state, g, p):
@@ -252,7 +266,9 @@ def update_candidate(tx, state, grads, params, count: int | None = None):
   if count is not None:
     state = state._replace(count=jnp.int32(count))
     fix = lambda out: (out[0]._replace(count=jnp.int32(count)),)
-  return donating(step, (state, grads, params), carried=(0,), fix=fix)
+  return donating(
+      step, (state, grads, params), carried=(0,), fix=fix, inputs=inputs
+  )
 
 
 def header() -> str:

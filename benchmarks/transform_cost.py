@@ -16,6 +16,13 @@ For each parameter tree (90% sparse masks, ERK), times one jitted update of:
   step that is not a mask update, and ``static_step`` the same with
   ``method="static"``;
 * ``rigl_update`` / ``set_update``: the same wrapper on a mask-update step;
+  the masks carry over from call to call but the params and gradients do
+  not change, so each update after the first finds the weights it grew
+  still at zero and none left below the previous drop threshold (a clump
+  and a gap at the k-th score that training would fill in);
+* ``rigl_update_fresh`` / ``set_update_fresh``: the same, with new params
+  and gradients in each call (three sets in turn), as after the steps of
+  training between two updates;
 * ``adam`` and ``dst_adam_step``: plain ``optax.adam`` and the RigL wrapper
   around ``chain(scale_by_sparseopt(), adam)`` on a normal step, whose
   "x sgd" column is relative to ``adam`` (its floor).
@@ -47,8 +54,11 @@ from benchmarks import common
 FLOOR_BYTES_PER_PARAM = 9  # f32 grad read + bool mask read + f32 write.
 
 
-def candidates(params, masks, grads):
-  """The jitted functions to time, with their arguments."""
+def candidates(params, masks, grads, fresh=()):
+  """The jitted functions to time, with their arguments.
+
+  ``fresh``: further ``(grads, params)`` pairs for the ``*_fresh`` rows.
+  """
   floor = jax.jit(lambda g, m: sparseopt.apply_masks(g, m))
 
   scale = sparseopt.scale_by_sparseopt()
@@ -63,16 +73,16 @@ def candidates(params, masks, grads):
   zero_state = zero.init(params)
   zero_fn = jax.jit(lambda g, s, p, m: zero.update(g, s, p, masks=m)[0])
 
-  def carrying(tx, count=None):
+  def carrying(tx, count=None, inputs=()):
     return common.update_candidate(
-        tx, tx.init(params), grads, params, count=count
+        tx, tx.init(params), grads, params, count=count, inputs=inputs
     )
 
-  def dst(method, count, inner=None):
+  def dst(method, count, inner=None, inputs=()):
     # As in a train step: the state is donated and carried from call to
     # call, with the counter reset so that every call is the same kind of
     # step (normal, or a mask update).
-    return carrying(common.sparse_wrapper(masks, method, inner), count)
+    return carrying(common.sparse_wrapper(masks, method, inner), count, inputs)
 
   out = {
       "floor": (floor, (grads, masks)),
@@ -87,6 +97,8 @@ def candidates(params, masks, grads):
       "static_step": dst("static", 1),
       "rigl_update": dst("rigl", 100),
       "set_update": dst("set", 100),
+      "rigl_update_fresh": dst("rigl", 100, inputs=fresh),
+      "set_update_fresh": dst("set", 100, inputs=fresh),
       "adam": carrying(optax.adam(1e-3)),
       "dst_adam_step": dst("rigl", 1, optax.adam(1e-3)),
   }
@@ -122,6 +134,8 @@ def extra_state_bytes(params, masks):
       "static_step": dst_bytes,
       "rigl_update": dst_bytes,
       "set_update": dst_bytes,
+      "rigl_update_fresh": dst_bytes,
+      "set_update_fresh": dst_bytes,
       # Beyond adam's own state (the rows above are beyond sgd_momentum's).
       "adam": None,
       "dst_adam_step": dst_bytes,
@@ -142,9 +156,13 @@ def run(tree_names, rounds):
     masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
     params = sparseopt.apply_masks(params, masks)
     grads = common.random_grads(params)
+    fresh = [
+        (common.random_grads(p, seed=seed), p)
+        for seed, p in ((s, common.make_tree(shapes[name], s)) for s in (1, 2))
+    ]
     n = common.num_params(params)
     extra = extra_state_bytes(params, masks)
-    times = common.interleaved(candidates(params, masks, grads), rounds)
+    times = common.interleaved(candidates(params, masks, grads, fresh), rounds)
     for tname, t in times.items():
       gbps = FLOOR_BYTES_PER_PARAM * n / t / 1e9
       print(
@@ -154,7 +172,7 @@ def run(tree_names, rounds):
           f"{'-' if extra[tname] is None else f'{extra[tname]:.3f}'} |",
           flush=True,
       )
-    del params, masks, grads
+    del params, masks, grads, fresh
 
 
 def main():
