@@ -161,7 +161,7 @@ _TOP_KEY = np.uint32(0xFFFFFFFF)  # Above the key of every non-NaN score.
 
 def _sample_bracket(
     scores: jax.Array, k_max: int, k: jax.Array, to_key: Callable
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array]:
   """A likely bracket ``(lo, hi)`` of the k-th largest key, from a sample.
 
   ``scores``: flat float32 scores (an expression: only every
@@ -170,10 +170,6 @@ def _sample_bracket(
   past ``k``'s expected rank, ``hi`` just above the key a few before it
   (``0`` and ``0xFFFFFFFF`` where the sample runs out); :func:`_kth_key`
   checks the bracket and widens it if the sample got it wrong.
-
-  Returns:
-    ``(lo, hi, sample)``, ``sample`` the keys of the sample's largest
-    scores, descending, as far as the bracket could reach.
   """
   sample = scores[::SAMPLE_STRIDE]
   num_sample = sample.size
@@ -193,7 +189,7 @@ def _sample_bracket(
       r_lo >= rank_max, jnp.uint32(0), top[jnp.clip(r_lo, 0, rank_max - 1)]
   )
   hi = jnp.where(r_hi < 0, _TOP_KEY, top[jnp.clip(r_hi, 0, rank_max - 1)] + 1)
-  return lo, hi, top
+  return lo, hi
 
 
 def _kth_key(
@@ -201,7 +197,6 @@ def _kth_key(
     k: jax.Array,
     lo: jax.Array,
     hi: jax.Array,
-    sample: jax.Array,
     ceiling: jax.Array | np.uint32 = _TOP_KEY,
     ceiling_count: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array]:
@@ -218,14 +213,9 @@ def _kth_key(
   cuts it at a probe; an end that stays put for two steps or more counts
   half as far from ``k`` per step (regula falsi's Illinois rule), so a count
   curve far from linear still shrinks the bracket fast, and after
-  ``INTERPOLATION_STEPS`` steps the probes split it in thirds. A probe is
-  checked against ``sample`` (the sample's top keys, descending, from
-  :func:`_sample_bracket`) first: where the sample counts, between the
-  nearer end and the probe, more than ``SAMPLE_SIGMAS`` standard deviations
-  off the count the line predicts there (a clump of equal keys or a gap in
-  the bracket, as repeated mask updates on unchanged weights leave), the
-  probe moves to the sample's key at the predicted rank. The search stops
-  once ``count(key >= lo) == k``, or when the bracket is one key wide.
+  ``INTERPOLATION_STEPS`` steps the probes split it in thirds. The search
+  stops once ``count(key >= lo) == k``, or when the bracket is one key
+  wide.
 
   ``lo`` is then the k-th largest key. If more than ``k`` keys equal it
   (ties), a search over the flat index, in thirds as well (only then,
@@ -240,7 +230,6 @@ def _kth_key(
     equal to it at flat indices below ``cut``.
   """
   n = key.size
-  rate = -(-n // SAMPLE_STRIDE) / n
   c_lo, c_hi = count_pair(key >= lo, key >= hi)
   # A bracket the sample got wrong opens to the whole key range.
   lo, c_lo = jnp.where(c_lo >= k, lo, 0), jnp.where(c_lo >= k, c_lo, n)
@@ -271,27 +260,6 @@ def _kth_key(
     off_b = jnp.where(
         interpolating, offset_for(kf + 0.5 - m), width - width // 3
     )
-    # The sample's ranks of the ends: r_lo is one only if lo is not below
-    # the sample's last key.
-    r_lo, r_hi = count_pair(sample >= lo, sample >= hi)
-    checking = interpolating & (lo >= sample[-1])
-
-    def checked(off, count):
-      # A probe the sample contradicts (a clump of equal keys or a gap bends
-      # the count far from the line) moves to the sample's key at the rank
-      # that count implies, reckoned from the nearer end.
-      from_lo = c_lo - count < count - c_hi
-      gap = jnp.maximum(jnp.where(from_lo, c_lo - count, count - c_hi), 0)
-      rank = jnp.where(from_lo, r_lo - gap * rate, r_hi + gap * rate)
-      seen = jnp.sum(sample >= lo + off, dtype=jnp.int32)
-      wrong = jnp.abs(seen - rank) > SAMPLE_SIGMAS * jnp.sqrt(gap * rate) + 2
-      at = sample[
-          jnp.clip(jnp.round(rank).astype(jnp.int32), 0, sample.size - 1)
-      ]
-      return jnp.where(checking & wrong, jnp.clip(at, lo + 1, hi - 1) - lo, off)
-
-    off_a = checked(off_a, kf + 0.5 + m)
-    off_b = checked(off_b, kf + 0.5 - m)
     # Both strictly inside (lo, hi) and ordered; equal probes are harmless.
     off_a = jnp.clip(off_a, 1, width - 1)
     off_b = jnp.clip(off_b, off_a, width - 1)
@@ -373,8 +341,8 @@ def select_top_k(scores: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
   if n < SELECT_MIN_SIZE:
     return first_k_of_top(scores, k_max, k)
   key = order_key(scores)
-  bracket = _sample_bracket(scores, k_max, k, order_key)
-  return _chosen(key, *_kth_key(key, k, *bracket)) & (k > 0)
+  lo, hi = _sample_bracket(scores, k_max, k, order_key)
+  return _chosen(key, *_kth_key(key, k, lo, hi)) & (k > 0)
 
 
 class Shard(NamedTuple):
@@ -603,8 +571,8 @@ def _update_by_counting(
   :func:`first_k_of_top`.
   """
   n = m.size
-  lo_d, hi_d, sample_d = _sample_bracket(drop_score(), k_max, k, _drop_key)
-  grow_bracket = _sample_bracket(grow_score(), k_max, k, _grow_key)
+  lo_d, hi_d = _sample_bracket(drop_score(), k_max, k, _drop_key)
+  lo_g, hi_g = _sample_bracket(grow_score(), k_max, k, _grow_key)
   key = jnp.where(m, _drop_key(drop_score()), _grow_key(grow_score()))
   inactive = n - active
   # Every inactive key ranks above every active one, so the k active keys
@@ -617,12 +585,11 @@ def _update_by_counting(
           inactive + k,
           lo_d,
           jnp.minimum(hi_d, _GROWN_KEYS),
-          sample_d,
           _GROWN_KEYS,
           inactive,
       ),
   )
-  grown = _chosen(key, *_kth_key(key, k, *grow_bracket))
+  grown = _chosen(key, *_kth_key(key, k, lo_g, hi_g))
   return jnp.where(k > 0, (m & ~dropped) | grown, m)
 
 
