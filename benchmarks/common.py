@@ -63,9 +63,20 @@ def wide_shapes(total: int = 100_000_000) -> list[tuple[int, ...]]:
   return [(3, 3, 512, 512)] * max(1, total // per)
 
 
+def rows_of(shapes: Callable[[], list[tuple[int, ...]]]):
+  """The tree of ``shapes`` with every kernel cut to one row (its last axis).
+
+  The same leaves, so the same pytrees of state pass into and out of each
+  step, at a thousandth of the bytes: its step times are what passing
+  those buffers costs the host per call, apart from the work on them.
+  """
+  return lambda: [(1,) * (len(s) - 1) + s[-1:] for s in shapes()]
+
+
 TREES = {
     "resnet20": resnet20_shapes,
     "resnet50": resnet50_shapes,
+    "resnet50_rows": rows_of(resnet50_shapes),
     "100M": wide_shapes,
 }
 

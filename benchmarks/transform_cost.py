@@ -2,6 +2,9 @@
 
     python -m benchmarks.transform_cost [--trees resnet20,resnet50,100M]
 
+(``resnet50_rows``: ResNet-50's leaves cut to one row each, which times the
+host's per-call cost of the same pytrees: see ``common.rows_of``.)
+
 For each parameter tree (90% sparse masks, ERK), times one jitted update of:
 
 * ``floor``: ``jax.tree.map`` reading grads + masks and writing one output,
