@@ -259,24 +259,48 @@ def sparse_wrapper(masks, method: str = "rigl", inner=None):
 
 
 def update_candidate(
-    tx, state, grads, params, count: int | None = None, inputs=()
+    tx,
+    state,
+    grads,
+    params,
+    count: int | None = None,
+    inputs=(),
+    apply: bool = False,
 ):
   """``tx.update`` as a donating candidate (see `donating`): state carried.
 
   With ``count``, the state's step counter is set to it before every call,
   so every call times the same kind of step (normal, or a mask update).
   ``inputs``: further ``(grads, params)`` pairs, taken in turn after the
-  given ones.
+  given ones. ``apply``: the step also applies the updates to the params,
+  which it is given and returns (donated and carried, as in a train step:
+  XLA then writes the new params in place instead of returning the updates
+  in a fresh buffer each call).
   """
+  if apply and inputs:
+    raise ValueError(
+        "update_candidate: apply=True carries the params; "
+        "inputs would replace them."
+    )
 
   def step(state, g, p):
     updates, state = tx.update(g, state, p)
     return state, updates
 
-  fix = lambda out: out
+  def step_applied(state, p, g):
+    updates, state = tx.update(g, state, p)
+    return state, optax.apply_updates(p, updates)
+
   if count is not None:
     state = state._replace(count=jnp.int32(count))
-    fix = lambda out: (out[0]._replace(count=jnp.int32(count)),)
+
+  def fix(out):
+    if count is None:
+      return out
+    return (out[0]._replace(count=jnp.int32(count)), *out[1:])
+
+  if apply:
+    return donating(step_applied, (state, params, grads), (0, 1), fix)
   return donating(
       step, (state, grads, params), carried=(0,), fix=fix, inputs=inputs
   )

@@ -26,6 +26,11 @@ For each parameter tree (90% sparse masks, ERK), times one jitted update of:
 * ``rigl_update_fresh`` / ``set_update_fresh``: the same, with new params
   and gradients in each call (three sets in turn), as after the steps of
   training between two updates;
+* ``sgd_momentum_applied``, ``dst_step_applied``, ``static_step_applied``:
+  those steps followed by ``optax.apply_updates``, the params donated and
+  carried as in a train step (their "x sgd" is relative to
+  ``sgd_momentum_applied``): the new params are written in place, where the
+  rows above return the updates in a fresh buffer per call;
 * ``adam`` and ``dst_adam_step``: plain ``optax.adam`` and the RigL wrapper
   around ``chain(scale_by_sparseopt(), adam)`` on a normal step, whose
   "x sgd" column is relative to ``adam`` (its floor).
@@ -76,16 +81,17 @@ def candidates(params, masks, grads, fresh=()):
   zero_state = zero.init(params)
   zero_fn = jax.jit(lambda g, s, p, m: zero.update(g, s, p, masks=m)[0])
 
-  def carrying(tx, count=None, inputs=()):
+  def carrying(tx, count=None, inputs=(), apply=False):
     return common.update_candidate(
-        tx, tx.init(params), grads, params, count=count, inputs=inputs
+        tx, tx.init(params), grads, params, count, inputs, apply
     )
 
-  def dst(method, count, inner=None, inputs=()):
+  def dst(method, count, inner=None, inputs=(), apply=False):
     # As in a train step: the state is donated and carried from call to
     # call, with the counter reset so that every call is the same kind of
     # step (normal, or a mask update).
-    return carrying(common.sparse_wrapper(masks, method, inner), count, inputs)
+    tx = common.sparse_wrapper(masks, method, inner)
+    return carrying(tx, count, inputs, apply)
 
   out = {
       "floor": (floor, (grads, masks)),
@@ -102,6 +108,11 @@ def candidates(params, masks, grads, fresh=()):
       "set_update": dst("set", 100),
       "rigl_update_fresh": dst("rigl", 100, inputs=fresh),
       "set_update_fresh": dst("set", 100, inputs=fresh),
+      "sgd_momentum_applied": carrying(
+          optax.sgd(0.1, momentum=0.9), apply=True
+      ),
+      "dst_step_applied": dst("rigl", 1, apply=True),
+      "static_step_applied": dst("static", 1, apply=True),
       "adam": carrying(optax.adam(1e-3)),
       "dst_adam_step": dst("rigl", 1, optax.adam(1e-3)),
   }
@@ -139,10 +150,20 @@ def extra_state_bytes(params, masks):
       "set_update": dst_bytes,
       "rigl_update_fresh": dst_bytes,
       "set_update_fresh": dst_bytes,
+      "sgd_momentum_applied": 0.0,
+      "dst_step_applied": dst_bytes,
+      "static_step_applied": dst_bytes,
       # Beyond adam's own state (the rows above are beyond sgd_momentum's).
       "adam": None,
       "dst_adam_step": dst_bytes,
   }
+
+
+def baseline(name: str) -> str:
+  """The row a candidate's "x sgd" column divides by."""
+  if "adam" in name:
+    return "adam"
+  return "sgd_momentum_applied" if name.endswith("_applied") else "sgd_momentum"
 
 
 def run(tree_names, rounds):
@@ -171,7 +192,7 @@ def run(tree_names, rounds):
       print(
           f"| {name} | {n / 1e6:.2f}M | {tname} | {t * 1e3:.3f} | "
           f"{gbps:.1f} | {t / n * 1e9:.3f} | {t / times['floor']:.2f} | "
-          f"{t / times['adam' if 'adam' in tname else 'sgd_momentum']:.2f} | "
+          f"{t / times[baseline(tname)]:.2f} | "
           f"{'-' if extra[tname] is None else f'{extra[tname]:.3f}'} |",
           flush=True,
       )
