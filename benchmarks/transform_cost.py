@@ -24,8 +24,9 @@ For each parameter tree (90% sparse masks, ERK), times one jitted update of:
   still at zero and none left below the previous drop threshold (a clump
   and a gap at the k-th score that training would fill in);
 * ``rigl_update_fresh`` / ``set_update_fresh``: the same, with new params
-  and gradients in each call (three sets in turn), as after the steps of
-  training between two updates;
+  and gradients in each call (three sets in turn; the new params are dense
+  Gaussian draws), so no update sees what the previous one left, as after
+  the steps of training between two updates;
 * ``sgd_momentum_applied``, ``dst_step_applied``, ``static_step_applied``:
   those steps followed by ``optax.apply_updates``, the params donated and
   carried as in a train step (their "x sgd" is relative to
@@ -180,10 +181,10 @@ def run(tree_names, rounds):
     masks = sparseopt.init_masks(jax.random.key(1), params, 0.9)
     params = sparseopt.apply_masks(params, masks)
     grads = common.random_grads(params)
-    fresh = [
-        (common.random_grads(p, seed=seed), p)
-        for seed, p in ((s, common.make_tree(shapes[name], s)) for s in (1, 2))
-    ]
+    fresh = []
+    for seed in (1, 2):
+      p = common.make_tree(shapes[name], seed)
+      fresh.append((common.random_grads(p, seed=seed), p))
     n = common.num_params(params)
     extra = extra_state_bytes(params, masks)
     times = common.interleaved(candidates(params, masks, grads, fresh), rounds)
