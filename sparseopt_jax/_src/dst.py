@@ -308,8 +308,8 @@ def _kth_key(
 
 
 def _chosen(key: jax.Array, kth: jax.Array, cut: jax.Array) -> jax.Array:
-  """Bool mask of the keys above ``kth`` and those at it below ``cut``."""
-  index = jax.lax.iota(jnp.int32, key.size).reshape(key.shape)
+  """Bool mask of the flat keys above ``kth`` and those at it below ``cut``."""
+  index = jax.lax.iota(jnp.int32, key.size)
   return (key > kth) | ((key == kth) & (index < cut))
 
 
